@@ -1,0 +1,79 @@
+"""The Typer app: each command lives in `shitu_cli/commands/<name>.py` and is registered here."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any, Callable
+
+import typer
+
+from shitu_cli import __version__
+
+app = typer.Typer(
+    name="shitu",
+    help="PP-ShiTu image recognition on ordinary CPUs: split, train, index, predict.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+# name -> module under shitu_cli.commands; each module defines `command`. Only working
+# commands are listed, so `shitu --help` never offers one that does not run.
+COMMANDS = {
+    "reproduce": "reproduce",
+}
+
+
+def exits_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the core's typed errors into a one-line message and exit code (2 for bad input)."""
+    from shitu_cli.errors import ShituError
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ShituError as exc:
+            from shitu_cli import render
+
+            render.error(exc)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _register() -> None:
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"shitu_cli.commands.{module_name}")
+        app.command(name, help=module.command.__doc__)(exits_cleanly(module.command))
+
+
+def _version_text() -> str:
+    from shitu_cli.recipes import package_versions
+
+    versions = package_versions()
+    libs = ", ".join(f"{k} {versions[k]}" for k in ("paddlepaddle", "paddleclas", "paddledet", "faiss-cpu"))
+    return f"shitu {__version__} ({libs}; python {versions['python']})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(_version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print shitu's version and its library versions.", callback=_print_version, is_eager=True
+    ),
+) -> None:
+    """PP-ShiTu image recognition on ordinary CPUs."""
+
+
+_register()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""Datasets: safe image reading, list formats, splitting."""
