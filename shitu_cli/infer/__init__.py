@@ -1,0 +1,1 @@
+"""Inference: the predictor factory, fast preprocessing, and the recognition pipeline."""

@@ -1,0 +1,1 @@
+"""Building models from recipes (ppcls archs, ppdet configs), their manifests, and export."""

@@ -1,0 +1,1 @@
+"""Training: one dygraph loop shared by cls and rec, with pluggable loss and evaluation."""

@@ -1,0 +1,290 @@
+"""The shared training loop: optimiser + schedule, EMA, eval every N epochs, best/last checkpoints,
+resume at epoch boundaries to the same result, metrics.csv and curves.png.
+
+Tasks plug in three things: a loader factory `make_loader(epoch)`, a `loss_fn(model, batch)`
+returning (loss tensor, {name: float}), and an `evaluate(model) -> {metric: float}`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+
+from shitu_cli.artifacts import atomic_write_text, read_yaml, write_yaml
+from shitu_cli.errors import BadInput
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_CSV = "metrics.csv"
+CURVES_PNG = "curves.png"
+
+
+class Evaluator(Protocol):
+    """detectron2-style evaluator: reset, feed batches, then compute metrics."""
+
+    def reset(self) -> None: ...
+
+    def process(self, outputs: Any, batch: Any) -> None: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+
+@dataclass
+class LoopConfig:
+    epochs: int = 10
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    lr_schedule: str = "cosine"  # cosine | piecewise
+    lr_decay_epochs: list[int] = field(default_factory=list)  # piecewise boundaries
+    lr_decay_gamma: float = 0.1
+    ema_decay: float | None = 0.999  # None disables EMA
+    eval_every: int = 1
+    best_metric: str = "top1"
+    seed: int = 42
+    grad_clip: float | None = None
+
+
+@dataclass
+class FitResult:
+    best_metric: str
+    best_value: float | None
+    best_epoch: int | None
+    last_metrics: dict[str, float]
+    history: list[dict[str, float]]
+    best_checkpoint: Path
+    seconds: float
+
+
+StepCallback = Callable[..., None]  # called as on_step(advance=1, **live_fields)
+
+
+def seed_everything(seed: int) -> None:
+    import paddle
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    paddle.seed(seed)
+
+
+def _schedule(config: LoopConfig, steps_per_epoch: int):
+    import paddle
+
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if config.lr_schedule == "cosine":
+        inner = paddle.optimizer.lr.CosineAnnealingDecay(config.lr, T_max=max(1, total - warmup))
+    elif config.lr_schedule == "piecewise":
+        boundaries = [e * steps_per_epoch for e in config.lr_decay_epochs]
+        values = [config.lr * config.lr_decay_gamma**i for i in range(len(boundaries) + 1)]
+        inner = paddle.optimizer.lr.PiecewiseDecay(boundaries, values)
+    else:
+        raise BadInput(f"unknown lr schedule {config.lr_schedule!r}", hint="use cosine or piecewise")
+    if warmup <= 0:
+        return inner
+    return paddle.optimizer.lr.LinearWarmup(inner, warmup_steps=warmup, start_lr=config.lr * 0.01, end_lr=config.lr)
+
+
+def build_optimizer(model, config: LoopConfig, steps_per_epoch: int):
+    import paddle
+
+    schedule = _schedule(config, steps_per_epoch)
+    clip = paddle.nn.ClipGradByGlobalNorm(config.grad_clip) if config.grad_clip else None
+    optimizer = paddle.optimizer.Momentum(
+        learning_rate=schedule,
+        momentum=config.momentum,
+        parameters=model.parameters(),
+        weight_decay=paddle.regularizer.L2Decay(config.weight_decay),
+        grad_clip=clip,
+    )
+    return optimizer, schedule
+
+
+class Checkpoints:
+    """last.* for resume, best.pdparams for export; each file written atomically."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir) / CHECKPOINT_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def best(self) -> Path:
+        return self.dir / "best.pdparams"
+
+    def save(self, name: str, state: dict[str, Any]) -> None:
+        import paddle
+
+        tmp = self.dir / f".{name}.tmp"
+        paddle.save(state, str(tmp))
+        tmp.replace(self.dir / name)
+
+    def save_last(self, model, optimizer, schedule, ema, state: dict[str, Any]) -> None:
+        self.save("last.pdparams", model.state_dict())
+        optimizer_state = _rename_accumulators(optimizer.state_dict(), _param_names(model), to_structured=True)
+        self.save("last.pdopt", {"optimizer": optimizer_state, "schedule": schedule.state_dict()})
+        if ema is not None:
+            self.save("last.ema.pdparams", ema.module.state_dict())
+        # The state file goes last: a kill before it leaves the previous epoch's resume point.
+        write_yaml(self.dir / "last_state.yaml", state)
+
+    def load_last(self, model, optimizer, schedule, ema) -> dict[str, Any] | None:
+        import paddle
+
+        state_file = self.dir / "last_state.yaml"
+        if not state_file.is_file():
+            return None
+        model.set_state_dict(paddle.load(str(self.dir / "last.pdparams")))
+        opt = paddle.load(str(self.dir / "last.pdopt"))
+        optimizer.set_state_dict(_rename_accumulators(opt["optimizer"], _param_names(model), to_structured=False))
+        schedule.set_state_dict(opt["schedule"])
+        if ema is not None and (self.dir / "last.ema.pdparams").is_file():
+            ema.module.set_state_dict(paddle.load(str(self.dir / "last.ema.pdparams")))
+        return read_yaml(state_file)
+
+
+def _param_names(model) -> dict[str, str]:
+    return {param.name: structured for structured, param in model.named_parameters()}
+
+
+def _rename_accumulators(state: dict[str, Any], names: dict[str, str], to_structured: bool) -> dict[str, Any]:
+    """Key optimiser state by structured names: paddle's own names (conv2d_64.w_0) depend on how
+    many layers the process built before, so a resumed process would not find them."""
+    mapping = names if to_structured else {v: k for k, v in names.items()}
+    renamed = {}
+    for key, value in state.items():
+        new_key = key
+        for old, new in mapping.items():
+            if key.startswith(old + "_"):
+                new_key = new + key[len(old):]
+                break
+        renamed[new_key] = value
+    return renamed
+
+
+def fit(
+    model,
+    make_loader: Callable[[int], Iterable[Any]],
+    steps_per_epoch: int,
+    loss_fn: Callable[[Any, Any], tuple[Any, dict[str, float]]],
+    evaluate: Callable[[Any], dict[str, float]] | None,
+    config: LoopConfig,
+    run_dir: Path,
+    resume: bool = False,
+    on_step: StepCallback | None = None,
+    batch_size: int = 1,
+) -> FitResult:
+    """Train `model` in place; the best weights (EMA ones when EMA is on) land in checkpoints/best.pdparams."""
+    import paddle
+
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    optimizer, schedule = build_optimizer(model, config, steps_per_epoch)
+    ema = _make_ema(model, config)
+    checkpoints = Checkpoints(run_dir)
+    state = {"epoch": 0, "best_value": None, "best_epoch": None, "history": []}
+    if resume:
+        state = checkpoints.load_last(model, optimizer, schedule, ema) or state
+    elif (checkpoints.dir / "last_state.yaml").exists():
+        (checkpoints.dir / "last_state.yaml").unlink()
+
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        # Seeding per epoch is what makes a resumed run land on the same result.
+        seed_everything(config.seed * 1000 + epoch)
+        model.train()
+        losses: list[float] = []
+        for batch in make_loader(epoch):
+            tick = time.perf_counter()
+            loss, logs = loss_fn(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.clear_grad()
+            schedule.step()
+            if ema is not None:
+                ema.update(model)
+            losses.append(float(loss))
+            if on_step is not None:
+                ips = batch_size / max(time.perf_counter() - tick, 1e-9)
+                on_step(advance=1, epoch=epoch, loss=round(float(loss), 4), ips=round(ips, 1), **logs)
+        row = {"epoch": epoch, "lr": float(optimizer.get_lr()), "loss": float(np.mean(losses)) if losses else float("nan")}
+        if evaluate is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
+            eval_model = ema.module if ema is not None else model
+            metrics = evaluate(eval_model)
+            row.update(metrics)
+            value = metrics.get(config.best_metric)
+            if value is not None and (state["best_value"] is None or value > state["best_value"]):
+                state["best_value"], state["best_epoch"] = float(value), epoch
+                checkpoints.save("best.pdparams", eval_model.state_dict())
+        state["history"].append(row)
+        state["epoch"] = epoch
+        checkpoints.save_last(model, optimizer, schedule, ema, state)
+        write_metrics(run_dir, state["history"])
+
+    if state["best_epoch"] is None:  # no evaluation ran: the final weights are the best we know
+        checkpoints.save("best.pdparams", (ema.module if ema is not None else model).state_dict())
+    model.set_state_dict(paddle.load(str(checkpoints.best)))
+    history = state["history"]
+    return FitResult(
+        best_metric=config.best_metric,
+        best_value=state["best_value"],
+        best_epoch=state["best_epoch"],
+        last_metrics=history[-1] if history else {},
+        history=history,
+        best_checkpoint=checkpoints.best,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _make_ema(model, config: LoopConfig):
+    if not config.ema_decay:
+        return None
+    from shitu_cli.models.ppcls import import_ppcls
+
+    import_ppcls()
+    from ppcls.utils.ema import ExponentialMovingAverage
+
+    return ExponentialMovingAverage(model, decay=config.ema_decay)
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
+    """metrics.csv (one row per epoch) and curves.png (loss and every metric against epoch)."""
+    if not history:
+        return
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(Path(run_dir) / METRICS_CSV, buffer.getvalue())
+    plot_curves(Path(run_dir) / CURVES_PNG, history, columns)
+
+
+def plot_curves(path: Path, history: list[dict[str, float]], columns: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [c for c in columns if c not in ("epoch",)]
+    fig, axes = plt.subplots(1, len(series), figsize=(3.2 * len(series), 2.8), squeeze=False)
+    for axis, name in zip(axes[0], series):
+        points = [(row["epoch"], row[name]) for row in history if name in row]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
+        axis.set_title(name)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def config_dict(config: LoopConfig) -> dict[str, Any]:
+    return asdict(config)
