@@ -7,12 +7,13 @@ unicode paths and very large images.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from shitu_cli.errors import ImageReadError
 
@@ -20,6 +21,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 
 # Refuse pixel bombs outright; a 1-gigapixel photo is not a product photo.
 MAX_PIXELS = 1_000_000_000
+
+_STRICT_LOAD = threading.Lock()
 
 
 def is_image_name(path: Path) -> bool:
@@ -49,7 +52,7 @@ def read_image(path: Path | str, max_side: int | None = None) -> np.ndarray:
                 _check_size(image, path)
                 if max_side and image.format == "JPEG":
                     image.draft("RGB", (max_side, max_side))
-                image.load()
+                _load_strictly(image)
                 image = ImageOps.exif_transpose(image)
                 return _to_rgb_array(image)
     except FileNotFoundError:
@@ -65,6 +68,23 @@ def read_image(path: Path | str, max_side: int | None = None) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as exc:
         # Pillow reports truncated and corrupt data as OSError/SyntaxError with a short reason.
         raise ImageReadError(f"corrupt or truncated image ({exc})", path=path) from None
+
+
+def _load_strictly(image: Image.Image) -> None:
+    """Decode the pixels, refusing truncated data even where another library relaxed Pillow.
+
+    ppdet.engine.trainer sets the process-wide ImageFile.LOAD_TRUNCATED_IMAGES = True when
+    imported, after which a half-written JPEG would decode as grey padding without a word.
+    """
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        image.load()
+        return
+    with _STRICT_LOAD:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            image.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 
 def _check_size(image: Image.Image, path: Path) -> None:
