@@ -1,0 +1,65 @@
+"""List and label files: what the writers produce, the readers read back, and bad lines name file and line."""
+
+from __future__ import annotations
+
+import pytest
+
+from shitu_cli.data.lists import (
+    image_list_text,
+    labels_text,
+    pair_list_text,
+    read_image_list,
+    read_labels,
+    read_pair_list,
+    read_rec_list,
+    rec_list_text,
+)
+from shitu_cli.errors import BadInput
+
+
+def write(tmp_path, text, name="list.txt"):
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def test_each_format_round_trips(tmp_path):
+    images = [("a/1.jpg", 0), ("b c/2.jpg", 1)]
+    pairs = [("JPEGImages/1.jpg", "Annotations/1.xml")]
+    rec = [("red apple/1.jpg", "red apple"), ("梨/2.jpg", "梨")]
+
+    assert read_image_list(write(tmp_path, image_list_text(images))) == images
+    assert read_pair_list(write(tmp_path, pair_list_text(pairs))) == pairs
+    assert read_rec_list(write(tmp_path, rec_list_text(rec))) == rec
+    assert read_labels(write(tmp_path, labels_text(["red apple", "梨"]))) == ["red apple", "梨"]
+
+
+def test_readers_accept_windows_lists(tmp_path):
+    # PaddleX 2 on Windows: backslash paths, CRLF endings, sometimes a BOM from the editor.
+    path = write(tmp_path, "\ufeffa\\1.jpg 3\r\nb\\2.jpg 4\r\n")
+
+    assert read_image_list(path) == [("a/1.jpg", 3), ("b/2.jpg", 4)]
+
+
+def test_rec_reader_takes_paddleclas_space_lists_too(tmp_path):
+    assert read_rec_list(write(tmp_path, "gallery/x.jpg 12\n")) == [("gallery/x.jpg", "12")]
+
+
+def test_bad_line_names_file_and_line(tmp_path):
+    path = write(tmp_path, "a/1.jpg 0\na/2.jpg zero\n")
+
+    with pytest.raises(BadInput, match="line 2") as caught:
+        read_image_list(path)
+
+    assert str(path) in caught.value.one_line()
+
+
+def test_blank_label_line_is_refused_but_a_trailing_newline_is_fine(tmp_path):
+    assert read_labels(write(tmp_path, "cat\ndog\n\n")) == ["cat", "dog"]
+    with pytest.raises(BadInput, match="line 2 is blank"):
+        read_labels(write(tmp_path, "cat\n\ndog\n"))
+
+
+def test_missing_list_is_bad_input(tmp_path):
+    with pytest.raises(BadInput, match="not found"):
+        read_rec_list(tmp_path / "nope.txt")
