@@ -23,6 +23,7 @@ app = typer.Typer(
 # commands are listed, so `shitu --help` never offers one that does not run.
 COMMANDS = {
     "reproduce": "reproduce",
+    "split-dataset": "split_dataset",
 }
 
 
