@@ -224,6 +224,9 @@ def test_coco_in_annotations_folder_with_images_beside(cli, tmp_path):
     assert report["counts"] == {"train": 7, "val": 3, "test": 0}
     train = json.loads((root / "train.json").read_text(encoding="utf-8"))
     assert all("/" in img["file_name"] and "\\" not in img["file_name"] for img in train["images"])
+    for _ in range(2):  # earlier outputs in annotations/ are not mistaken for the source json
+        again, _ = run_json(cli, root, "--val", "0.3", "--test", "0", "--out", root / "annotations")
+        assert again["counts"] == report["counts"]
 
 
 def test_coco_with_invalid_json_names_the_file(cli, tmp_path):

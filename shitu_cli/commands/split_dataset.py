@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
@@ -26,11 +27,17 @@ def command(
     """Split a dataset into PaddleX-style list files plus a recipe.yaml that `shitu reproduce` replays."""
     from shitu_cli.data.split import split_dataset
 
-    with render.progress("checking images", total=None, transient=True) as bar:
+    with ExitStack() as stack:
+        bars = []
 
         def checked(done: int, total: int) -> None:
-            bar.set_total(total)
-            bar(1)
+            # Opened on the first image, so a usage error is never preceded by a bar's residue;
+            # none at all when stderr is a log file, where a transient bar leaves a blank line.
+            if not render.err_console.is_terminal:
+                return
+            if not bars:
+                bars.append(stack.enter_context(render.progress("checking images", total=total, transient=True)))
+            bars[0](1)
 
         result = split_dataset(dataset_dir, out=out, val=val, test=test, seed=seed, format=format, progress=checked)
     if result.detected:

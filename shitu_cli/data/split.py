@@ -466,8 +466,10 @@ def _whole_set_warning(plan: Plan, total: int) -> list[str]:
 
 
 def _coco_candidates(root: Path) -> list[Path]:
+    # train/val/test.json are an earlier split's outputs (--out annotations/), not the source.
     folder = root / "annotations"
-    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+    found = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    return [p for p in found if p.name not in {f"{part}.json" for part in PARTS}]
 
 
 def _coco_file(root: Path) -> Path:
