@@ -82,7 +82,7 @@ def recipe_hash(path: Path) -> str | None:
 @dataclass
 class FileCheck:
     path: str
-    status: str  # "identical", "differs", "missing"
+    status: str  # "identical", "differs", "missing", or "edited on disk"
 
 
 @dataclass
@@ -115,14 +115,20 @@ def reproduce(recipe_path: Path, out_dir: Path | None = None) -> ReproduceReport
     options = dict(recipe.options)
     options[recipe.output_option] = target
     core(**options)
-    checks = []
-    for rel, digest in recipe.outputs.items():
-        produced = target / rel
-        if not produced.is_file():
-            checks.append(FileCheck(rel, "missing"))
-        else:
-            checks.append(FileCheck(rel, "identical" if sha256_file(produced) == digest else "differs"))
+    recipe_dir = Path(recipe_path) if Path(recipe_path).is_dir() else Path(recipe_path).parent
+    checks = [_check_output(rel, digest, target / rel, recipe_dir / rel) for rel, digest in recipe.outputs.items()]
     return ReproduceReport(Path(recipe_path), target, checks)
+
+
+def _check_output(rel: str, recorded: str, produced: Path, beside_recipe: Path) -> FileCheck:
+    """The replay must match the recorded hash, and so must the file still sitting beside the recipe."""
+    if not produced.is_file():
+        return FileCheck(rel, "missing")
+    if sha256_file(produced) != recorded:
+        return FileCheck(rel, "differs")
+    if beside_recipe.is_file() and beside_recipe.resolve() != produced.resolve() and sha256_file(beside_recipe) != recorded:
+        return FileCheck(rel, "edited on disk")
+    return FileCheck(rel, "identical")
 
 
 def merge_settings(defaults: Mapping[str, Any], *layers: Mapping[str, Any] | None) -> dict[str, Any]:

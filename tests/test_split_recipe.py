@@ -79,3 +79,18 @@ def test_tampered_list_is_reported_by_name(cli, tmp_path):
     assert "differs" in rows["val_list.txt"]
     assert "identical" in rows["train_list.txt"]
     assert "some outputs differ" in result.stdout
+
+
+def test_list_edited_in_place_is_reported_by_name(cli, tmp_path):
+    root = make_tree(tmp_path / "data", {"a": 10, "b": 10})
+    out = tmp_path / "split"
+    cli("split-dataset", root, "--out", out)
+    train_list = out / "train_list.txt"
+    train_list.write_text(train_list.read_text(encoding="utf-8") + "a/extra.jpg 0\n", encoding="utf-8")
+
+    result = cli("reproduce", out / "recipe.yaml", "--json")
+
+    assert result.exit_code == 1
+    status = {f["path"]: f["status"] for f in json.loads(result.stdout)["files"]}
+    assert status["train_list.txt"] == "edited on disk"
+    assert status["val_list.txt"] == "identical"

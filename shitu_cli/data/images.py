@@ -19,8 +19,10 @@ from shitu_cli.errors import ImageReadError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
 
-# Refuse pixel bombs outright; a 1-gigapixel photo is not a product photo.
-MAX_PIXELS = 1_000_000_000
+# Refuse pixel bombs outright (200 MP is 600 MB of RGB). Pillow's own guard (89 MP) would
+# refuse ordinary panoramas first, so it is raised to ours and ours decides.
+MAX_PIXELS = 200_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 _STRICT_LOAD = threading.Lock()
 
@@ -47,7 +49,7 @@ def read_image(path: Path | str, max_side: int | None = None) -> np.ndarray:
     path = Path(path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 _check_size(image, path)
                 if max_side and image.format == "JPEG":
@@ -61,7 +63,7 @@ def read_image(path: Path | str, max_side: int | None = None) -> np.ndarray:
         raise ImageReadError("is a directory, not an image", path=path) from None
     except UnidentifiedImageError:
         raise ImageReadError("not an image (unknown or unsupported format)", path=path) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageReadError("image is too large to decode safely", path=path) from None
     except ImageReadError:
         raise
