@@ -24,6 +24,7 @@ app = typer.Typer(
 COMMANDS = {
     "reproduce": "reproduce",
     "split-dataset": "split_dataset",
+    "train-cls": "train_cls",
 }
 
 

@@ -1,0 +1,80 @@
+"""`shitu train-cls`: train a PP-LCNet classifier, keep the best epoch, export it with softmax."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from shitu_cli import render
+
+
+def command(
+    dataset: Path = typer.Argument(..., help="Folder with train_list.txt, val_list.txt and labels.txt, or a folder of class folders (split here)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run dir: checkpoints, metrics, confusion matrix, export/ and recipe.yaml."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="PPLCNet_x0_25 ... PPLCNet_x2_5 or PPLCNetV2_base. [default: PPLCNet_x1_0]"),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size in pixels. [default: 224]"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs. [default: 20]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step. [default: 32]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (SGD momentum). [default: 0.05]"),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warm-up length in epochs. [default: 1]"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="L2 weight decay. [default: 4e-5]"),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="cosine (with warm-up) or piecewise. [default: cosine]"),
+    lr_decay_epochs: Optional[str] = typer.Option(None, "--lr-decay-epochs", help="Piecewise boundaries, e.g. 4,6,8 (lr x0.1 at each)."),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing epsilon. [default: 0.1]"),
+    mixup: Optional[float] = typer.Option(None, "--mixup", help="Mixup alpha; 0 turns it off. [default: 0]"),
+    cutmix: Optional[float] = typer.Option(None, "--cutmix", help="CutMix alpha; 0 turns it off. [default: 0]"),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Evaluate and keep an exponential moving average of the weights. [default: on]"),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="EMA decay. [default: from the run length]"),
+    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Local .pdparams to start from; a head of another class count starts fresh."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Distil from this exported model dir, train-cls run dir or .pdparams."),
+    unlabeled: Optional[Path] = typer.Option(None, "--unlabeled", help="Extra unlabelled images (a folder) for the distillation term only."),
+    distill_temperature: Optional[float] = typer.Option(None, "--distill-temperature", help="Softmax temperature of the KL term. [default: 4]"),
+    distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="Weight of the KL term against CE, 0..1. [default: 0.5]"),
+    val: Optional[float] = typer.Option(None, "--val", help="Validation share when DATASET is class folders to split. [default: 0.2]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, split, shuffling and augmentation. [default: 42]"),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Image decoding threads. [default: 2]"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Settings file (recipes/cls/*.yml or a run's recipe.yaml); flags override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its last epoch."),
+    json_output: bool = typer.Option(False, "--json", help="Print the run summary as one JSON document."),
+) -> None:
+    """Train a PP-LCNet image classifier, keep the best epoch by val top-1, and export it for `shitu predict`."""
+    from shitu_cli.train.cls import resolve_settings, train_cls
+
+    flags = {
+        "model": model, "input_size": input_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
+        "lr_decay_epochs": lr_decay_epochs, "label_smoothing": label_smoothing, "mixup": mixup, "cutmix": cutmix,
+        "ema": ema, "ema_decay": ema_decay, "pretrained": pretrained, "teacher": teacher, "unlabeled": unlabeled,
+        "distill_temperature": distill_temperature, "distill_weight": distill_weight, "val": val, "seed": seed,
+        "num_workers": num_workers,
+    }
+    settings = resolve_settings(recipe, flags)
+    with render.progress(f"training {settings['model']}", total=None, unit="step") as bar:
+        summary = train_cls(dataset, out, resume=resume, progress=bar, **settings)
+    for note in summary.notes + (summary.split or {}).get("warnings", []):
+        render.info(note)
+    if json_output:
+        render.print_json(summary)
+        return
+    _show(summary)
+
+
+def _show(summary) -> None:
+    rows = [
+        ("model", f"{summary.model} @ {summary.input_size}px, {summary.classes} classes"),
+        ("images", f"{summary.train_images} train, {summary.val_images} val" + (f", {summary.unlabeled_images} unlabelled" if summary.unlabeled_images else "")),
+        ("best epoch", f"{summary.best_epoch} of {summary.epochs}"),
+        ("top-1", f"{summary.best_top1:.2%}"),
+        ("top-5", f"{summary.best_top5:.2%}"),
+        ("mean class recall", f"{summary.mean_class_recall:.2%}"),
+        ("teacher", summary.teacher or "none"),
+        ("export", f"{summary.export_dir} (matches the trained model to {summary.export_max_abs_diff:.1e})"),
+        ("time", f"{summary.seconds:.1f} s"),
+    ]
+    render.show(render.table(f"train-cls -> {summary.run_dir}", ["", "value"], rows))
+    if summary.worst_classes and summary.classes > 2:
+        worst = [(c["label"], f"{c['recall']:.2%}", c["images"]) for c in summary.worst_classes]
+        render.show(render.table("hardest classes (val recall)", ["class", "recall", "images"], worst))
+    render.show(f"wrote metrics.csv, curves.png, confusion.png, checkpoints/, export/ and recipe.yaml in {summary.run_dir}")
