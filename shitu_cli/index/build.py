@@ -1,0 +1,281 @@
+"""`build_index`: create, re-sync, append to or shrink a gallery index; the library twin of `shitu build-index`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from shitu_cli.errors import BadInput
+from shitu_cli.index import backend
+from shitu_cli.index.backend import IndexChoice
+from shitu_cli.index.items import GalleryItem, Skipped, UpdatePlan, hash_entries, plan_update, read_gallery, select_for_removal
+from shitu_cli.index.store import ModelRef, StoredIndex, check_writable, commit, index_exists, load_index, write_lock
+
+CORE = "shitu_cli.index.build:build_index"
+# An IVF quantizer trained on n vectors still partitions well up to a few times n; past
+# that the lists grow long and uneven, so the index is retrained from stored vectors.
+IVF_RETRAIN_GROWTH = 4
+
+
+@dataclass
+class BuildReport:
+    index_dir: Path
+    action: str  # created | updated | rebuilt | removed | imported
+    count: int
+    added: int = 0
+    changed: int = 0  # same path, new content (re-embedded) or new label
+    removed: int = 0
+    unchanged: int = 0
+    duplicates: list[Skipped] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    index: IndexChoice | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_s: float | None = None
+    files: list[Path] = field(default_factory=list)
+    recipe: Path | None = None
+
+
+@dataclass
+class _Result:
+    """A new index state, ready to commit."""
+
+    index: Any
+    items: dict[int, GalleryItem]
+    choice: IndexChoice
+    next_id: int
+    model: ModelRef
+
+
+def build_index(
+    gallery: Path | str | None,
+    out: Path | str,
+    rec: Path | str | None = None,
+    index_type: str = "auto",
+    append: bool = False,
+    remove: str | None = None,
+    removals_expected: bool | None = None,
+    batch_size: int = 32,
+    threads: int = 1,
+    mkldnn: bool = True,
+    progress: Callable[..., None] | None = None,
+) -> BuildReport:
+    """Make INDEX_DIR `out` hold GALLERY's images as `rec` embeds them.
+
+    Without an index there, builds one. With one: re-syncs it to the gallery (new files
+    added, deleted removed, changed re-embedded), or with `append` only adds content not
+    indexed yet. `remove` (a list file of paths, or a label) drops items instead.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    _check_arguments(gallery, remove, append)
+    check_writable(out)
+    with write_lock(out):
+        current = load_index(out) if index_exists(out) else None
+        if remove is not None:
+            report, result = _remove(current, out, remove)
+        else:
+            report, result = _update(current, Path(gallery), out, rec, index_type, append, removals_expected,
+                                     batch_size, threads, mkldnn, progress)
+        report.files = _commit(out, result, gallery, removals_expected, current)
+        report.count, report.index = result.index.ntotal, result.choice
+    report.seconds = time.perf_counter() - started
+    report.recipe = _write_recipe(report, locals_for_recipe(gallery, out, rec, index_type, append, remove,
+                                                             removals_expected, batch_size, threads, mkldnn))
+    return report
+
+
+def locals_for_recipe(gallery, out, rec, index_type, append, remove, removals_expected, batch_size, threads, mkldnn) -> dict[str, Any]:
+    as_text = lambda p: None if p is None else Path(p).resolve().as_posix()  # noqa: E731
+    return {"gallery": as_text(gallery), "out": as_text(out), "rec": as_text(rec), "index_type": index_type,
+            "append": append, "remove": remove, "removals_expected": removals_expected,
+            "batch_size": batch_size, "threads": threads, "mkldnn": mkldnn}
+
+
+def _check_arguments(gallery, remove, append) -> None:
+    if remove is not None and gallery is not None:
+        raise BadInput("pass either GALLERY (to build or update) or --remove, not both")
+    if remove is None and gallery is None:
+        raise BadInput("no GALLERY given", hint="shitu build-index GALLERY -o INDEX_DIR --rec MODEL_DIR")
+    if remove is not None and append:
+        raise BadInput("--append and --remove cannot be combined")
+
+
+# ----------------------------------------------------------------------------- add / re-sync
+
+
+def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_type, append, removals_expected,
+            batch_size, threads, mkldnn, progress) -> tuple[BuildReport, _Result]:
+    from shitu_cli.infer.embedder import Embedder
+    from shitu_cli.infer.predictor import PredictorOptions
+
+    backend.choose_index(index_type, 0)  # refuse an unknown type before any work
+    pairs, skipped = read_gallery(gallery)
+    model_dir = Path(rec) if rec is not None else _model_of(current)
+    embedder = Embedder(model_dir, PredictorOptions(threads=threads, mkldnn=mkldnn), batch_size=batch_size)
+    notes: list[str] = []
+    items, same_model = _comparable_items(current, embedder, append, notes)
+    entries, unreadable = hash_entries(pairs)
+    plan = plan_update(items, entries, append)
+
+    if progress is not None and hasattr(progress, "set_total"):
+        progress.set_total(len(plan.embed))
+    backend.set_threads(threads)
+    embed_started = time.perf_counter()
+    positions, vectors, failures = embedder.embed_files([e.path for e in plan.embed], progress)
+    rate = len(plan.embed) / (time.perf_counter() - embed_started) if plan.embed else None
+
+    next_id = current.manifest.next_id if current else 0
+    new_ids = np.arange(next_id, next_id + len(positions), dtype=np.int64)
+    new_items = {int(i): GalleryItem(plan.embed[p].path, plan.embed[p].label, plan.embed[p].sha256) for i, p in zip(new_ids, positions)}
+    drop = sorted(set(plan.remove) | set(plan.replaced) | (set(current.items) - set(items) if current else set()))
+    final_count = len(items) - len(set(drop) & set(items)) + len(new_items)
+    if final_count == 0:
+        raise BadInput("no gallery image could be embedded, so there is nothing to index", path=gallery)
+
+    wanted = _wanted_choice(current, index_type, final_count, removals_expected, notes)
+    index, choice = _apply(current if same_model else None, wanted, drop, new_ids, vectors, final_count, notes, embedder.dim)
+    kept = {i: item for i, item in items.items() if i not in set(drop)}
+    for item_id, label in plan.relabel.items():
+        kept[item_id].label = label
+    model = ModelRef(model_dir.resolve().as_posix(), embedder.model_hash, embedder.dim, embedder.manifest.arch)
+    changed = sum(1 for p in positions if plan.embed[p].path in plan.changed_paths)
+    report = BuildReport(
+        index_dir=out, action=_action(current, notes), count=final_count, added=len(new_items) - changed,
+        changed=changed + len(plan.relabel), removed=len(drop) - len(plan.replaced),
+        unchanged=plan.unchanged, duplicates=plan.duplicates,
+        skipped=skipped + unreadable + [Skipped(f.path, f.reason) for f in failures], notes=notes, images_per_s=rate,
+    )
+    return report, _Result(index, {**kept, **new_items}, choice, int(next_id + len(positions)), model)
+
+
+def _model_of(current: StoredIndex | None) -> Path:
+    if current is None:
+        raise BadInput("no --rec model given", hint="pass --rec MODEL_DIR (an exported rec model, e.g. runs/rec/export)")
+    return Path(current.manifest.model.dir)
+
+
+def _comparable_items(current: StoredIndex | None, embedder, append: bool, notes: list[str]) -> tuple[dict[int, GalleryItem], bool]:
+    """The current items whose vectors the new model's features can be compared with, and whether that is all of them."""
+    if current is None:
+        return {}, False
+    indexed = current.manifest.model
+    if indexed.model_hash == embedder.model_hash and indexed.embedding_dim == embedder.dim:
+        return dict(current.items), True
+    if append:
+        raise BadInput(
+            f"--rec model (hash {str(embedder.model_hash)[:12]}, dim {embedder.dim}) is not the model this index was built with "
+            f"(hash {str(indexed.model_hash)[:12]}, dim {indexed.embedding_dim}); features of two models cannot be mixed",
+            hint="drop --append to re-embed the whole gallery with the new model, or pass the index's own model",
+            path=current.dir)
+    notes.append(f"the rec model changed: every image is re-embedded (was {str(indexed.model_hash)[:12]})")
+    return {}, False
+
+
+def _wanted_choice(current: StoredIndex | None, index_type: str, count: int, removals_expected, notes) -> IndexChoice:
+    if current is not None and index_type == "auto" and current.manifest.choice.chosen_by == "user":
+        return current.manifest.choice  # an explicit --index-type earlier is not undone by the default
+    if removals_expected is None:
+        removals_expected = current.manifest.index.get("removals_expected", True) if current else True
+    choice = backend.choose_index(index_type, count, removals_expected)
+    choice.params = {**choice.params}
+    return choice
+
+
+def _apply(current: StoredIndex | None, wanted: IndexChoice, drop, new_ids, vectors, final_count, notes, dim):
+    """Update the current faiss index in place when it still fits, else rebuild from its stored vectors.
+
+    `current` is None when there is no index or its vectors came from another model.
+    """
+    if current is not None and _still_fits(current, wanted, final_count):
+        choice = current.manifest.choice
+        index = backend.remove(current.index, choice, np.array(drop, dtype=np.int64))
+        if drop and choice.type == "hnsw":
+            notes.append(f"HNSW cannot remove in place: rebuilt it from its {index.ntotal} stored vectors")
+        backend.add(index, new_ids, vectors)
+        return index, choice
+    old_ids, old_vectors = _kept_vectors(current, drop, dim)
+    all_ids, all_vectors = np.concatenate([old_ids, new_ids]), np.concatenate([old_vectors, vectors])
+    if len(old_ids):
+        notes.append(f"rebuilt as {wanted.type} from {len(old_ids)} stored vectors and {len(new_ids)} new ones")
+    if wanted.type == "ivf":
+        wanted.params["trained_on"] = final_count
+    index = backend.new_index(wanted, dim, training=all_vectors if wanted.type == "ivf" else None)
+    backend.add(index, all_ids, all_vectors)
+    return index, wanted
+
+
+def _still_fits(current: StoredIndex, wanted: IndexChoice, count: int) -> bool:
+    have = current.manifest.choice
+    if have.type != wanted.type:
+        return False
+    if have.type == "ivf":
+        return count <= IVF_RETRAIN_GROWTH * int(have.params.get("trained_on", count))
+    return True
+
+
+def _kept_vectors(current, drop, dim) -> tuple[np.ndarray, np.ndarray]:
+    if current is None:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    ids, vectors = backend.stored(current.index)
+    keep = ~np.isin(ids, np.array(drop, dtype=np.int64))
+    return ids[keep], vectors[keep]
+
+
+def _action(current, notes) -> str:
+    if current is None:
+        return "created"
+    return "rebuilt" if any(n.startswith(("the rec model changed", "rebuilt")) for n in notes) else "updated"
+
+
+# ----------------------------------------------------------------------------- remove
+
+
+def _remove(current: StoredIndex | None, out: Path, what: str) -> tuple[BuildReport, _Result]:
+    if current is None:
+        raise BadInput("there is no index here to remove from", hint="build one first with `shitu build-index GALLERY -o ...`", path=out)
+    ids, described = select_for_removal(current.items, what)
+    if not ids:
+        raise BadInput(f"none of the {described} is in the index", hint="paths must match the indexed files", path=what)
+    choice = current.manifest.choice
+    notes = []
+    if choice.type == "hnsw":
+        notes.append(f"HNSW cannot remove in place: rebuilt it from its {current.index.ntotal - len(ids)} stored vectors")
+    index = backend.remove(current.index, choice, np.array(ids, dtype=np.int64))
+    items = {i: item for i, item in current.items.items() if i not in set(ids)}
+    report = BuildReport(index_dir=out, action="removed", count=index.ntotal, removed=len(ids),
+                         unchanged=len(items), notes=notes)
+    return report, _Result(index, items, choice, current.manifest.next_id, current.manifest.model)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _commit(out: Path, result: _Result, gallery, removals_expected, current: StoredIndex | None) -> list[Path]:
+    from dataclasses import asdict
+
+    from shitu_cli.recipes import package_versions
+
+    index_fields = asdict(result.choice)
+    if removals_expected is None:
+        removals_expected = current.manifest.index.get("removals_expected", True) if current else True
+    index_fields["removals_expected"] = bool(removals_expected)
+    gallery_text = Path(gallery).resolve().as_posix() if gallery is not None else (current.manifest.gallery if current else None)
+    fields = {"next_id": result.next_id, "index": index_fields, "model": result.model,
+              "gallery": gallery_text, "created_by": package_versions()}
+    _, written = commit(out, result.index, result.items, fields)
+    return written
+
+
+def _write_recipe(report: BuildReport, options: dict[str, Any]) -> Path:
+    from shitu_cli.recipes import Recipe, write_recipe
+
+    metrics = {"count": report.count, "added": report.added, "changed": report.changed, "removed": report.removed,
+               "unchanged": report.unchanged, "skipped": len(report.skipped), "duplicates": len(report.duplicates),
+               "index_type": report.index.type if report.index else None}
+    recipe = Recipe(command="build-index", core=CORE, options=options, metrics=metrics)
+    return write_recipe(report.index_dir, recipe, report.files)
