@@ -24,6 +24,7 @@ app = typer.Typer(
 COMMANDS = {
     "reproduce": "reproduce",
     "split-dataset": "split_dataset",
+    "train-rec": "train_rec",
     "train-cls": "train_cls",
 }
 

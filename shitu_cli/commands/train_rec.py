@@ -1,0 +1,83 @@
+"""`shitu train-rec`: train a PP-ShiTuV2 feature extractor and export it for build-index / predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from shitu_cli import render
+
+
+def command(
+    dataset: Path = typer.Argument(..., help="split-dataset rec lists (train/gallery/query_list.txt), or a folder of class folders to split here."),
+    out: Path = typer.Option(..., "--out", "-o", help="The run folder: checkpoints, metrics, export/ and recipe.yaml go here."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Base settings: pp-shituv2 (default), tiny, or a .yml path."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="PPLCNetV2_base_ShiTu or PPLCNet_x0_25 ... PPLCNet_x2_5."),
+    embedding_size: Optional[int] = typer.Option(None, "--embedding-size", help="Embedding dimension (the backbone's last conv and the BNNeck)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size in pixels."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch: P classes x K images (K = images_per_class, 4)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (after warm-up, before cosine decay)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, sampling, augmentation and the split."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Image decoding threads (results do not depend on it)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate recall@1/5 and mAP every N epochs."),
+    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Local .pdparams to start from (ImageNet/SSLD backbone or a RecModel checkpoint)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in RUN_DIR from its last checkpoint."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON summary instead of tables."),
+) -> None:
+    """Train a PP-ShiTuV2 recogniser (CE + triplet, PK batches, EMA) and export it to RUN_DIR/export."""
+    from shitu_cli.train.rec import train_rec
+
+    overrides = {"backbone": backbone, "embedding_size": embedding_size, "input_size": input_size, "epochs": epochs,
+                 "batch_size": batch_size, "lr": lr, "seed": seed, "num_workers": num_workers, "eval_every": eval_every}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    with render.progress("training", total=None, unit="step") as bar:
+
+        def progress(advance: int = 0, total: int | None = None, completed: int | None = None, **fields) -> None:
+            if total is not None:
+                bar.set_total(total)
+            bar(advance + (completed or 0), **fields)
+
+        result = train_rec(dataset, out, recipe=recipe, pretrained=pretrained, resume=resume, progress=progress, **overrides)
+    for note in result.warnings:
+        render.warn(note)
+    if json_output:
+        render.print_json(summary(result))
+        return
+    render.show(_table(result))
+    render.show(f"exported {result.embedding_size}-d embeddings to {result.export_dir}; recipe {result.recipe}")
+
+
+def summary(result) -> dict:
+    """The --json document: metrics as fractions 0..1."""
+    return {
+        "run_dir": result.run_dir, "export_dir": result.export_dir, "recipe": result.recipe,
+        "backbone": result.backbone, "embedding_size": result.embedding_size, "input_size": result.input_size,
+        "epochs": result.epochs, "steps_per_epoch": result.steps_per_epoch, "batch_size": result.batch_size,
+        "train_images": result.train_images, "train_classes": result.train_classes,
+        "gallery_images": result.gallery_images, "query_images": result.query_images,
+        "best_epoch": result.best_epoch, "best_recall1": result.best_recall1,
+        "recall1": result.final.get("recall1"), "recall5": result.final.get("recall5"), "mAP": result.final.get("mAP"),
+        "initial": result.initial, "export_max_abs_diff": result.export_max_abs_diff,
+        "pretrained": result.pretrained, "resumed_from_epoch": result.resumed_from_epoch,
+        "seconds": result.seconds, "warnings": result.warnings,
+    }
+
+
+def _table(result):
+    rows = [
+        ("backbone", f"{result.backbone} -> BNNeck({result.embedding_size}), {result.input_size} px"),
+        ("data", f"{result.train_images} train images / {result.train_classes} classes; "
+                 f"{result.gallery_images} gallery, {result.query_images} query"),
+        ("schedule", f"{result.epochs} epochs x {result.steps_per_epoch} steps, batch {result.batch_size}"),
+    ]
+    for name in ("recall1", "recall5", "mAP"):
+        if name in result.final:
+            rows.append((name, f"{result.final[name]:.4f} (untrained {result.initial[name]:.4f})"))
+    if result.best_epoch is not None:
+        rows.append(("best epoch", str(result.best_epoch)))
+    rows.append(("export check", f"max |diff| {result.export_max_abs_diff:.2e} vs the trained model"))
+    rows.append(("time", f"{result.seconds:.1f} s"))
+    return render.table("train-rec", ["", "value"], rows)
