@@ -1,0 +1,165 @@
+"""Every Paddle-3 compatibility fix that paddledet 2.6.0 needs, in one place; `apply()` is idempotent.
+
+Each shim wraps one upstream function with a small replacement and names the fault it
+works around. Nothing here copies ppdet code; the originals stay reachable as `__wrapped__`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+_APPLIED = False
+_MARK = "__shitu_shim__"
+
+
+def apply() -> None:
+    """Install every shim once; later calls do nothing."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _patch_multiclass_nms()
+    _patch_pil_textsize()
+    _patch_v2_assigner_labels()
+    _patch_csppan_scales()
+    _APPLIED = True
+
+
+def is_shim(func: Any) -> bool:
+    return bool(getattr(func, _MARK, False))
+
+
+def _mark(shim: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:
+    functools.update_wrapper(shim, original)
+    setattr(shim, _MARK, True)
+    return shim
+
+
+# --- 1. multiclass_nms under PIR -------------------------------------------------------
+# Upstream fault: ppdet.modeling.ops.multiclass_nms builds its op with the old
+# LayerHelper/append_op API whenever it is not in dynamic mode. Paddle 3 traces export
+# programs in PIR, where append_op refuses PIR `Value`s ("The type of '%BBoxes' in
+# operator multiclass_nms3 should be one of [str, bytes, Variable]"), so exporting any
+# model with NMS fails. Under PIR the op must be called as `_C_ops.multiclass_nms3`.
+def _patch_multiclass_nms() -> None:
+    from ppdet.modeling import ops
+
+    original = ops.multiclass_nms
+    if is_shim(original):
+        return
+
+    def multiclass_nms(bboxes, scores, score_threshold, nms_top_k, keep_top_k, nms_threshold=0.3,
+                       normalized=True, nms_eta=1.0, background_label=-1, return_index=False,
+                       return_rois_num=True, rois_num=None, name=None):
+        import paddle
+        from paddle import _C_ops
+
+        if not paddle.framework.in_pir_mode():
+            return original(bboxes, scores, score_threshold, nms_top_k, keep_top_k, nms_threshold, normalized,
+                            nms_eta, background_label, return_index, return_rois_num, rois_num, name)
+        output, index, nms_rois_num = _C_ops.multiclass_nms3(
+            bboxes, scores, rois_num, score_threshold, nms_top_k, keep_top_k, nms_threshold, normalized,
+            nms_eta, background_label,
+        )
+        return output, nms_rois_num, (index if return_index else None)
+
+    ops.multiclass_nms = _mark(multiclass_nms, original)
+
+
+# --- 2. full-graph export ----------------------------------------------------------------
+# Upstream fault: paddle 3's `paddle.jit.to_static` defaults to SOT (bytecode tracing with
+# fallback), which never builds `forward.main_program`; ppdet's Trainer.export reads that
+# attribute to prune its input spec and fails. ENABLE_FALL_BACK=False selects the AST
+# full-graph path that still builds it. Scoped to the export, so training is untouched.
+@contextmanager
+def full_graph_export() -> Iterator[None]:
+    previous = os.environ.get("ENABLE_FALL_BACK")
+    os.environ["ENABLE_FALL_BACK"] = "False"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("ENABLE_FALL_BACK", None)
+        else:
+            os.environ["ENABLE_FALL_BACK"] = previous
+
+
+# --- 3. Pillow 10 removed ImageDraw.textsize -----------------------------------------------
+# Upstream fault: ppdet.utils.visualizer.draw_bbox calls `draw.textsize(text)`, which
+# Pillow 10 removed; any prediction drawn by ppdet raises AttributeError. Re-add it on
+# top of `textbbox`, which is what Pillow's deprecation note says to use.
+def _patch_pil_textsize() -> None:
+    from PIL import ImageDraw
+
+    existing = getattr(ImageDraw.ImageDraw, "textsize", None)
+    if existing is not None:
+        return
+
+    def textsize(self, text, font=None, *args, **kwargs):
+        left, top, right, bottom = self.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    setattr(textsize, _MARK, True)
+    ImageDraw.ImageDraw.textsize = textsize
+
+
+# --- 4. PicoDet v2 assigners need int64 labels ---------------------------------------------
+# Upstream fault: ppdet's readers produce gt_class as int32, while PicoHeadV2's
+# ATSSAssigner / TaskAlignedAssigner combine it with int64 index tensors (gather,
+# where, full_like(bg_index)); paddle 3 no longer promotes between them and raises a
+# dtype mismatch on the first training step. Cast gt_labels to int64 on the way in.
+def _patch_v2_assigner_labels() -> None:
+    from ppdet.modeling.assigners import atss_assigner, task_aligned_assigner
+
+    for cls in (atss_assigner.ATSSAssigner, task_aligned_assigner.TaskAlignedAssigner):
+        if not is_shim(cls.forward):
+            cls.forward = _mark(_int64_labels(cls.forward), cls.forward)
+
+
+def _int64_labels(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap an assigner's `forward` so whatever is passed as `gt_labels` arrives as int64."""
+    signature = inspect.signature(forward)
+
+    def shim(*args, **kwargs):
+        import paddle
+
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["gt_labels"] = _as_int64(bound.arguments["gt_labels"], paddle)
+        return forward(*bound.args, **bound.kwargs)
+
+    return shim
+
+
+def _as_int64(labels, paddle):
+    if isinstance(labels, paddle.Tensor) and labels.dtype != paddle.int64:
+        return labels.cast("int64")
+    return labels
+
+
+# --- 5. CSPPAN grows its default spatial_scales on every build -----------------------------
+# Upstream fault: ppdet.modeling.necks.csp_pan.CSPPAN.__init__ appends to its
+# `spatial_scales` argument when num_features == 4, and that argument defaults to a
+# shared list. The second PicoDet built in one process (e.g. the export model after
+# the training model) gets 4 scales for 3 inputs and fails `assert len(inputs) ==
+# len(self.in_channels)`. Hand every build its own copy of the upstream default.
+CSPPAN_DEFAULT_SCALES = (0.125, 0.0625, 0.03125)
+
+
+def _patch_csppan_scales() -> None:
+    from ppdet.modeling.necks.csp_pan import CSPPAN
+
+    original = CSPPAN.__init__
+    if is_shim(original):
+        return
+    signature = inspect.signature(original)
+
+    def __init__(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        scales = bound.arguments.get("spatial_scales", CSPPAN_DEFAULT_SCALES)
+        bound.arguments["spatial_scales"] = list(scales)
+        original(*bound.args, **bound.kwargs)
+
+    CSPPAN.__init__ = _mark(__init__, original)
