@@ -22,7 +22,6 @@ app = typer.Typer(
 # name -> module under shitu_cli.commands; each module defines `command`. Only working
 # commands are listed, so `shitu --help` never offers one that does not run.
 COMMANDS = {
-    "benchmark-cpu": "benchmark_cpu",
     "reproduce": "reproduce",
     "split-dataset": "split_dataset",
     "train-rec": "train_rec",
