@@ -22,6 +22,8 @@ app = typer.Typer(
 # name -> module under shitu_cli.commands; each module defines `command`. Only working
 # commands are listed, so `shitu --help` never offers one that does not run.
 COMMANDS = {
+    "build-index": "build_index",
+    "predict": "predict",
     "reproduce": "reproduce",
     "split-dataset": "split_dataset",
     "train-rec": "train_rec",

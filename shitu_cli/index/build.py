@@ -41,7 +41,7 @@ class BuildReport:
 
 
 @dataclass
-class _Result:
+class IndexState:
     """A new index state, ready to commit."""
 
     index: Any
@@ -81,10 +81,10 @@ def build_index(
         else:
             report, result = _update(current, Path(gallery), out, rec, index_type, append, removals_expected,
                                      batch_size, threads, mkldnn, progress)
-        report.files = _commit(out, result, gallery, removals_expected, current)
+        report.files = commit_state(out, result, gallery, removals_expected, current)
         report.count, report.index = result.index.ntotal, result.choice
     report.seconds = time.perf_counter() - started
-    report.recipe = _write_recipe(report, locals_for_recipe(gallery, out, rec, index_type, append, remove,
+    report.recipe = write_build_recipe(report, locals_for_recipe(gallery, out, rec, index_type, append, remove,
                                                              removals_expected, batch_size, threads, mkldnn))
     return report
 
@@ -109,7 +109,7 @@ def _check_arguments(gallery, remove, append) -> None:
 
 
 def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_type, append, removals_expected,
-            batch_size, threads, mkldnn, progress) -> tuple[BuildReport, _Result]:
+            batch_size, threads, mkldnn, progress) -> tuple[BuildReport, IndexState]:
     from shitu_cli.infer.embedder import Embedder
     from shitu_cli.infer.predictor import PredictorOptions
 
@@ -150,7 +150,7 @@ def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_ty
         unchanged=plan.unchanged, duplicates=plan.duplicates,
         skipped=skipped + unreadable + [Skipped(f.path, f.reason) for f in failures], notes=notes, images_per_s=rate,
     )
-    return report, _Result(index, {**kept, **new_items}, choice, int(next_id + len(positions)), model)
+    return report, IndexState(index, {**kept, **new_items}, choice, int(next_id + len(positions)), model)
 
 
 def _model_of(current: StoredIndex | None) -> Path:
@@ -235,7 +235,7 @@ def _action(current, notes) -> str:
 # ----------------------------------------------------------------------------- remove
 
 
-def _remove(current: StoredIndex | None, out: Path, what: str) -> tuple[BuildReport, _Result]:
+def _remove(current: StoredIndex | None, out: Path, what: str) -> tuple[BuildReport, IndexState]:
     if current is None:
         raise BadInput("there is no index here to remove from", hint="build one first with `shitu build-index GALLERY -o ...`", path=out)
     ids, described = select_for_removal(current.items, what)
@@ -249,13 +249,13 @@ def _remove(current: StoredIndex | None, out: Path, what: str) -> tuple[BuildRep
     items = {i: item for i, item in current.items.items() if i not in set(ids)}
     report = BuildReport(index_dir=out, action="removed", count=index.ntotal, removed=len(ids),
                          unchanged=len(items), notes=notes)
-    return report, _Result(index, items, choice, current.manifest.next_id, current.manifest.model)
+    return report, IndexState(index, items, choice, current.manifest.next_id, current.manifest.model)
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def _commit(out: Path, result: _Result, gallery, removals_expected, current: StoredIndex | None) -> list[Path]:
+def commit_state(out: Path, result: IndexState, gallery, removals_expected, current: StoredIndex | None) -> list[Path]:
     from dataclasses import asdict
 
     from shitu_cli.recipes import package_versions
@@ -271,11 +271,11 @@ def _commit(out: Path, result: _Result, gallery, removals_expected, current: Sto
     return written
 
 
-def _write_recipe(report: BuildReport, options: dict[str, Any]) -> Path:
+def write_build_recipe(report: BuildReport, options: dict[str, Any], core: str = CORE, command: str = "build-index") -> Path:
     from shitu_cli.recipes import Recipe, write_recipe
 
     metrics = {"count": report.count, "added": report.added, "changed": report.changed, "removed": report.removed,
                "unchanged": report.unchanged, "skipped": len(report.skipped), "duplicates": len(report.duplicates),
                "index_type": report.index.type if report.index else None}
-    recipe = Recipe(command="build-index", core=CORE, options=options, metrics=metrics)
+    recipe = Recipe(command=command, core=core, options=options, metrics=metrics)
     return write_recipe(report.index_dir, recipe, report.files)

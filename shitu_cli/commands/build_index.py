@@ -1,0 +1,76 @@
+"""`shitu build-index`: build, re-sync, append to or prune a faiss gallery index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from shitu_cli import render
+
+MAX_SKIP_ROWS = 20
+
+
+def command(
+    gallery: Optional[Path] = typer.Argument(None, help="Folder with one subfolder per label, or a `path<TAB>label` list file."),
+    out: Path = typer.Option(..., "--out", "-o", help="The index folder to create or update."),
+    rec: Optional[Path] = typer.Option(None, "--rec", help="Exported rec model dir (default: the model the index was built with)."),
+    index_type: str = typer.Option("auto", "--index-type", help="auto, flat, hnsw or ivf (inner product on L2-normalised features)."),
+    removals: Optional[bool] = typer.Option(
+        None, "--removals/--no-removals",
+        help="Whether items will be removed later; with --no-removals, auto may pick HNSW for large galleries."),
+    append: bool = typer.Option(False, "--append", help="Only add images whose content is not indexed yet (no re-sync)."),
+    remove: Optional[str] = typer.Option(None, "--remove", help="Remove items: a list file of paths, or a label name."),
+    import_paddleclas: Optional[Path] = typer.Option(
+        None, "--import-paddleclas", help="Import a PaddleClas index folder (vector.index + id_map.pkl); needs --trust-pickle."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling id_map.pkl (this runs code from the file)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per recognition batch."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads for Paddle Inference and faiss."),
+    mkldnn: bool = typer.Option(True, "--mkldnn/--no-mkldnn", help="Use oneDNN (3-5x faster on most CPUs)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
+) -> None:
+    """Build or update a gallery index: re-running on a changed folder syncs it (added, removed, re-embedded)."""
+    if import_paddleclas is not None:
+        from shitu_cli.index.paddleclas import import_paddleclas as run_import
+
+        report = run_import(import_paddleclas, out, rec=rec, trust_pickle=trust_pickle, index_type=index_type,
+                            removals_expected=removals)
+    else:
+        from shitu_cli.index import build_index
+
+        from contextlib import nullcontext
+
+        with render.progress("embedding", total=None) if gallery is not None else nullcontext() as bar:
+            report = build_index(gallery, out, rec=rec, index_type=index_type, append=append, remove=remove,
+                                 removals_expected=removals, batch_size=batch_size, threads=threads, mkldnn=mkldnn,
+                                 progress=bar)
+    for note in report.notes:
+        render.info(note)
+    if json_output:
+        render.print_json(report)
+        return
+    _show(report)
+
+
+def _show(report) -> None:
+    counts = [("added", report.added), ("changed", report.changed), ("removed", report.removed),
+              ("unchanged", report.unchanged), ("duplicates skipped", len(report.duplicates)),
+              ("bad files skipped", len(report.skipped)), ("in index", report.count)]
+    render.show(render.table(f"index {report.action}: {report.index_dir}", ["items", "count"], counts))
+    if report.index is not None:
+        params = ", ".join(f"{k}={v}" for k, v in report.index.params.items())
+        how = "auto" if report.index.chosen_by == "auto" else "chosen"
+        render.show(f"index type: {report.index.type}{f' ({params})' if params else ''}, {how}: {report.index.reason}")
+    if report.images_per_s:
+        render.show(f"embedded at {report.images_per_s:.1f} images/s")
+    _show_skipped("bad files skipped", report.skipped)
+    _show_skipped("duplicates skipped", report.duplicates)
+
+
+def _show_skipped(title: str, rows) -> None:
+    if not rows:
+        return
+    render.show(render.table(f"{title} ({len(rows)})", ["file", "reason"], [(s.path, s.reason) for s in rows[:MAX_SKIP_ROWS]]))
+    if len(rows) > MAX_SKIP_ROWS:
+        render.show(f"... and {len(rows) - MAX_SKIP_ROWS} more (all of them are in --json)")

@@ -1,0 +1,251 @@
+"""The recognition pipeline: image -> boxes (detector or whole image) -> crops -> one batched rec call
+-> index search -> score threshold -> per-label NMS -> result dataclasses. Usable from a notebook as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import numpy as np
+
+from shitu_cli.errors import BadInput, ShituError
+
+WHOLE_IMAGE_POLICIES = ("always", "fallback", "off")
+UNKNOWN = "unknown"
+# Each distinct label needs its nearest gallery item; a few neighbours per label finds them.
+NEIGHBOURS_PER_LABEL = 4
+
+Box = list[float]  # x1, y1, x2, y2 in pixels of the original image
+
+
+@dataclass
+class Match:
+    label: str
+    score: float  # cosine similarity to the nearest gallery item of this label
+    gallery_path: str
+
+
+@dataclass
+class Recognition:
+    box: Box
+    label: str  # "unknown" when the best score is below rec_thresh
+    score: float
+    matches: list[Match]  # top-k distinct labels, best first
+    source: str = "whole_image"  # "whole_image" or "detection"
+    det_score: float | None = None
+
+
+@dataclass
+class ImageResult:
+    path: str
+    recognitions: list[Recognition] = field(default_factory=list)
+    whole_image_policy: str = "fallback"
+    size: tuple[int, int] | None = None  # (width, height)
+    error: str | None = None
+
+
+@dataclass
+class PipelineOptions:
+    topk: int = 5
+    rec_thresh: float = 0.5
+    nms_thresh: float = 0.3  # per label: boxes of different labels never suppress each other
+    det_thresh: float = 0.5
+    max_boxes: int = 5
+    whole_image: str = "fallback"  # always | fallback | off
+
+
+class DetectionLike(Protocol):
+    box: Sequence[float]
+    score: float
+
+
+class DetectorLike(Protocol):
+    """What shitu_cli.infer.detector.Detector offers the pipeline."""
+
+    def detect(self, rgb: np.ndarray, thresh: float, max_boxes: int) -> list[Any]: ...
+
+
+# ----------------------------------------------------------------------------- pure rules
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def nms_per_label(recognitions: Sequence[Recognition], iou_thresh: float) -> list[Recognition]:
+    """Greedy NMS within each label only, best score first; returns survivors in score order.
+
+    PaddleClas's recognition NMS ignores labels, so a crisp "cola" box could swallow an
+    overlapping "fanta" box. Here two boxes only compete when they name the same thing.
+    """
+    kept: list[Recognition] = []
+    for candidate in sorted(recognitions, key=lambda r: -r.score):
+        rivals = (r for r in kept if r.label == candidate.label)
+        if all(iou(candidate.box, r.box) <= iou_thresh for r in rivals):
+            kept.append(candidate)
+    return kept
+
+
+def boxes_to_recognise(detections: Sequence[DetectionLike], width: int, height: int,
+                       policy: str) -> list[tuple[Box, float | None]]:
+    """Which (box, detector score) pairs get recognised under a whole-image policy.
+
+    always: every detection plus the whole image (PaddleClas's behaviour); fallback: the
+    detections, or the whole image when there are none; off: the detections only.
+    """
+    if policy not in WHOLE_IMAGE_POLICIES:
+        raise BadInput(f"unknown whole-image policy {policy!r}", hint=f"choose one of: {', '.join(WHOLE_IMAGE_POLICIES)}")
+    boxes: list[tuple[Box, float | None]] = [(clip_box(d.box, width, height), float(d.score)) for d in detections]
+    boxes = [(box, score) for box, score in boxes if box[2] > box[0] and box[3] > box[1]]
+    if policy == "always" or (policy == "fallback" and not boxes):
+        boxes.append(([0.0, 0.0, float(width), float(height)], None))
+    return boxes
+
+
+def clip_box(box: Sequence[float], width: int, height: int) -> Box:
+    x1, y1, x2, y2 = (float(v) for v in box[:4])
+    return [min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height)]
+
+
+def crop(rgb: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    height, width = rgb.shape[:2]
+    x1, y1 = int(np.floor(box[0])), int(np.floor(box[1]))
+    x2, y2 = max(x1 + 1, int(np.ceil(box[2]))), max(y1 + 1, int(np.ceil(box[3])))
+    return rgb[max(0, y1) : min(height, y2), max(0, x1) : min(width, x2)]
+
+
+def top_labels(scores: np.ndarray, ids: np.ndarray, items: dict, topk: int) -> list[Match]:
+    """The best `topk` distinct labels among one query's neighbours, each with its nearest gallery item."""
+    matches: list[Match] = []
+    seen = set()
+    for score, item_id in zip(scores.tolist(), ids.tolist()):
+        item = items.get(item_id)
+        if item is None or item.label in seen:
+            continue  # id -1: fewer neighbours than asked for
+        seen.add(item.label)
+        matches.append(Match(item.label, float(score), item.path))
+        if len(matches) == topk:
+            break
+    return matches
+
+
+def check_model_fits_index(index_model, rec_manifest, rec_dir: Path) -> str | None:
+    """Refuse a rec model whose features are not comparable with the index's; return a note if only related."""
+    if rec_manifest.embedding_dim != index_model.embedding_dim:
+        raise BadInput(f"rec model gives {rec_manifest.embedding_dim}-d features but the index holds {index_model.embedding_dim}-d ones",
+                       hint="use the model the index was built with, or rebuild the index with this one", path=rec_dir)
+    if rec_manifest.model_hash == index_model.model_hash:
+        return None
+    if index_model.model_hash and rec_manifest.parent_model_hash == index_model.model_hash:
+        return f"using {rec_dir}, a {rec_manifest.method or 'derived'} version of the index's model"
+    raise BadInput(f"rec model (hash {str(rec_manifest.model_hash)[:12]}) is not the model the index was built with "
+                   f"(hash {str(index_model.model_hash)[:12]}); their features are not comparable",
+                   hint="drop --rec to use the index's own model, or rebuild the index with this one", path=rec_dir)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+class Pipeline:
+    """Recognise objects in images against a gallery index.
+
+    >>> pipe = Pipeline("index/")                  # rec model from the index manifest
+    >>> pipe.predict_file("shelf.jpg").recognitions[0].label
+    """
+
+    def __init__(self, index_dir: Path | str, rec: Path | str | None = None, detector: DetectorLike | None = None,
+                 options: PipelineOptions | None = None, predictor_options=None, batch_size: int = 32):
+        from shitu_cli.index.store import load_index
+        from shitu_cli.infer.embedder import Embedder
+
+        self.options = options or PipelineOptions()
+        _check_options(self.options)
+        self.index = load_index(Path(index_dir))
+        rec_dir = Path(rec) if rec is not None else Path(self.index.manifest.model.dir)
+        self.embedder = Embedder(rec_dir, predictor_options, batch_size=batch_size)
+        self.notes = [n for n in [check_model_fits_index(self.index.manifest.model, self.embedder.manifest, rec_dir)] if n]
+        self.detector = detector
+        self._k = min(self.index.index.ntotal, max(1, self.options.topk) * NEIGHBOURS_PER_LABEL + 8)
+
+    def recognise(self, rgb: np.ndarray) -> list[Recognition]:
+        """All recognitions in one RGB uint8 image, after rec-thresh and per-label NMS."""
+        from shitu_cli.index import backend
+
+        options = self.options
+        height, width = rgb.shape[:2]
+        detections = self.detector.detect(rgb, options.det_thresh, options.max_boxes) if self.detector else []
+        boxes = boxes_to_recognise(detections, width, height, options.whole_image)
+        if not boxes:
+            return []
+        features = self.embedder.embed([crop(rgb, box) for box, _ in boxes])  # one batched call for every crop
+        if self._k == 0:
+            scores, ids = np.zeros((len(boxes), 0), np.float32), np.zeros((len(boxes), 0), np.int64)
+        else:
+            scores, ids = backend.search(self.index.index, features, self._k)
+        results = [self._recognition(box, det_score, s, i) for (box, det_score), s, i in zip(boxes, scores, ids)]
+        return nms_per_label(results, options.nms_thresh)
+
+    def _recognition(self, box: Box, det_score: float | None, scores: np.ndarray, ids: np.ndarray) -> Recognition:
+        matches = top_labels(scores, ids, self.index.items, self.options.topk)
+        best = matches[0] if matches else None
+        known = best is not None and best.score >= self.options.rec_thresh
+        return Recognition(box=box, label=best.label if known else UNKNOWN, score=best.score if best else 0.0,
+                           matches=matches, source="whole_image" if det_score is None else "detection", det_score=det_score)
+
+    def predict_file(self, path: Path | str) -> ImageResult:
+        """Read and recognise one file; a file that cannot be read gives an ImageResult with `error`."""
+        from shitu_cli.data.images import read_image
+
+        try:
+            rgb = read_image(path)
+        except ShituError as exc:
+            return ImageResult(Path(path).as_posix(), whole_image_policy=self.options.whole_image, error=exc.message)
+        recognitions = self.recognise(rgb)
+        return ImageResult(Path(path).as_posix(), recognitions, self.options.whole_image, (rgb.shape[1], rgb.shape[0]))
+
+    def predict_files(self, paths: Iterable[Path | str], progress: Callable[..., None] | None = None) -> list[ImageResult]:
+        results = []
+        for path in paths:
+            results.append(self.predict_file(path))
+            if progress:
+                progress(1)
+        return results
+
+
+def _check_options(options: PipelineOptions) -> None:
+    if options.topk < 1:
+        raise BadInput(f"--topk must be at least 1, got {options.topk}")
+    if options.whole_image not in WHOLE_IMAGE_POLICIES:
+        raise BadInput(f"unknown whole-image policy {options.whole_image!r}", hint=f"choose one of: {', '.join(WHOLE_IMAGE_POLICIES)}")
+    if options.max_boxes < 0:
+        raise BadInput(f"--max-boxes must not be negative, got {options.max_boxes}")
+
+
+def expand_inputs(target: str) -> list[Path]:
+    """IMAGE, DIR (recursively, image files only) or GLOB -> sorted image paths."""
+    import glob
+
+    from shitu_cli.data.images import iter_image_files
+
+    path = Path(target)
+    if path.is_dir():
+        files = list(iter_image_files(path))
+        if not files:
+            raise BadInput("folder holds no image files", path=path)
+        return files
+    if path.is_file():
+        return [path]
+    if glob.has_magic(target):
+        files = sorted(Path(p) for p in glob.glob(target, recursive=True) if Path(p).is_file())
+        if not files:
+            raise BadInput(f"no files match {target!r}")
+        return files
+    raise BadInput("no such image, folder or glob", path=path)
