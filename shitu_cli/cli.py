@@ -23,6 +23,7 @@ app = typer.Typer(
 # commands are listed, so `shitu --help` never offers one that does not run.
 COMMANDS = {
     "build-index": "build_index",
+    "models": "models",
     "predict": "predict",
     "reproduce": "reproduce",
     "split-dataset": "split_dataset",
@@ -52,7 +53,12 @@ def exits_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
 def _register() -> None:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"shitu_cli.commands.{module_name}")
-        app.command(name, help=module.command.__doc__)(exits_cleanly(module.command))
+        if isinstance(getattr(module, "app", None), typer.Typer):  # a command group: `shitu models pull ...`
+            for sub in module.app.registered_commands:
+                sub.callback = exits_cleanly(sub.callback)
+            app.add_typer(module.app, name=name)
+        else:
+            app.command(name, help=module.command.__doc__)(exits_cleanly(module.command))
 
 
 def _version_text() -> str:

@@ -1,0 +1,327 @@
+"""Official PP-ShiTu / PP-LCNet models by name, the local model cache, and name-or-path resolution.
+
+Every command that takes a model calls `resolve_model_dir` (inference models) or
+`resolve_weights` (.pdparams training weights), so users may pass a name from
+`shitu models list` wherever a path is accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shitu_cli.artifacts import atomic_write_text
+from shitu_cli.errors import BadInput, ManifestError
+
+OFFICIAL_BASE_URL = "https://paddle-imagenet-models-name.bj.bcebos.com"
+BASE_URL_ENV = "SHITU_MODEL_BASE_URL"  # a mirror, or a loopback server in tests
+REGISTRY_FILE = "registry.json"
+REGISTRY_FORMAT = 1
+INFERENCE, WEIGHTS = "inference model", "training weights"
+LCNET_SCALES = ("x0_25", "x0_35", "x0_5", "x0_75", "x1_0", "x1_5", "x2_0", "x2_5")
+# Parameter counts (millions) of the ImageNet PP-LCNet scales, for an approximate size.
+LCNET_PARAMS_M = dict(zip(LCNET_SCALES, (1.5, 1.6, 1.9, 2.4, 3.0, 4.5, 6.5, 9.0)))
+
+
+@dataclass(frozen=True)
+class OfficialModel:
+    name: str
+    task: str  # det | rec | cls
+    kind: str  # INFERENCE (a tar holding a Paddle inference model) or WEIGHTS (.pdparams)
+    url_path: str  # relative to the base URL, so a mirror only needs the same layout
+    arch: str
+    approx_mb: float | None  # None where we could not estimate it honestly
+    description: str
+
+    @property
+    def file_name(self) -> str:
+        return self.url_path.rsplit("/", 1)[-1]
+
+    @property
+    def url(self) -> str:
+        return f"{base_url()}/{self.url_path}"
+
+
+def _official_models() -> dict[str, OfficialModel]:
+    rec_dir = "dygraph/rec/models"
+    models = [
+        OfficialModel("PP-ShiTuV2-det", "det", INFERENCE,
+                      f"{rec_dir}/inference/picodet_PPLCNet_x2_5_mainbody_lite_v1.0_infer.tar",
+                      "PicoDet-LCNet_x2_5", 30, "PP-ShiTuV2 mainbody detector (1 class: foreground), 640x640"),
+        OfficialModel("PP-ShiTuV2-rec", "rec", INFERENCE,
+                      f"{rec_dir}/inference/PP-ShiTuV2/general_PPLCNetV2_base_pretrained_v1.0_infer.tar",
+                      "PPLCNetV2_base_ShiTu", 19, "PP-ShiTuV2 general recogniser, 512-d embeddings, 224x224"),
+        OfficialModel("PP-ShiTuV2-rec-pretrained", "rec", WEIGHTS,
+                      f"{rec_dir}/pretrain/PPShiTuV2/general_PPLCNetV2_base_pretrained_v1.0.pdparams",
+                      "PPLCNetV2_base_ShiTu", None, "PP-ShiTuV2 recogniser training weights (for train-rec --pretrained)"),
+    ]
+    for scale in LCNET_SCALES:
+        arch = f"PPLCNet_{scale}"
+        approx = round(LCNET_PARAMS_M[scale] * 4 + 0.5)
+        models.append(OfficialModel(arch, "cls", INFERENCE, f"dygraph/inference/{arch}_infer.tar", arch, approx,
+                                    f"PP-LCNet {scale} ImageNet-1k classifier, 224x224"))
+        models.append(OfficialModel(f"{arch}-pretrained", "cls", WEIGHTS,
+                                    f"dygraph/legendary_models/{arch}_pretrained.pdparams", arch, approx,
+                                    f"PP-LCNet {scale} ImageNet-1k training weights (for --pretrained)"))
+    return {m.name: m for m in models}
+
+
+OFFICIAL_MODELS = _official_models()
+
+
+def base_url() -> str:
+    return os.environ.get(BASE_URL_ENV, "").strip().rstrip("/") or OFFICIAL_BASE_URL
+
+
+def cache_root() -> Path:
+    """$SHITU_HOME/models, else the XDG cache dir (~/.cache/shitu/models)."""
+    shitu_home = os.environ.get("SHITU_HOME")
+    if shitu_home:
+        return Path(shitu_home).expanduser() / "models"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "shitu" / "models"
+
+
+def downloads_dir() -> Path:
+    return cache_root() / "downloads"
+
+
+def official_model(name: str) -> OfficialModel:
+    if name in OFFICIAL_MODELS:
+        return OFFICIAL_MODELS[name]
+    close = difflib.get_close_matches(name, list(OFFICIAL_MODELS), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "see `shitu models list`"
+    raise BadInput(f"unknown model name {name!r}", hint=hint)
+
+
+def model_for_file(file_name: str) -> OfficialModel | None:
+    """The official model whose download is called `file_name` (for `shitu models add` without --name)."""
+    return next((m for m in OFFICIAL_MODELS.values() if m.file_name == file_name), None)
+
+
+# ---------------------------------------------------------------- cache registry
+
+
+@dataclass
+class CachedModel:
+    """One entry of the cache's registry.json: where a model lives and the sha256 first seen for it."""
+
+    name: str
+    kind: str
+    task: str | None
+    path: str  # relative to the cache root: a model dir, or a .pdparams file
+    source: str  # the URL it was pulled from, or the local path it was added from
+    file_name: str
+    sha256: str  # of the downloaded file (trust on first use: upstream publishes no sums)
+    bytes: int
+    added: str  # ISO time
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def location(self) -> Path:
+        return cache_root() / self.path
+
+
+def read_registry() -> dict[str, CachedModel]:
+    path = cache_root() / REGISTRY_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {name: CachedModel(**entry) for name, entry in data.get("models", {}).items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ManifestError(f"model cache registry is unreadable ({exc.__class__.__name__})", path=path,
+                            hint="move it aside; `shitu models pull` rebuilds it") from None
+
+
+def write_registry(entries: dict[str, CachedModel]) -> None:
+    document = {"format_version": REGISTRY_FORMAT, "models": {n: asdict(e) for n, e in sorted(entries.items())}}
+    atomic_write_text(cache_root() / REGISTRY_FILE, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+
+
+def is_cached(entry: CachedModel | None) -> bool:
+    if entry is None:
+        return False
+    location = entry.location()
+    if entry.kind == WEIGHTS:
+        return location.is_file()
+    return (location / "shitu.yaml").is_file()
+
+
+# ---------------------------------------------------------------- listing
+
+
+@dataclass
+class ModelRow:
+    name: str
+    task: str | None
+    kind: str
+    approx_mb: float | None
+    cached: bool
+    path: Path | None
+    url: str | None
+    description: str
+
+
+def list_models() -> list[ModelRow]:
+    """Official models first (in a stable order), then anything else added to the cache."""
+    registry = read_registry()
+    rows = []
+    for model in OFFICIAL_MODELS.values():
+        entry = registry.get(model.name)
+        cached = is_cached(entry)
+        rows.append(ModelRow(model.name, model.task, model.kind, model.approx_mb, cached,
+                             entry.location() if cached else None, model.url, model.description))
+    for name, entry in sorted(registry.items()):
+        if name not in OFFICIAL_MODELS and is_cached(entry):
+            rows.append(ModelRow(name, entry.task, entry.kind, round(entry.bytes / 2**20, 1), True,
+                                 entry.location(), None, f"added from {entry.source}"))
+    return rows
+
+
+# ---------------------------------------------------------------- name-or-path resolution
+
+
+def _looks_like_path(text: str) -> bool:
+    return os.sep in text or "/" in text or text.startswith(".") or text.endswith((".pdparams", ".tar", ".yaml"))
+
+
+def _cached_entry(name: str, kind: str) -> CachedModel | None:
+    """The registry entry for a known name (official or added), or None when `name` is no model name."""
+    entry = read_registry().get(name)
+    official = OFFICIAL_MODELS.get(name)
+    if official is None and entry is None:
+        return None
+    actual_kind = official.kind if official else entry.kind
+    if actual_kind != kind:
+        other = "resolve_weights / --pretrained" if actual_kind == WEIGHTS else "a model dir option (--rec, --det, --model)"
+        raise BadInput(f"{name!r} is {actual_kind}, not {kind}", hint=f"use it with {other}")
+    if not is_cached(entry):
+        raise BadInput(f"model {name!r} is not downloaded yet", hint=f"run `shitu models pull {name}`")
+    return entry
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A model dir path (returned as is, if it exists) or a model name -> its cached dir."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BadInput("expected a model folder, found a file", path=path,
+                           hint="pass the folder holding shitu.yaml, or a name from `shitu models list`")
+        return path
+    if not _looks_like_path(text):
+        entry = _cached_entry(text, INFERENCE)
+        if entry is not None:
+            return entry.location()
+        return _unknown(text, INFERENCE)
+    raise BadInput("no such model folder", path=path, hint="pass an exported model dir or a name from `shitu models list`")
+
+
+def resolve_weights(name_or_path: str | os.PathLike) -> Path:
+    """A .pdparams path (returned as is, if it exists) or a weights name -> its cached .pdparams file."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_file() or path.suffix != ".pdparams":
+            raise BadInput("expected a .pdparams weights file", path=path,
+                           hint="pass a .pdparams file, or a name like PPLCNet_x1_0-pretrained from `shitu models list`")
+        return path
+    if not _looks_like_path(text):
+        entry = _cached_entry(text, WEIGHTS)
+        if entry is not None:
+            return entry.location()
+        return _unknown(text, WEIGHTS)
+    raise BadInput("no such weights file", path=path, hint="pass a .pdparams file or a name from `shitu models list`")
+
+
+def _unknown(text: str, kind: str) -> Path:
+    names = [m.name for m in OFFICIAL_MODELS.values() if m.kind == kind]
+    close = difflib.get_close_matches(text, names, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "pass a path, or a name from `shitu models list`"
+    raise BadInput(f"{text!r} is neither an existing path nor a known model name", hint=hint)
+
+
+# ---------------------------------------------------------------- manifests for official models
+
+# PaddleDetection's Resize `interp` is an OpenCV flag.
+CV2_INTERP_NAMES = {0: "nearest", 1: "linear", 2: "cubic", 3: "area"}
+IMAGENET_LABELS = "ppcls/utils/imagenet1k_label_list.txt"
+
+
+def official_manifest(model: OfficialModel, model_dir: Path, model_file: str, params_file: str, origin: str):
+    """The shitu.yaml for an official inference model, from what PaddleClas's deploy configs say about it."""
+    from shitu_cli.models.manifest import ModelManifest, Preprocess
+
+    extra: dict[str, Any] = {"official_name": model.name, "source": origin}
+    if model.task == "det":
+        return _det_manifest(model, model_dir, model_file, params_file, extra)
+    if model.task == "rec":
+        # PP-ShiTuV2 recognition: straight 224x224 resize, ImageNet normalisation (inference_general.yaml).
+        return ModelManifest(task="rec", arch=model.arch, input_size=(224, 224), model_file=model_file,
+                             params_file=params_file, preprocess=Preprocess(resize="direct"), embedding_dim=512, extra=extra)
+    labels = imagenet_labels()
+    if not labels:
+        extra["labels_note"] = "ImageNet-1k class ids 0-999; the label list was not found in the paddleclas wheel"
+    return ModelManifest(task="cls", arch=model.arch, input_size=(224, 224), model_file=model_file, params_file=params_file,
+                         preprocess=Preprocess(resize="short", resize_short=256), labels=labels, extra=extra)
+
+
+def _det_manifest(model: OfficialModel, model_dir: Path, model_file: str, params_file: str, extra: dict[str, Any]):
+    from shitu_cli.models.manifest import ModelManifest, Preprocess
+
+    size, preprocess, labels = (640, 640), Preprocess(resize="direct", interpolation="cubic"), ["foreground"]
+    infer_cfg = _read_infer_cfg(model_dir / "infer_cfg.yml")
+    if infer_cfg is not None:
+        extra["infer_cfg"] = "infer_cfg.yml"
+        size, preprocess = _det_preprocess(infer_cfg, size, preprocess)
+        if isinstance(infer_cfg.get("label_list"), list) and infer_cfg["label_list"]:
+            labels = [str(label) for label in infer_cfg["label_list"]]
+        if isinstance(infer_cfg.get("NMS"), dict):
+            extra["nms"] = {k: v for k, v in infer_cfg["NMS"].items() if isinstance(v, (int, float, str))}
+    extra["output"] = "boxes [N, 6]: class, score, x1, y1, x2, y2 in original pixels, plus a box count"
+    return ModelManifest(task="det", arch=model.arch, input_size=size, model_file=model_file, params_file=params_file,
+                         preprocess=preprocess, labels=labels, input_names=["image", "scale_factor"], extra=extra)
+
+
+def _read_infer_cfg(path: Path) -> dict[str, Any] | None:
+    import yaml
+
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # safe_load: data only, no tags that run code
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _det_preprocess(infer_cfg: dict[str, Any], size: tuple[int, int], preprocess):
+    """Input size, interpolation and normalisation from PaddleDetection's infer_cfg.yml `Preprocess` list."""
+    import dataclasses
+
+    for op in infer_cfg.get("Preprocess") or []:
+        if not isinstance(op, dict):
+            continue
+        if op.get("type") == "Resize" and isinstance(op.get("target_size"), list) and len(op["target_size"]) == 2:
+            size = (int(op["target_size"][0]), int(op["target_size"][1]))
+            preprocess = dataclasses.replace(preprocess, interpolation=CV2_INTERP_NAMES.get(op.get("interp"), "linear"))
+        if op.get("type") == "NormalizeImage" and len(op.get("mean") or []) == 3 and len(op.get("std") or []) == 3:
+            preprocess = dataclasses.replace(preprocess, mean=tuple(map(float, op["mean"])), std=tuple(map(float, op["std"])))
+    return size, preprocess
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet class names shipped in the paddleclas wheel (found without importing paddle)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("paddleclas")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / IMAGENET_LABELS
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            return [line.split(" ", 1)[1].strip() if " " in line else line.strip() for line in lines if line.strip()]
+    return []
