@@ -25,6 +25,7 @@ COMMANDS = {
     "build-index": "build_index",
     "models": "models",
     "predict": "predict",
+    "benchmark-cpu": "benchmark_cpu",
     "reproduce": "reproduce",
     "split-dataset": "split_dataset",
     "train-rec": "train_rec",

@@ -1,35 +1,54 @@
-"""The one place predictors are built: a model dir + options in, `run(inputs) -> outputs` out."""
+"""The one place predictors are built: a model dir + options in, `run(inputs) -> outputs` out.
+
+Backends: Paddle Inference (the reference), onnxruntime and OpenVINO (both from an ONNX file
+converted once by paddle2onnx and cached by model hash), and "auto": the backend that
+`shitu benchmark-cpu` measured fastest on this machine for this model, else Paddle.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
 from shitu_cli.errors import BadInput, WorkFailed
 from shitu_cli.models.manifest import ModelManifest, read_model_manifest
 
-BACKENDS = ("paddle",)
+BACKENDS = ("paddle", "onnxruntime", "openvino")
+BACKEND_CHOICES = BACKENDS + ("auto",)
+PRECISIONS = ("fp32", "bf16", "int8")
+ONNX_DIR = ".onnx"
+ONNX_FILE = "model.onnx"
+ONNX_STAMP = "source.json"
+ONNX_OPSET = 11
 
 
 @dataclass(frozen=True)
 class PredictorOptions:
-    backend: str = "paddle"
+    backend: str = "paddle"  # paddle | onnxruntime | openvino | auto
     threads: int = 1
-    mkldnn: bool = True
+    mkldnn: bool = True  # Paddle only: oneDNN kernels
     precision: str = "fp32"  # fp32 | bf16 | int8 (int8 models come from `shitu compress`)
 
 
 class PaddlePredictor:
     """Paddle Inference on CPU. Reads paddle-3 (inference.json) and legacy (inference.pdmodel) models."""
 
+    backend = "paddle"
+
     def __init__(self, model_dir: Path, manifest: ModelManifest, options: PredictorOptions):
         from paddle.inference import Config, create_predictor
 
         self.model_dir, self.manifest, self.options = Path(model_dir), manifest, options
-        config = Config(str(self.model_dir / manifest.model_file), str(self.model_dir / manifest.params_file))
+        self.model_files = [self.model_dir / manifest.model_file, self.model_dir / manifest.params_file]
+        config = Config(str(self.model_files[0]), str(self.model_files[1]))
         config.disable_gpu()
         config.disable_glog_info()
         config.set_cpu_math_library_num_threads(max(1, options.threads))
@@ -42,8 +61,10 @@ class PaddlePredictor:
                 config.delete_pass("onednn_placement_pass")
             if options.precision == "bf16":
                 config.enable_mkldnn_bfloat16()
-            elif options.precision == "int8":
+            elif options.precision == "int8" or manifest.precision == "int8":
                 config.enable_mkldnn_int8()
+        elif options.precision == "bf16":
+            raise WorkFailed("Paddle Inference runs bf16 only through oneDNN", hint="use --mkldnn on", path=model_dir)
         try:
             self._predictor = create_predictor(config)
         except Exception as exc:  # paddle raises bare RuntimeError/ValueError subclasses
@@ -60,10 +81,252 @@ class PaddlePredictor:
         return [self._predictor.get_output_handle(name).copy_to_cpu() for name in self.output_names]
 
 
-def build_predictor(model_dir: Path | str, options: PredictorOptions | None = None, task: str | None = None) -> PaddlePredictor:
-    """Load the manifest of `model_dir` (refusing a model of another task) and build its predictor."""
+class OnnxRuntimePredictor:
+    """onnxruntime's CPU execution provider on the cached ONNX conversion of the model."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, model_dir: Path, manifest: ModelManifest, options: PredictorOptions):
+        import onnxruntime as ort
+
+        if options.precision == "bf16":
+            raise WorkFailed("onnxruntime's CPU provider has no bf16 mode", hint="use paddle or openvino for bf16", path=model_dir)
+        self.model_dir, self.manifest, self.options = Path(model_dir), manifest, options
+        onnx_path = onnx_model(self.model_dir, manifest)
+        self.model_files = [onnx_path]
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = max(1, options.threads)
+        session_options.inter_op_num_threads = 1
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options.log_severity_level = 3  # paddle2onnx leaves unused initializers; ORT warns about each
+        try:
+            self._session = ort.InferenceSession(str(onnx_path), session_options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise WorkFailed(
+                f"onnxruntime cannot load {onnx_path.name} ({exc.__class__.__name__}: {_short_reason(exc)})",
+                hint=f"delete {onnx_path.parent} to convert again", path=model_dir,
+            ) from None
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def run(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        if isinstance(inputs, np.ndarray):
+            inputs = {self.input_names[0]: inputs}
+        feed = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
+        try:
+            return list(self._session.run(None, feed))
+        except Exception as exc:
+            raise WorkFailed(f"onnxruntime failed to run the model ({_short_reason(exc)})", path=self.model_dir) from None
+
+
+class OpenVinoPredictor:
+    """OpenVINO's CPU plugin on the cached ONNX conversion (it cannot read paddle-3 .json programs)."""
+
+    backend = "openvino"
+
+    def __init__(self, model_dir: Path, manifest: ModelManifest, options: PredictorOptions):
+        self.model_dir, self.manifest, self.options = Path(model_dir), manifest, options
+        onnx_path = onnx_model(self.model_dir, manifest)
+        self.model_files = [onnx_path]
+        # bf16 needs avx512_bf16/AMX; on other CPUs OpenVINO quietly runs fp32 (the header says which).
+        config = {
+            "INFERENCE_NUM_THREADS": max(1, options.threads),
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "bf16" if options.precision == "bf16" else "f32",
+        }
+        try:
+            core = _openvino_core()
+            self._compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", config)
+        except Exception as exc:
+            raise WorkFailed(
+                f"OpenVINO cannot load {onnx_path.name} ({exc.__class__.__name__}: {_short_reason(exc)})",
+                hint=f"delete {onnx_path.parent} to convert again", path=model_dir,
+            ) from None
+        self._request = self._compiled.create_infer_request()
+        self.input_names = [port.get_any_name() for port in self._compiled.inputs]
+        self.output_names = [port.get_any_name() for port in self._compiled.outputs]
+
+    def run(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        if isinstance(inputs, np.ndarray):
+            inputs = {self.input_names[0]: inputs}
+        feed = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
+        try:
+            results = self._request.infer(feed)
+        except Exception as exc:
+            raise WorkFailed(f"OpenVINO failed to run the model ({_short_reason(exc)})", path=self.model_dir) from None
+        # Copies: the request reuses its output buffers on the next call.
+        return [np.array(results[port]) for port in self._compiled.outputs]
+
+
+PREDICTORS = {"paddle": PaddlePredictor, "onnxruntime": OnnxRuntimePredictor, "openvino": OpenVinoPredictor}
+Predictor = PaddlePredictor | OnnxRuntimePredictor | OpenVinoPredictor
+
+
+def build_predictor(model_dir: Path | str, options: PredictorOptions | None = None, task: str | None = None) -> Predictor:
+    """Load the manifest of `model_dir` (refusing a model of another task) and build its predictor.
+
+    The returned predictor's `.backend` names the backend actually used (what "auto" chose).
+    """
     options = options or PredictorOptions()
-    if options.backend not in BACKENDS:
-        raise BadInput(f"unknown backend {options.backend!r}", hint=f"choose one of: {', '.join(BACKENDS)}")
+    if options.backend not in BACKEND_CHOICES:
+        raise BadInput(f"unknown backend {options.backend!r}", hint=f"choose one of: {', '.join(BACKEND_CHOICES)}")
+    if options.precision not in PRECISIONS:
+        raise BadInput(f"unknown precision {options.precision!r}", hint=f"choose one of: {', '.join(PRECISIONS)}")
     manifest = read_model_manifest(Path(model_dir), task=task)
-    return PaddlePredictor(Path(model_dir), manifest, options)
+    if options.precision == "int8" and manifest.precision != "int8":
+        raise WorkFailed(
+            f"this is a {manifest.precision} model; int8 needs a quantized model",
+            hint="make one with `shitu compress MODEL --quant ptq`", path=model_dir,
+        )
+    if options.backend == "auto":
+        options = dataclasses.replace(options, backend=resolve_auto_backend(manifest, Path(model_dir)))
+    if options.backend != "paddle" and not backend_installed(options.backend):
+        raise WorkFailed(f"backend {options.backend} is not installed", hint=f"pip install {options.backend}")
+    return PREDICTORS[options.backend](Path(model_dir), manifest, options)
+
+
+def resolve_auto_backend(manifest: ModelManifest, model_dir: Path) -> str:
+    """The fastest backend benchmark-cpu recorded here for this model (and still installed), else paddle."""
+    from shitu_cli.bench.record import fastest_backend
+
+    chosen = fastest_backend(model_hash_of(manifest, model_dir))
+    if chosen in BACKENDS and (chosen == "paddle" or backend_installed(chosen)):
+        return chosen
+    return "paddle"
+
+
+def backend_installed(backend: str) -> bool:
+    """Whether the backend's package imports (openvino and onnxruntime are optional at run time)."""
+    return _importable(backend)
+
+
+@functools.lru_cache(maxsize=None)
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:  # a broken wheel raises more than ImportError
+        return False
+    return True
+
+
+def installed_backends() -> list[str]:
+    return [name for name in BACKENDS if backend_installed(name)]
+
+
+def model_hash_of(manifest: ModelManifest, model_dir: Path) -> str:
+    if manifest.model_hash:
+        return manifest.model_hash
+    from shitu_cli.artifacts import sha256_file
+
+    return sha256_file(Path(model_dir) / manifest.params_file)
+
+
+# ---- ONNX conversion, cached beside the model (or under SHITU_HOME when the model dir is read-only)
+
+
+def onnx_model(model_dir: Path, manifest: ModelManifest) -> Path:
+    """The ONNX file for this model, converted by paddle2onnx on first use and reused while the hash matches."""
+    import json
+
+    model_hash = model_hash_of(manifest, model_dir)
+    for cache in _onnx_cache_dirs(model_dir, model_hash):
+        onnx_path, stamp = cache / ONNX_FILE, cache / ONNX_STAMP
+        try:
+            if onnx_path.is_file() and json.loads(stamp.read_text(encoding="utf-8")).get("model_hash") == model_hash:
+                return onnx_path
+        except (OSError, ValueError):
+            pass  # a missing or damaged stamp means: convert again
+    data = _convert_to_onnx(model_dir, manifest)
+    return _store_onnx(model_dir, model_hash, data)
+
+
+def _onnx_cache_dirs(model_dir: Path, model_hash: str) -> list[Path]:
+    from shitu_cli.bench.record import shitu_home
+
+    return [Path(model_dir) / ONNX_DIR, shitu_home() / "onnx" / model_hash[:16]]
+
+
+def _store_onnx(model_dir: Path, model_hash: str, data: bytes) -> Path:
+    import importlib.metadata
+    import json
+
+    from shitu_cli.artifacts import atomic_write_bytes, atomic_write_text
+
+    stamp = {"model_hash": model_hash, "paddle2onnx": importlib.metadata.version("paddle2onnx"), "opset": ONNX_OPSET}
+    for cache in _onnx_cache_dirs(model_dir, model_hash):
+        try:
+            atomic_write_bytes(cache / ONNX_FILE, data)
+            atomic_write_text(cache / ONNX_STAMP, json.dumps(stamp, indent=2) + "\n")
+            return cache / ONNX_FILE
+        except OSError:
+            continue  # read-only model dir: fall back to the per-user cache
+    raise WorkFailed("cannot write the ONNX conversion anywhere", hint="set SHITU_HOME to a writable folder", path=model_dir)
+
+
+def _convert_to_onnx(model_dir: Path, manifest: ModelManifest) -> bytes:
+    if not _importable("paddle2onnx"):
+        raise WorkFailed("paddle2onnx is not installed; onnxruntime and openvino need it", hint="pip install paddle2onnx==2.1.0")
+    import io
+
+    import paddle2onnx
+
+    model_file, params_file = Path(model_dir) / manifest.model_file, Path(model_dir) / manifest.params_file
+    chatter = io.StringIO()
+    try:
+        with _stdout_to(chatter):
+            # optimize_tool=None: paddle2onnx's default optimizer pip-installs packages (it moved numpy to 2.x).
+            data = paddle2onnx.export(
+                str(model_file), str(params_file), save_file=None, opset_version=ONNX_OPSET,
+                enable_onnx_checker=True, optimize_tool=None,
+            )
+    except (Exception, SystemExit) as exc:  # on failure paddle2onnx's logging.error() calls sys.exit(-1)
+        reason = _conversion_error(chatter.getvalue()) or f"{exc.__class__.__name__}: {_short_reason(exc)}"
+        raise WorkFailed(f"paddle2onnx cannot convert this model ({reason})", path=model_dir) from None
+    if not data:
+        raise WorkFailed("paddle2onnx produced an empty ONNX model", path=model_dir)
+    return data
+
+
+def _conversion_error(chatter: str) -> str | None:
+    import re
+
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", chatter)
+    errors = [line.split("[ERROR]", 1)[1].strip() for line in plain.splitlines() if "[ERROR]" in line]
+    errors = [e for e in errors if e and e != "None"]
+    return errors[0][:300] if errors else None
+
+
+@contextmanager
+def _stdout_to(sink) -> Iterator[None]:
+    """paddle2onnx prints on stdout from C++ (to stderr here) and Python (to `sink`): keep stdout for results."""
+    from contextlib import redirect_stdout
+
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:
+        saved = None
+    try:
+        if saved is not None:
+            os.dup2(2, 1)
+        with redirect_stdout(sink):
+            yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+@functools.lru_cache(maxsize=1)
+def _openvino_core():
+    import openvino as ov
+
+    return ov.Core()
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The last non-empty line of an exception: where C++ backends put the actual reason."""
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else exc.__class__.__name__

@@ -1,0 +1,64 @@
+"""Named stage timers and the percentiles that summarise them."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+@dataclass
+class StageStats:
+    """Milliseconds per image for one stage over all timed batches."""
+
+    stage: str
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    samples: int
+
+
+def percentiles(values_ms: Sequence[float]) -> tuple[float, float, float]:
+    if not len(values_ms):
+        return (float("nan"),) * 3
+    p50, p90, p99 = np.percentile(np.asarray(values_ms, dtype=np.float64), [50, 90, 99])
+    return float(p50), float(p90), float(p99)
+
+
+class StageTimer:
+    """Collects per-image milliseconds per stage; a batch's time is shared by its images."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = defaultdict(list)
+        self._open: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, images: int = 1) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._open[name] = self._open.get(name, 0.0) + (time.perf_counter() - start) * 1000.0 / max(1, images)
+
+    def close_batch(self) -> None:
+        """End one timed batch: each stage opened in it becomes one sample."""
+        for name, ms in self._open.items():
+            self.samples[name].append(ms)
+        self._open = {}
+
+    def discard_batch(self) -> None:
+        self._open = {}
+
+    def stats(self, order: Sequence[str]) -> list[StageStats]:
+        names = [n for n in order if n in self.samples] + [n for n in self.samples if n not in order]
+        result = []
+        for name in names:
+            values = self.samples[name]
+            p50, p90, p99 = percentiles(values)
+            result.append(StageStats(name, p50, p90, p99, float(np.mean(values)), len(values)))
+        return result

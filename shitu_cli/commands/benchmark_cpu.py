@@ -1,0 +1,135 @@
+"""`shitu benchmark-cpu`: what this machine really does, stage by stage, and which settings are fastest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from shitu_cli import render
+from shitu_cli.errors import BadInput
+
+MKLDNN_MODES = {"on": (True,), "off": (False,), "both": (True, False)}
+
+
+def command(
+    det: Optional[Path] = typer.Option(None, "--det", help="Exported mainbody detector dir."),
+    rec: Optional[Path] = typer.Option(None, "--rec", help="Exported recognition (embedding) model dir."),
+    cls: Optional[Path] = typer.Option(None, "--cls", help="Exported classifier dir."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Gallery index dir, to time the search stage."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder (or file) of real images to time (default: the demo queries)."),
+    threads: str = typer.Option("1", "--threads", help="Thread counts; a comma list sweeps, e.g. 1,2,4,10."),
+    mkldnn: str = typer.Option("on", "--mkldnn", help="Paddle oneDNN kernels: on, off or both (compares the two)."),
+    backend: str = typer.Option("paddle", "--backend", help="paddle, onnxruntime, openvino, a comma list, or all."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16, int8, a comma list, or all."),
+    int8: List[Path] = typer.Option([], "--int8", help="An int8 model from `shitu compress` (repeatable), used for int8 rows."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed batches before timing each setting."),
+    runs: int = typer.Option(3, "--runs", help="Timed passes over all images per setting."),
+    batch: int = typer.Option(1, "--batch", help="Images per inference call."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
+) -> None:
+    """Time decode, preprocess, inference, search and end to end on this CPU for each backend/threads/precision."""
+    from shitu_cli.bench.runner import BenchOptions, benchmark, default_images, default_models, expand_settings
+    from shitu_cli.infer.predictor import BACKENDS, PRECISIONS
+
+    if index is not None:
+        raise BadInput("the search stage needs shitu_cli.index, which this build does not have yet", path=index,
+                       hint="leave out --index for now")
+    models = {"det": det, "rec": rec, "cls": cls}
+    if not any(models.values()):
+        models = dict(default_models())
+    options = BenchOptions(
+        backends=_choices(backend, BACKENDS, "--backend"), threads=_thread_list(threads),
+        mkldnn=_mkldnn_modes(mkldnn), precisions=_choices(precision, PRECISIONS, "--precision"),
+        batch=batch, warmup=warmup, runs=runs,
+    )
+    image_source = images if images is not None else default_images()
+    with render.progress("benchmarking", total=len(expand_settings(options)), unit="setting", transient=True) as bar:
+        report = benchmark(models, image_source, options, int8_models=int8, progress=bar)
+    if json_output:
+        render.print_json(report)
+        return
+    show_report(report)
+
+
+def _choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    if values == ["all"]:
+        return list(allowed)
+    for value in values:
+        if value not in allowed:
+            raise BadInput(f"{flag} {value!r} is not one of {', '.join(allowed)}, all")
+    if not values:
+        raise BadInput(f"{flag} needs a value", hint=f"one of {', '.join(allowed)}, all")
+    return list(dict.fromkeys(values))
+
+
+def _thread_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BadInput(f"--threads {text!r} is not a list of numbers", hint="e.g. --threads 1,2,4") from None
+    if not values or min(values) < 1:
+        raise BadInput(f"--threads {text!r} needs positive numbers", hint="e.g. --threads 1,2,4")
+    return list(dict.fromkeys(values))
+
+
+def _mkldnn_modes(text: str) -> tuple[bool, ...]:
+    if text.lower() not in MKLDNN_MODES:
+        raise BadInput(f"--mkldnn {text!r} is not on, off or both")
+    return MKLDNN_MODES[text.lower()]
+
+
+def show_report(report) -> None:
+    system = report.system
+    versions = system.versions
+    render.show(f"CPU: {system.cpu}, {system.physical_cores} cores ({system.usable_cpus} usable), SIMD: {system.simd_text()}")
+    render.show(
+        "libraries: " + ", ".join(f"{name} {versions.get(name, '?')}" for name in
+                                  ("paddlepaddle", "onnxruntime", "openvino", "paddle2onnx", "faiss-cpu", "numpy"))
+    )
+    models = ", ".join(f"{m.task} {m.arch} {m.input_size[0]}x{m.input_size[1]} ({m.path})" for m in report.models)
+    render.show(f"models: {models}")
+    skipped = f", {len(report.skipped_images)} unreadable skipped" if report.skipped_images else ""
+    render.show(f"images: {report.images} from {report.image_dir}{skipped}; warmup {report.warmup} batches, {report.runs} timed passes")
+    if report.boxes_per_image:
+        render.show("boxes per image: " + ", ".join(f"{n} box(es): {count} image(s)" for n, count in sorted(report.boxes_per_image.items())))
+    render.show(_results_table(report))
+    render.show(_stages_table(report))
+    if report.reference:
+        render.show(f"agreement: outputs compared with {report.reference} (rec: mean cosine, cls: top-1 match)")
+    if report.log_path:
+        render.show(f"logged to {report.log_path}")
+    if report.record_path:
+        render.show(f"fastest backend per model recorded in {report.record_path} (used by --backend auto)")
+
+
+def _results_table(report):
+    rows = []
+    for r in report.results:
+        ratio = "" if r.speedup is None else f"{r.speedup:.2f}x" + (" fastest" if r.fastest else "")
+        agreement = ", ".join(f"{name} {value:.4f}" for name, value in r.agreement.items())
+        rows.append((r.setting, r.status, _num(r.size_mb, 2), _num(r.ms_p50), _num(r.ms_p99), _num(r.fps, 1), ratio, agreement))
+    columns = ["setting", "status", "size MB", "ms/img p50", "p99", "FPS", "vs first", "agreement"]
+    table = render.table("benchmark-cpu", columns, rows)
+    for column in table.columns[2:7]:
+        column.justify = "right"
+    return table
+
+
+def _stages_table(report):
+    rows = []
+    for r in report.results:
+        total = next((s.p50 for s in r.stages if s.stage == "end to end"), None)
+        for s in r.stages:
+            share = "" if not total or s.stage == "end to end" else f"{100 * s.p50 / total:.0f}%"
+            rows.append((r.setting, s.stage, _num(s.p50), _num(s.p90), _num(s.p99), share))
+    table = render.table("per stage, ms per image", ["setting", "stage", "p50", "p90", "p99", "share"], rows)
+    for column in table.columns[2:]:
+        column.justify = "right"
+    return table
+
+
+def _num(value, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"

@@ -1,0 +1,137 @@
+"""`shitu benchmark-cpu` on tiny exported models and real image files: table, JSON, sweep, log, failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+
+import pytest
+
+from shitu_cli.infer.predictor import installed_backends
+from tests.synth import make_class_tree
+from tests.test_predictor_backends import export_tiny
+
+BACKENDS = installed_backends()
+FAST = ("--warmup", "1", "--runs", "1")
+
+
+@pytest.fixture(scope="module")
+def bench_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    make_class_tree(root / "images", n_classes=2, per_class=2, size=48)
+    (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    models = {task: export_tiny(root / task, task) for task in ("cls", "rec")}
+    return {"images": root / "images", **models}
+
+
+def _bench(cli, inputs, *extra):
+    return cli("benchmark-cpu", "--cls", inputs["cls"], "--rec", inputs["rec"], "--images", inputs["images"], *FAST, *extra)
+
+
+def test_json_has_every_setting_of_the_sweep(cli, bench_inputs):
+    result = _bench(cli, bench_inputs, "--threads", "1,2", "--backend", ",".join(BACKENDS), "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    rows = report["results"]
+    assert [(r["backend"], r["threads"]) for r in rows] == [(b, t) for b in BACKENDS for t in (1, 2)]
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    assert sum(r["fastest"] for r in rows) == 1
+    assert rows[0]["speedup"] == pytest.approx(1.0)
+    assert report["images"] == 4 and len(report["skipped_images"]) == 1  # the broken file is reported, not timed
+    assert {m["task"] for m in report["models"]} == {"cls", "rec"}
+    assert set(report["system"]["simd"]) == {"avx2", "avx512", "vnni", "bf16", "amx"}
+    assert report["system"]["versions"]["paddlepaddle"] == "3.3.1"
+    stages = [s["stage"] for s in rows[0]["stages"]]
+    assert stages == ["decode", "crop + rec preprocess", "rec inference", "cls preprocess", "cls inference", "end to end"]
+    for stage in rows[0]["stages"]:
+        assert stage["p50"] <= stage["p90"] <= stage["p99"]
+        assert stage["samples"] == 4
+    for row in rows:  # every backend computes the same function: fp32 outputs agree with the reference
+        assert row["agreement"]["rec cosine"] > 0.999
+        assert row["agreement"]["cls top-1"] == 1.0
+        assert row["size_mb"] > 0 and row["fps"] > 0
+
+
+def test_table_header_and_csv_log(cli, bench_inputs):
+    result = _bench(cli, bench_inputs, "--mkldnn", "both")
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    for text in ("CPU:", "SIMD:", "paddlepaddle 3.3.1", "images: 4", "1 unreadable skipped",
+                 "setting", "status", "size MB", "ms/img p50", "p99", "FPS", "vs first", "fastest",
+                 "paddle fp32 1t onednn", "paddle fp32 1t no-onednn", "per stage", "rec inference", "end to end"):
+        assert text in out, text
+    log_path = os.path.join(os.environ["SHITU_HOME"], "bench", "benchmark-cpu.csv")
+    assert "logged to" in out and "benchmark-cpu.csv" in out
+    _bench(cli, bench_inputs, "--threads", "2")
+    with open(log_path, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["setting"] for r in rows] == ["paddle fp32 1t onednn", "paddle fp32 1t no-onednn", "paddle fp32 2t onednn"]
+    assert all(r["status"] == "ok" and float(r["ms_p50"]) > 0 for r in rows)
+
+
+@pytest.mark.skipif(len(BACKENDS) < 2, reason="needs an ONNX backend")
+def test_a_backend_that_cannot_load_the_model_is_a_failed_row(cli, bench_inputs, tmp_path):
+    model = tmp_path / "cls"
+    shutil.copytree(bench_inputs["cls"], model)
+    other = BACKENDS[1]
+    first = cli("benchmark-cpu", "--cls", model, "--images", bench_inputs["images"], "--backend", f"paddle,{other}", *FAST, "--json")
+    assert [r["status"] for r in json.loads(first.stdout)["results"]] == ["ok", "ok"]
+    (model / ".onnx" / "model.onnx").write_bytes(b"this is not an onnx protobuf")
+    result = cli("benchmark-cpu", "--cls", model, "--images", bench_inputs["images"], "--backend", f"paddle,{other}", *FAST)
+    assert result.exit_code == 0
+    assert "failed:" in result.stdout and "model.onnx" in result.stdout
+    report = json.loads(cli("benchmark-cpu", "--cls", model, "--images", bench_inputs["images"],
+                            "--backend", f"paddle,{other}", *FAST, "--json").stdout)
+    paddle_row, broken_row = report["results"]
+    assert paddle_row["status"] == "ok" and paddle_row["fastest"]
+    assert broken_row["status"].startswith("failed: ") and broken_row["ms_p50"] is None
+
+
+def test_precision_rows_report_what_they_cannot_do(cli, bench_inputs):
+    result = _bench(cli, bench_inputs, "--precision", "all", "--backend", ",".join(BACKENDS), "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = {(r["backend"], r["precision"]): r for r in json.loads(result.stdout)["results"]}
+    assert rows[("paddle", "fp32")]["status"] == "ok"
+    assert rows[("paddle", "bf16")]["status"] == "ok"
+    assert "cls top-1" in rows[("paddle", "bf16")]["agreement"]
+    assert rows[("paddle", "int8")]["status"].startswith("skipped: no int8 model")
+    if "onnxruntime" in BACKENDS:
+        assert rows[("onnxruntime", "bf16")]["status"].startswith("failed: ") and "bf16" in rows[("onnxruntime", "bf16")]["status"]
+
+
+def test_benchmark_records_the_fastest_backend_for_auto(cli, bench_inputs):
+    from shitu_cli.infer.predictor import PredictorOptions, build_predictor
+
+    result = cli("benchmark-cpu", "--cls", bench_inputs["cls"], "--images", bench_inputs["images"],
+                 "--backend", ",".join(BACKENDS), *FAST, "--json")
+    report = json.loads(result.stdout)
+    record = json.loads(open(report["record_path"], encoding="utf-8").read())
+    (entry,) = [machine[h] for machine in record.values() for h in machine]
+    assert set(entry["backends"]) == set(BACKENDS)
+    chosen = build_predictor(bench_inputs["cls"], PredictorOptions(backend="auto")).backend
+    assert chosen == entry["fastest"]
+
+
+def test_bad_usage_is_one_line_exit_2(cli, bench_inputs, tmp_path):
+    for args, needle in [
+        (("--rec", tmp_path / "missing", "--images", bench_inputs["images"]), "missing"),
+        (("--cls", bench_inputs["cls"], "--images", bench_inputs["images"], "--backend", "tensorrt"), "tensorrt"),
+        (("--cls", bench_inputs["cls"], "--images", bench_inputs["images"], "--threads", "0"), "--threads"),
+        (("--cls", bench_inputs["cls"], "--images", bench_inputs["images"], "--mkldnn", "maybe"), "--mkldnn"),
+        (("--cls", bench_inputs["cls"], "--images", tmp_path), "no readable images"),
+    ]:
+        result = cli("benchmark-cpu", *args)
+        assert result.exit_code == 2, args
+        assert needle in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_default_run_without_demo_models_names_what_to_pass(cli, tmp_path, monkeypatch):
+    import shitu_cli.bench.runner as runner
+
+    monkeypatch.setattr(runner, "demo_root", lambda: tmp_path / "demo")
+    result = cli("benchmark-cpu")
+    assert result.exit_code == 2
+    assert "--rec DIR" in result.stderr and "--images DIR" in result.stderr
