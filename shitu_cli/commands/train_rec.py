@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -33,14 +34,9 @@ def command(
     overrides = {"backbone": backbone, "embedding_size": embedding_size, "input_size": input_size, "epochs": epochs,
                  "batch_size": batch_size, "lr": lr, "seed": seed, "num_workers": num_workers, "eval_every": eval_every}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    with render.progress("training", total=None, unit="step") as bar:
-
-        def progress(advance: int = 0, total: int | None = None, completed: int | None = None, **fields) -> None:
-            if total is not None:
-                bar.set_total(total)
-            bar(advance + (completed or 0), **fields)
-
-        result = train_rec(dataset, out, recipe=recipe, pretrained=pretrained, resume=resume, progress=progress, **overrides)
+    with contextlib.ExitStack() as stack:
+        result = train_rec(dataset, out, recipe=recipe, pretrained=pretrained, resume=resume,
+                           progress=_TrainingProgress(stack), **overrides)
     for note in result.warnings:
         render.warn(note)
     if json_output:
@@ -48,6 +44,26 @@ def command(
         return
     render.show(_table(result))
     render.show(f"exported {result.embedding_size}-d embeddings to {result.export_dir}; recipe {result.recipe}")
+
+
+class _TrainingProgress:
+    """A bar opened at the first step (so an input error prints alone); off a terminal, one line per epoch."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self.stack, self.bar, self.total, self.epoch = stack, None, None, None
+
+    def __call__(self, advance: int = 0, total: int | None = None, completed: int | None = None, **fields) -> None:
+        if total is not None:
+            self.total = total
+        if not render.err_console.is_terminal:
+            epoch = fields.get("epoch")
+            if epoch is not None and epoch != self.epoch:
+                self.epoch = epoch
+                render.info(f"training epoch {epoch}")
+            return
+        if self.bar is None:
+            self.bar = self.stack.enter_context(render.progress("training", total=self.total, unit="step"))
+        self.bar(advance + (completed or 0), **fields)
 
 
 def summary(result) -> dict:
