@@ -23,6 +23,7 @@ app = typer.Typer(
 # commands are listed, so `shitu --help` never offers one that does not run.
 COMMANDS = {
     "build-index": "build_index",
+    "config": "config",
     "models": "models",
     "predict": "predict",
     "benchmark-cpu": "benchmark_cpu",

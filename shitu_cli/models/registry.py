@@ -74,7 +74,10 @@ OFFICIAL_MODELS = _official_models()
 
 
 def base_url() -> str:
-    return os.environ.get(BASE_URL_ENV, "").strip().rstrip("/") or OFFICIAL_BASE_URL
+    """$SHITU_MODEL_BASE_URL, else `model_base_url` from `shitu config`, else the official host."""
+    from shitu_cli.settings import get_setting
+
+    return (get_setting("model_base_url").value or OFFICIAL_BASE_URL).strip().rstrip("/")
 
 
 def cache_root() -> Path:
