@@ -113,7 +113,7 @@ def test_pplcnetv2_export_is_re_parameterised_and_matches(tmp_path, lists):
     import paddle
 
     from shitu_cli.infer.predictor import build_predictor
-    from shitu_cli.train.rec import EmbeddingNet, RecSettings, build_rec_model, export_rec, read_rec_lists
+    from shitu_cli.train.rec import RecSettings, embedding_layer, build_rec_model, export_rec, read_rec_lists
 
     settings = RecSettings(input_size=64, eval_batch_size=4)
     data = read_rec_lists(lists)
@@ -131,7 +131,7 @@ def test_pplcnetv2_export_is_re_parameterised_and_matches(tmp_path, lists):
     fresh.set_state_dict(model.state_dict())
     fresh.eval()
     with paddle.no_grad():
-        expected = EmbeddingNet.wrap(fresh)(paddle.to_tensor(probe)).numpy()
+        expected = embedding_layer(fresh)(paddle.to_tensor(probe)).numpy()
     np.testing.assert_allclose(build_predictor(export_dir).run(probe)[0], expected, atol=1e-4)
 
 

@@ -378,25 +378,21 @@ def load_pretrained(model, path: Path | str, backbone: str) -> dict[str, Any]:
             "reinitialised": len(reinitialised)}
 
 
-class EmbeddingNet:
-    """Factory for the export wrapper (a paddle Layer, built lazily so importing this module stays light)."""
+def embedding_layer(model):
+    """The export wrapper: RecModel without its FC head, image -> BNNeck features, not L2-normalised
+    (the index normalises). Shares the model's sublayers, so it sees its weights."""
+    import paddle
 
-    @staticmethod
-    def wrap(model):
-        import paddle
+    class RecEmbedding(paddle.nn.Layer):
+        def __init__(self, rec_model):
+            super().__init__()
+            self.backbone = rec_model.backbone
+            self.neck = rec_model.neck
 
-        class _Embedding(paddle.nn.Layer):
-            """RecModel without its FC head: image -> BNNeck features, not L2-normalised (the index does that)."""
+        def forward(self, x):
+            return self.neck(self.backbone(x))
 
-            def __init__(self, rec_model):
-                super().__init__()
-                self.backbone = rec_model.backbone
-                self.neck = rec_model.neck
-
-            def forward(self, x):
-                return self.neck(self.backbone(x))
-
-        return _Embedding(model)
+    return RecEmbedding(model)
 
 
 def re_parameterize(layer) -> int:
@@ -563,7 +559,7 @@ def train_rec(dataset: Path | str, out: Path | str, recipe: str | None = None, p
         warnings.filterwarnings("ignore", message="When training, we now always track")
         fitted = fit(model, make_loader, len(sampler), lambda m, batch: loss(m(batch[0]), batch[1]), evaluate,
                      _loop_config(settings), run_dir, resume=resume, on_step=progress, batch_size=sampler.batch_size)
-    final = evaluate(model) if evaluate else {}
+    final = _best_row_metrics(fitted)
     export_dir, diff = export_rec(model, run_dir / EXPORT_DIR, settings, data)
     warnings = list(data.warnings)
     if diff > EXPORT_TOLERANCE:
@@ -581,6 +577,14 @@ def train_rec(dataset: Path | str, out: Path | str, recipe: str | None = None, p
     return result
 
 
+def _best_row_metrics(fitted) -> dict[str, float]:
+    """The exported (best) model's metrics, as measured at its epoch."""
+    for row in fitted.history:
+        if row["epoch"] == fitted.best_epoch:
+            return {name: row[name] for name in ("recall1", "recall5", "mAP")}
+    return {}
+
+
 # ----------------------------------------------------------------------------- export and recipe
 
 
@@ -596,7 +600,7 @@ def export_rec(model, export_dir: Path, settings: RecSettings, data: RecData) ->
     size = (settings.input_size, settings.input_size)
     probe = next(load_batches((data.query or data.train)[:4], [list(range(min(4, len(data.query or data.train))))],
                               Preprocess(resize="direct"), size))[0]
-    wrapper = EmbeddingNet.wrap(model)
+    wrapper = embedding_layer(model)
     wrapper.eval()
     with paddle.no_grad():
         reference = wrapper(paddle.to_tensor(probe)).numpy()
