@@ -189,7 +189,7 @@ def select_for_removal(items: Mapping[int, GalleryItem], what: str) -> tuple[lis
         labels = sorted({item.label for item in items.values()})
         import difflib
 
-        close = difflib.get_close_matches(what, labels, n=1)
+        close = [label for label in labels if label.lower() == what.lower()] or difflib.get_close_matches(what, labels, n=1)
         hint = f"did you mean label {close[0]!r}?" if close else "pass a label the index holds or a list file of paths"
         raise BadInput(f"--remove {what!r} is neither a file nor a label in this index", hint=hint)
     return sorted(ids), f"label {what!r}"

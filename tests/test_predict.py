@@ -1,0 +1,175 @@
+"""`shitu predict` end to end, plus the pipeline's pure rules: per-label NMS and the whole-image policy."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from shitu_cli.infer.pipeline import Recognition, boxes_to_recognise, iou, nms_per_label
+from synth import make_class_tree
+from tiny_rec import export_tiny_rec
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny rec model and a flat index of 4 drawn classes x 3 images, built once through the CLI."""
+    from typer.testing import CliRunner
+
+    from shitu_cli.cli import app
+
+    root = tmp_path_factory.mktemp("predict")
+    rec = export_tiny_rec(root / "rec64", embedding_dim=64)
+    gallery = root / "gallery"
+    make_class_tree(gallery, n_classes=4, per_class=3, size=64, seed=2)
+    done = CliRunner().invoke(app, ["build-index", str(gallery), "-o", str(root / "index"), "--rec", str(rec)])
+    assert done.exit_code == 0, done.stderr
+    return gallery, root / "index", rec
+
+
+def test_gallery_images_recognise_as_themselves(cli, built):
+    gallery, index, _ = built
+    result = cli("predict", gallery, "--index", index, "--json", "--topk", "3")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["count"] == 12 and doc["failed"] == 0
+    for image in doc["images"]:
+        (top,) = image["recognitions"]
+        assert top["label"] == image["path"].split("/")[-2]
+        assert top["score"] == pytest.approx(1.0, abs=1e-4)
+        assert top["matches"][0]["gallery_path"] == image["path"]
+        assert top["box"] == [0.0, 0.0, 64.0, 64.0] and top["source"] == "whole_image"
+        labels = [m["label"] for m in top["matches"]]
+        assert len(labels) == 3 == len(set(labels))  # top-k distinct labels
+        assert [m["score"] for m in top["matches"]] == sorted((m["score"] for m in top["matches"]), reverse=True)
+
+
+def test_json_is_one_document_with_the_documented_shape(cli, built):
+    gallery, index, _ = built
+    image = sorted(gallery.rglob("*.jpg"))[0]
+    result = cli("predict", image, "--index", index, "--json")
+    doc = json.loads(result.stdout)
+    assert set(doc) == {"index", "images", "count", "failed"}
+    (entry,) = doc["images"]
+    assert set(entry) == {"path", "recognitions", "whole_image_policy", "size", "error"}
+    assert entry["whole_image_policy"] == "fallback" and entry["size"] == [64, 64] and entry["error"] is None
+    assert set(entry["recognitions"][0]) == {"box", "label", "score", "matches", "source", "det_score"}
+    assert set(entry["recognitions"][0]["matches"][0]) == {"label", "score", "gallery_path"}
+
+
+def test_a_corrupt_file_in_a_folder_is_reported_not_fatal(cli, built, tmp_path):
+    gallery, index, _ = built
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for image in sorted(gallery.rglob("*.jpg"))[:3]:
+        (shots / f"{image.parent.name}-{image.name}").write_bytes(image.read_bytes())
+    (shots / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = cli("predict", shots, "--index", index)
+    assert result.exit_code == 0, result.stderr
+    assert "could not read 1 file(s)" in result.stdout and "broken.png" in result.stdout
+    assert "1 of 4 images could not be read" in result.stderr
+    doc = json.loads(cli("predict", shots, "--index", index, "--json").stdout)
+    assert doc["failed"] == 1
+    (bad,) = [img for img in doc["images"] if img["error"]]
+    assert bad["path"].endswith("broken.png") and bad["recognitions"] == []
+
+    only_bad = cli("predict", shots / "broken.png", "--index", index)
+    assert only_bad.exit_code == 2 and "broken.png" in only_bad.stderr
+
+
+def test_glob_input(cli, built):
+    gallery, index, _ = built
+    result = cli("predict", f"{gallery}/*/001.jpg", "--index", index, "--json")
+    assert json.loads(result.stdout)["count"] == 4
+
+
+def test_below_rec_thresh_the_label_is_unknown(cli, built, tmp_path):
+    gallery, index, _ = built
+    from synth import write_rgb
+    import numpy as np
+
+    noise = write_rgb(tmp_path / "noise.jpg", np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    doc = json.loads(cli("predict", noise, "--index", index, "--json", "--rec-thresh", "0.999").stdout)
+    top = doc["images"][0]["recognitions"][0]
+    assert top["label"] == "unknown" and top["score"] < 0.999
+    assert top["matches"]  # the nearest items are still reported
+    table = cli("predict", sorted(gallery.rglob("*.jpg"))[0], "--index", index, "--rec-thresh", "1.01")
+    assert "unknown" in table.stdout
+
+
+def test_a_model_of_another_dim_or_hash_is_refused(cli, built, tmp_path):
+    gallery, index, rec = built
+    image = sorted(gallery.rglob("*.jpg"))[0]
+    assert cli("predict", image, "--index", index, "--rec", rec).exit_code == 0
+    other_dim = export_tiny_rec(tmp_path / "rec32", embedding_dim=32)
+    result = cli("predict", image, "--index", index, "--rec", other_dim)
+    assert result.exit_code == 2 and "32-d features but the index holds 64-d" in result.stderr
+    other_hash = export_tiny_rec(tmp_path / "rec64b", embedding_dim=64, seed=5)
+    result = cli("predict", image, "--index", index, "--rec", other_hash)
+    assert result.exit_code == 2 and "not the model the index was built with" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_index_or_input_is_exit_2(cli, built, tmp_path):
+    gallery, index, _ = built
+    assert "index folder not found" in cli("predict", gallery, "--index", tmp_path / "none").stderr
+    result = cli("predict", tmp_path / "nothing.jpg", "--index", index)
+    assert result.exit_code == 2 and "no such image, folder or glob" in result.stderr
+
+
+# ----------------------------------------------------------------------------- pure rules
+
+
+def _rec(label, score, box):
+    return Recognition(box=list(box), label=label, score=score, matches=[])
+
+
+def test_iou():
+    assert iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0
+    assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+
+
+def test_nms_suppresses_only_within_a_label():
+    cola_a = _rec("cola", 0.9, [0, 0, 10, 10])
+    cola_b = _rec("cola", 0.8, [1, 1, 11, 11])    # same object again: dropped
+    fanta = _rec("fanta", 0.7, [1, 0, 11, 10])    # overlaps cola a lot but names another thing: kept
+    cola_far = _rec("cola", 0.6, [50, 50, 60, 60])  # a second cola elsewhere: kept
+    kept = nms_per_label([cola_b, fanta, cola_far, cola_a], iou_thresh=0.3)
+    assert kept == [cola_a, fanta, cola_far]
+
+
+def test_nms_drops_a_box_only_above_the_iou_threshold():
+    a, b = _rec("x", 0.9, [0, 0, 10, 10]), _rec("x", 0.8, [5, 0, 15, 10])
+    assert nms_per_label([a, b], iou_thresh=0.34) == [a, b]
+    assert nms_per_label([a, b], iou_thresh=0.33) == [a]
+
+
+@dataclass
+class _Det:
+    box: list
+    score: float
+
+
+def test_whole_image_policy():
+    dets = [_Det([10, 10, 40, 40], 0.9), _Det([-5, 20, 30, 200], 0.6)]
+    whole = [0.0, 0.0, 100.0, 80.0]
+    fallback = boxes_to_recognise(dets, 100, 80, "fallback")
+    assert [b for b, _ in fallback] == [[10, 10, 40, 40], [0.0, 20, 30, 80.0]]  # clipped to the image
+    assert boxes_to_recognise([], 100, 80, "fallback") == [(whole, None)]
+    assert [b for b, _ in boxes_to_recognise(dets, 100, 80, "always")][-1] == whole
+    assert len(boxes_to_recognise(dets, 100, 80, "always")) == 3
+    assert boxes_to_recognise([], 100, 80, "off") == []
+    assert [s for _, s in boxes_to_recognise(dets, 100, 80, "off")] == [0.9, 0.6]
+
+
+def test_degenerate_boxes_do_not_count_as_detections():
+    assert boxes_to_recognise([_Det([200, 200, 300, 300], 0.9)], 100, 80, "fallback") == [([0.0, 0.0, 100.0, 80.0], None)]
+
+
+def test_unknown_policy_is_refused():
+    from shitu_cli.errors import BadInput
+
+    with pytest.raises(BadInput, match="whole-image policy"):
+        boxes_to_recognise([], 10, 10, "sometimes")
