@@ -105,3 +105,38 @@ def test_shitu_export_added_under_its_own_name(cli, tmp_path):
         expected = model(paddle.to_tensor(images)).numpy()
     [logits] = build_predictor(resolve_model_dir("my-cls"), task="cls").run(images)
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_weights_load_without_unpickling_code(tmp_path):
+    """Official .pdparams are pickles; load_weights reads their arrays and refuses anything else."""
+    import os
+    import pickle
+
+    import paddle
+
+    from shitu_cli.errors import BadInput
+    from shitu_cli.models.legacy import load_weights
+    from shitu_cli.models.ppcls import build_arch
+
+    paddle.seed(5)
+    source = build_arch({"name": "PPLCNet_x0_25", "class_num": 4})
+    paddle.save(source.state_dict(), str(tmp_path / "w.pdparams"))
+    paddle.seed(6)
+    target = build_arch({"name": "PPLCNet_x0_25", "class_num": 4})
+    target.set_state_dict(load_weights(tmp_path / "w.pdparams"))
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "evil.pdparams").write_bytes(pickle.dumps({"w": Exploit()}))
+    with pytest.raises(BadInput, match="refused global"):
+        load_weights(tmp_path / "evil.pdparams")
+    assert not marker.exists()
+    (tmp_path / "cut.pdparams").write_bytes((tmp_path / "w.pdparams").read_bytes()[:100])
+    with pytest.raises(BadInput, match="not a readable"):
+        load_weights(tmp_path / "cut.pdparams")
