@@ -229,3 +229,26 @@ def test_weights_pull_is_stored_as_given(cli, server):
     path = cache_root() / weights.name / "PPLCNet_x0_25_pretrained.pdparams"
     assert json.loads(result.stdout)["path"] == path.as_posix()
     assert path.read_bytes() == b"pretend pdparams bytes"
+
+
+def test_hand_added_file_is_checked_against_the_pulled_sum(cli, server, tmp_path):
+    server.files[URL_PATH] = tar_bytes(fake_model_files(seed=1), top="x")
+    assert cli("models", "pull", "PPLCNet_x0_25").exit_code == 0
+    same = write_bytes(tmp_path / "same" / CLS.file_name, server.files[URL_PATH])
+    assert cli("models", "add", same).exit_code == 0
+    other = write_bytes(tmp_path / "other" / CLS.file_name, tar_bytes(fake_model_files(seed=4), top="x"))
+    result = cli("models", "add", other)
+    assert result.exit_code == 2 and "sha256" in result.stderr and str(other) in result.stderr
+    assert other.is_file()  # the user's own file is neither moved nor deleted
+    assert _pulled_params() == fake_model_files(seed=1)["inference.pdiparams"]
+
+
+def test_folder_added_first_does_not_block_a_later_pull(cli, server, tmp_path):
+    folder = tmp_path / "by_hand"
+    for name, data in fake_model_files(seed=5).items():
+        write_bytes(folder / name, data)
+    assert cli("models", "add", folder, "--name", "PPLCNet_x0_25").exit_code == 0
+    server.files[URL_PATH] = tar_bytes(fake_model_files(seed=6), top="x")
+    result = cli("models", "pull", "PPLCNet_x0_25", "--force")
+    assert result.exit_code == 0, result.stderr
+    assert _pulled_params() == fake_model_files(seed=6)["inference.pdiparams"]

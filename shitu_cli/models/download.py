@@ -242,8 +242,11 @@ def install(given: Path, name: str, model: OfficialModel | None, *, origin: str,
         raise BadInput(f"{name} is {model.kind}, but this is {kind}", path=given)
     with FileLock(str(root / ".lock"), timeout=600):
         entries = registry.read_registry()
-        digest = sha256_file(given) if given.is_file() else _params_sha256(given)
-        _check_first_seen(entries.get(name), digest, given, origin, trust_new, downloaded)
+        if given.is_file():
+            digest, extra = sha256_file(given), {}
+            _check_first_seen(entries.get(name), digest, given, origin, trust_new, downloaded)
+        else:  # a folder has no file sum comparable with a download's; record its params file's sum
+            digest, extra = _params_sha256(given), {"sha256_of": "params file of an added folder"}
         if kind == WEIGHTS:
             location = _install_weights(given, root / name, model.file_name if model else given.name)
         else:
@@ -251,7 +254,7 @@ def install(given: Path, name: str, model: OfficialModel | None, *, origin: str,
         entries[name] = CachedModel(
             name=name, kind=kind, task=model.task if model else _task_of(location, kind), path=location.relative_to(root).as_posix(),
             source=origin, file_name=given.name, sha256=digest, bytes=_size(given),
-            added=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            added=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), extra=extra,
         )
         registry.write_registry(entries)
     return Installed(name, kind, location, digest, "installed", source=origin)
@@ -279,11 +282,11 @@ def _kind_of(given: Path) -> str:
     raise BadInput("expected a .tar archive, a .pdparams file or a model folder", path=given)
 
 
-def _check_first_seen(entry: CachedModel | None, digest: str | None, given: Path, origin: str, trust_new: bool,
+def _check_first_seen(entry: CachedModel | None, digest: str, given: Path, origin: str, trust_new: bool,
                       downloaded: bool) -> None:
     """Trust on first use: a file whose sha256 differs from the one first recorded for this name is refused."""
-    if entry is None or digest is None or entry.sha256 == digest or trust_new:
-        return
+    if entry is None or entry.extra.get("sha256_of") or entry.sha256 == digest or trust_new:
+        return  # first sighting, a folder was recorded (not comparable), the same file, or told to trust it
     kept = given
     if downloaded:  # a download: move it aside so nothing picks it up, but keep it for inspection
         kept = given.with_name(f"{given.name}.rejected-{digest[:12]}")
@@ -291,7 +294,7 @@ def _check_first_seen(entry: CachedModel | None, digest: str | None, given: Path
     raise BadInput(
         f"sha256 of {origin} is {digest[:16]}..., but {entry.sha256[:16]}... was recorded when {entry.name} "
         f"was first installed; not using it (kept at {kept})",
-        hint=f"if the new file is genuine, rerun with --trust-new to record its sum",
+        hint="if the new file is genuine, rerun with --trust-new to record its sum",
     )
 
 
