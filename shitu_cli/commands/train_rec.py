@@ -24,6 +24,8 @@ def command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, sampling, augmentation and the split."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Image decoding threads (results do not depend on it)."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate recall@1/5 and mAP every N epochs."),
+    holdout: Optional[float] = typer.Option(None, "--holdout", help="Class folders only: fraction of classes held out for gallery/query (0.2)."),
+    query_fraction: Optional[float] = typer.Option(None, "--query-fraction", help="Class folders only: share of each held-out class used as queries (0.3)."),
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Local .pdparams to start from (ImageNet/SSLD backbone or a RecModel checkpoint)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in RUN_DIR from its last checkpoint."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON summary instead of tables."),
@@ -32,7 +34,8 @@ def command(
     from shitu_cli.train.rec import train_rec
 
     overrides = {"backbone": backbone, "embedding_size": embedding_size, "input_size": input_size, "epochs": epochs,
-                 "batch_size": batch_size, "lr": lr, "seed": seed, "num_workers": num_workers, "eval_every": eval_every}
+                 "batch_size": batch_size, "lr": lr, "seed": seed, "num_workers": num_workers, "eval_every": eval_every,
+                 "holdout": holdout, "query_fraction": query_fraction}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     with contextlib.ExitStack() as stack:
         result = train_rec(dataset, out, recipe=recipe, pretrained=pretrained, resume=resume,

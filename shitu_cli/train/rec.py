@@ -202,6 +202,9 @@ def _split_here(dataset: Path, run_dir: Path, settings: RecSettings) -> tuple[Pa
     from shitu_cli.data.split import split_dataset
 
     out = Path(run_dir).resolve() / SPLIT_DIR
+    if dataset in out.parents:
+        raise BadInput("RUN_DIR is inside the dataset folder, whose class folders train-rec splits",
+                       hint="put the run folder outside the dataset", path=run_dir)
     result = split_dataset(dataset, out=out, val=settings.holdout, test=settings.query_fraction,
                            seed=settings.seed, format="rec")
     split = {
