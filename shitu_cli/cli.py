@@ -22,6 +22,7 @@ app = typer.Typer(
 # name -> module under shitu_cli.commands; each module defines `command`. Only working
 # commands are listed, so `shitu --help` never offers one that does not run.
 COMMANDS = {
+    "compress": "compress",
     "build-index": "build_index",
     "config": "config",
     "models": "models",

@@ -1,0 +1,86 @@
+"""`shitu compress`: INT8 / pruned / distilled models, measured before and after, written only if quality held."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from shitu_cli import render
+
+MAX_SKIP_ROWS = 20
+
+
+def command(
+    model: Path = typer.Argument(..., help="A train run dir (RUN_DIR) or an exported model dir (RUN_DIR/export)."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration / fine-tuning images: a list file (split-dataset formats) or a folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where the compressed model dir goes (written only if quality held)."),
+    eval_list: Optional[Path] = typer.Option(None, "--eval", help="Labelled images for the real metric (top-1 / recall@1); agreement is measured on them too."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="ptq (default), qat, or none (with --prune)."),
+    algo: str = typer.Option("hist", "--algo", help="PTQ activation-range algorithm: hist, KL, avg, abs_max, mse, emd."),
+    prune: Optional[float] = typer.Option(None, "--prune", help="Remove this share of conv filters (L1), then fine-tune with distillation."),
+    onnx_int8: bool = typer.Option(False, "--onnx-int8", help="INT8 through paddle2onnx + onnxruntime quantize_static instead."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads for the latency measurement."),
+    max_drop: float = typer.Option(1.0, "--max-drop", help="Refuse a model that loses more than this many points of quality."),
+    force: bool = typer.Option(False, "--force", help="Write the model even if quality dropped past --max-drop."),
+    calib_size: int = typer.Option(64, "--calib-size", help="Use at most this many calibration images (spread over the list)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Batch size for calibration, fine-tuning and measuring."),
+    runs: int = typer.Option(30, "--runs", help="Timed batch-1 calls per model for the latency p50."),
+    epochs: int = typer.Option(3, "--epochs", help="Fine-tuning epochs after --prune (and for --quant qat)."),
+    lr: float = typer.Option(0.01, "--lr", help="Fine-tuning learning rate."),
+    seed: int = typer.Option(42, "--seed", help="Seed for fine-tuning; recorded in recipe.yaml."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
+) -> None:
+    """Compress a trained cls/rec model (INT8, pruning, distillation) and prove it with before/after measurements."""
+    from shitu_cli.compress.pipeline import compress
+    from shitu_cli.errors import WorkFailed
+
+    result = compress(
+        model, calib, out, eval_list=eval_list, quant=quant, algo=algo, prune=prune, onnx_int8=onnx_int8,
+        threads=threads, max_drop=max_drop, force=force, calib_size=calib_size, batch_size=batch_size, runs=runs,
+        epochs=epochs, lr=lr, seed=seed, on_stage=lambda name: render.info(f"compress: {name}"),
+    )
+    for skip in result.skipped[:MAX_SKIP_ROWS]:
+        render.warn(f"skipped {skip.path}: {skip.reason}")
+    if len(result.skipped) > MAX_SKIP_ROWS:
+        render.warn(f"... and {len(result.skipped) - MAX_SKIP_ROWS} more skipped image(s) (all of them are in --json)")
+    if json_output:
+        render.print_json(result_document(result))
+    else:
+        show_report(result)
+    if not result.written:
+        raise WorkFailed(f"not written: {result.refused}", hint="pass --force to write it anyway, or a larger --max-drop", path=result.out)
+
+
+def result_document(result) -> dict:
+    """The JSON form: the result's fields plus the derived speedup and sizes in MB."""
+    from dataclasses import asdict
+
+    document = asdict(result)
+    document["speedup"] = round(result.speedup, 4)
+    for key in ("before", "after"):
+        document[key]["size_mb"] = round(getattr(result, key).size_mb, 4)
+    return document
+
+
+def show_report(result) -> None:
+    before, after = result.before, result.after
+    rows = [
+        ("model", "original", result.method),
+        ("precision", before.precision, after.precision),
+        ("size MB", f"{before.size_mb:.3f}", f"{after.size_mb:.3f} ({after.size_bytes / max(before.size_bytes, 1):.2f}x)"),
+        (f"latency p50 ms ({result.threads} thread{'s' if result.threads != 1 else ''})",
+         f"{before.latency_ms_p50:.3f}", f"{after.latency_ms_p50:.3f} (speedup {result.speedup:.2f}x)"),
+    ]
+    for name, value in after.agreement.items():
+        rows.append((name, f"{before.agreement.get(name, 1.0):.4f}", f"{value:.4f}"))
+    for name, value in before.metric.items():
+        rows.append((f"{name} (--eval)", f"{value:.4f}", f"{after.metric.get(name, float('nan')):.4f}"))
+    title = f"{result.task} model, {result.eval_images} image(s) measured, {result.calib_images} calibration image(s)"
+    render.show(render.table(title, ["", "before", "after"], rows))
+    render.show(f"quality drop: {result.quality_drop:.2f} points ({result.quality_basis}); limit {result.max_drop:g}")
+    for note in result.notes:
+        render.show(f"note: {note}")
+    if result.written:
+        render.show(f"wrote {result.out} (shitu.yaml, recipe.yaml)")

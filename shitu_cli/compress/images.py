@@ -1,0 +1,119 @@
+"""Calibration and evaluation images: a list file (split-dataset formats) or a folder, read lazily in
+preprocessed batches; unreadable images are skipped and remembered so the report can name them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from shitu_cli.data.images import iter_image_files, read_image
+from shitu_cli.errors import BadInput, ImageReadError
+from shitu_cli.models.manifest import ModelManifest
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str | None  # class name or id as written in the list; None when unknown
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class ImageSet:
+    source: Path
+    samples: list[Sample]
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def subset(self, count: int) -> "ImageSet":
+        """At most `count` samples spread evenly over the set (so every class of a sorted list shows up)."""
+        if count <= 0 or count >= len(self.samples):
+            return self
+        picks = np.linspace(0, len(self.samples) - 1, count).round().astype(int)
+        return ImageSet(self.source, [self.samples[i] for i in picks], self.skipped)
+
+
+def load_image_set(path: Path | str, what: str) -> ImageSet:
+    """Samples of a folder (label = first folder under it) or of a list file (imagenet, rec or voc lines)."""
+    path = Path(path)
+    if path.is_dir():
+        samples = [Sample(p, _folder_label(p, path)) for p in iter_image_files(path)]
+    elif path.is_file():
+        samples = _list_samples(path)
+    else:
+        raise BadInput(f"{what} not found", hint="pass a list file (e.g. val.txt) or a folder of images", path=path)
+    if not samples:
+        raise BadInput(f"{what} holds no images", hint="pass a list file or a folder with .jpg/.png images", path=path)
+    return ImageSet(path, samples)
+
+
+def _folder_label(image: Path, root: Path) -> str | None:
+    parts = image.relative_to(root).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def _list_samples(list_path: Path) -> list[Sample]:
+    from shitu_cli.data.lists import read_image_list, read_pair_list, read_rec_list
+
+    text = list_path.read_text(encoding="utf-8-sig", errors="replace")
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if "\t" in first:
+        entries = [(rel, label) for rel, label in read_rec_list(list_path)]
+    elif first.rsplit(maxsplit=1)[-1].lower().endswith(".xml"):
+        entries = [(image, None) for image, _ in read_pair_list(list_path)]
+    elif first.rsplit(maxsplit=1)[-1].lstrip("-").isdigit():
+        entries = [(rel, str(label)) for rel, label in read_image_list(list_path)]
+    else:
+        entries = [(rel, label) for rel, label in read_rec_list(list_path)]
+    root = _list_root(list_path, [rel for rel, _ in entries])
+    return [Sample(root / rel, label) for rel, label in entries]
+
+
+def _list_root(list_path: Path, rels: list[str]) -> Path:
+    """Paths in a list are relative to the dataset dir: the list's folder, or the one its recipe.yaml names."""
+    here = list_path.parent
+    if not rels or (here / rels[0]).exists():
+        return here
+    recipe = here / "recipe.yaml"
+    if recipe.is_file():
+        from shitu_cli.recipes import read_recipe
+
+        dataset_dir = read_recipe(recipe).options.get("dataset_dir")
+        if dataset_dir and (Path(dataset_dir) / rels[0]).exists():
+            return Path(dataset_dir)
+    return here  # missing files are then skipped and reported one by one
+
+
+def iter_batches(images: ImageSet, manifest: ModelManifest, batch_size: int) -> Iterator[tuple[np.ndarray, list[Sample]]]:
+    """(float32 NCHW batch, its samples) per batch; unreadable images go to images.skipped once."""
+    from shitu_cli.infer.preprocess import preprocess_batch
+
+    known_bad = {s.path for s in images.skipped}
+    pending: list[tuple[np.ndarray, Sample]] = []
+    for sample in images.samples:
+        if str(sample.path) in known_bad:
+            continue
+        try:
+            pending.append((read_image(sample.path), sample))
+        except ImageReadError as exc:
+            images.skipped.append(Skipped(str(sample.path), exc.message))
+            known_bad.add(str(sample.path))
+            continue
+        if len(pending) == batch_size:
+            yield preprocess_batch([p[0] for p in pending], manifest.preprocess, manifest.input_size), [p[1] for p in pending]
+            pending = []
+    if pending:
+        yield preprocess_batch([p[0] for p in pending], manifest.preprocess, manifest.input_size), [p[1] for p in pending]
+
+
+def readable_count(images: ImageSet) -> int:
+    bad = {s.path for s in images.skipped}
+    return sum(1 for s in images.samples if str(s.path) not in bad)

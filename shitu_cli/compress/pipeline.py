@@ -1,0 +1,279 @@
+"""`compress`: make a trained model smaller/faster, measure it against the original, and write it only
+if its quality held (or `force`). The library twin of `shitu compress`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from shitu_cli.compress.images import ImageSet, Skipped, iter_batches, load_image_set, readable_count
+from shitu_cli.compress.source import SourceModel, resolve_source
+from shitu_cli.errors import BadInput
+from shitu_cli.models.manifest import MODEL_MANIFEST, ModelManifest, read_model_manifest, write_model_manifest
+
+CORE = "shitu_cli.compress.pipeline:compress"
+QUANT_METHODS = ("ptq", "qat", "none")
+
+Stage = Callable[[str], None]  # told the name of each stage as it starts
+
+
+@dataclass
+class ModelStats:
+    model_dir: Path
+    precision: str
+    method: str | None
+    size_bytes: int
+    latency_ms_p50: float
+    agreement: dict[str, float]  # agreement with the original (1.0 for the original itself)
+    metric: dict[str, float]  # the real metric on --eval images, when they carry labels
+
+    @property
+    def size_mb(self) -> float:
+        return self.size_bytes / 1e6
+
+
+@dataclass
+class CompressResult:
+    source: Path
+    out: Path
+    task: str
+    method: str
+    threads: int
+    before: ModelStats
+    after: ModelStats
+    quality_basis: str  # what the drop is measured on, in words
+    quality_drop: float  # points (percent) lost on that basis; negative is a gain
+    max_drop: float
+    written: bool
+    refused: str | None  # why the model was not written
+    notes: list[str] = field(default_factory=list)
+    calib_images: int = 0
+    eval_images: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    recipe: Path | None = None
+
+    @property
+    def speedup(self) -> float:
+        return self.before.latency_ms_p50 / max(self.after.latency_ms_p50, 1e-9)
+
+
+@dataclass
+class Candidate:
+    """A compressed model staged in the work dir, waiting to be measured."""
+
+    model_dir: Path
+    manifest: ModelManifest
+    method: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def compress(
+    model: Path | str,
+    calib: Path | str,
+    out: Path | str,
+    eval_list: Path | str | None = None,
+    quant: str | None = None,
+    algo: str = "hist",
+    prune: float | None = None,
+    onnx_int8: bool = False,
+    threads: int = 1,
+    max_drop: float = 1.0,
+    force: bool = False,
+    calib_size: int = 64,
+    batch_size: int = 8,
+    runs: int = 30,
+    epochs: int = 3,
+    lr: float = 0.01,
+    seed: int = 42,
+    on_stage: Stage | None = None,
+) -> CompressResult:
+    """Compress `model` (a run dir or exported model dir) into `out`; see `shitu compress --help`."""
+    options = {k: v for k, v in locals().items() if k != "on_stage"}
+    stage = on_stage or (lambda name: None)
+    source = resolve_source(model)
+    out = Path(out)
+    quant = _check_options(source, out, quant, prune, onnx_int8, threads, calib_size, batch_size)
+    calib_set = load_image_set(calib, "calibration set").subset(calib_size)
+    eval_set = load_image_set(eval_list, "evaluation list") if eval_list else calib_set
+    work = Path(tempfile.mkdtemp(prefix="shitu-compress-"))
+    try:
+        candidate = _make_candidate(source, calib_set, work, quant, algo, prune, onnx_int8, batch_size,
+                                    epochs, lr, seed, stage)
+        stage("measuring the original")
+        before, reference = _measure(source.model_dir, source.manifest, source.manifest, eval_set, None, threads, batch_size, runs)
+        stage("measuring the compressed model")
+        after, _ = _measure(candidate.model_dir, candidate.manifest, source.manifest, eval_set, reference, threads, batch_size, runs)
+        result = _judge(source, out, candidate, before, after, eval_list is not None, threads, max_drop, force)
+        result.calib_images = readable_count(calib_set)
+        result.eval_images = readable_count(eval_set)
+        result.skipped = _unique_skips(calib_set, eval_set)
+        if result.written:
+            result.recipe = _write_output(out, candidate, options, result)
+            result.after.model_dir = out
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_options(source: SourceModel, out: Path, quant: str | None, prune: float | None, onnx_int8: bool,
+                   threads: int, calib_size: int, batch_size: int) -> str:
+    if quant is None:
+        quant = "none" if (prune is not None or onnx_int8) else "ptq"
+    if quant not in QUANT_METHODS:
+        raise BadInput(f"unknown --quant {quant!r}", hint=f"choose one of: {', '.join(QUANT_METHODS)}")
+    if onnx_int8 and (quant != "none" or prune is not None):
+        raise BadInput("--onnx-int8 is a method of its own", hint="drop --quant/--prune, or drop --onnx-int8")
+    if prune is not None and not 0 < prune < 1:
+        raise BadInput(f"--prune must be a ratio in (0, 1), got {prune}", hint="e.g. --prune 0.3 removes 30% of filters")
+    if quant == "none" and prune is None and not onnx_int8:
+        raise BadInput("nothing to do: --quant none without --prune or --onnx-int8", hint="pick a method")
+    for name, value in (("--threads", threads), ("--calib-size", calib_size), ("--batch-size", batch_size)):
+        if value < 1:
+            raise BadInput(f"{name} must be at least 1, got {value}")
+    if out.resolve() in (source.model_dir.resolve(), *( [source.run_dir.resolve()] if source.run_dir else [])):
+        raise BadInput("the output would overwrite the model being compressed", hint="pass another -o folder", path=out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MODEL_MANIFEST).is_file())):
+        raise BadInput("output exists and is not a model dir; refusing to replace it", hint="pass a new or model folder", path=out)
+    return quant
+
+
+def _make_candidate(source: SourceModel, calib_set: ImageSet, work: Path, quant: str, algo: str,
+                    prune: float | None, onnx_int8: bool, batch_size: int, epochs: int, lr: float, seed: int,
+                    stage: Stage) -> Candidate:
+    from shitu_cli.compress import methods
+
+    if onnx_int8:
+        return methods.onnx_int8(source, calib_set, work, batch_size, stage)
+    base = None
+    if prune is not None:
+        base = methods.prune_and_distill(source, calib_set, work, prune, epochs, lr, seed, batch_size, stage)
+    if quant == "ptq":
+        return methods.ptq(source, calib_set, work, algo, batch_size, stage, base=base)
+    if quant == "qat":
+        return methods.qat(source, calib_set, work, epochs, lr, seed, batch_size, stage, base=base)
+    return base
+
+
+def _measure(model_dir: Path, manifest: ModelManifest, original: ModelManifest, eval_set: ImageSet,
+             reference: np.ndarray | None, threads: int, batch_size: int, runs: int) -> tuple[ModelStats, np.ndarray]:
+    """Stats of one model; agreement is against `reference` (the original's outputs on the same images)."""
+    from shitu_cli.compress.measure import agreement, latency_p50_ms, model_size_bytes, run_outputs, task_metric
+    from shitu_cli.infer.predictor import build_predictor
+
+    predictor = build_predictor(model_dir, _predictor_options(manifest, threads))
+    outputs = run_outputs(predictor, eval_set, manifest, batch_size)
+    if len(outputs.values) == 0:
+        raise BadInput("no readable image to measure on", hint="check the --calib / --eval images", path=eval_set.source)
+    sample = next(iter_batches(ImageSet(eval_set.source, eval_set.samples[:batch_size]), manifest, 1))[0]
+    latency = latency_p50_ms(predictor, sample, runs)
+    metric = task_metric(manifest.task, outputs, list(original.labels))
+    agreed = {"agreement": 1.0} if reference is None else agreement(manifest.task, reference, outputs.values)
+    stats = ModelStats(Path(model_dir), manifest.precision, manifest.method, model_size_bytes(model_dir, manifest),
+                       latency, agreed, dict([metric]) if metric else {})
+    return stats, outputs.values
+
+
+def _predictor_options(manifest: ModelManifest, threads: int):
+    from shitu_cli.infer.predictor import PredictorOptions
+
+    backend = manifest.extra.get("backend", "paddle")
+    return PredictorOptions(backend=backend, threads=threads, mkldnn=True, precision=manifest.precision)
+
+
+def _judge(source: SourceModel, out: Path, candidate: Candidate, before: ModelStats, after: ModelStats,
+           has_eval: bool, threads: int, max_drop: float, force: bool) -> CompressResult:
+    metric = next(iter(before.metric), None)
+    if has_eval and metric is not None and metric in after.metric:
+        basis = f"{metric} on the --eval images"
+        drop = 100.0 * (before.metric[metric] - after.metric[metric])
+    else:
+        basis = "top-1 agreement with the original" if source.task == "cls" else "nearest-neighbour agreement with the original"
+        drop = 100.0 * (1.0 - after.agreement["agreement"])
+    refused = None
+    if drop > max_drop and not force:
+        refused = f"quality dropped {drop:.2f} points ({basis}), more than --max-drop {max_drop:g}"
+    notes = []
+    if after.latency_ms_p50 >= before.latency_ms_p50:
+        notes.append(
+            f"the compressed model is NOT faster here: {after.latency_ms_p50:.2f} ms vs {before.latency_ms_p50:.2f} ms "
+            f"p50 at {threads} thread(s) (INT8 on CPU pays off only where oneDNN has fast INT8 kernels)"
+        )
+    if drop > max_drop and force:
+        notes.append(f"written despite a {drop:.2f}-point drop because of --force")
+    return CompressResult(source.model_dir, out, source.task, candidate.method, threads, before, after, basis,
+                          drop, max_drop, written=refused is None, refused=refused, notes=notes)
+
+
+def _unique_skips(*sets: ImageSet) -> list[Skipped]:
+    seen: dict[str, Skipped] = {}
+    for image_set in sets:
+        for skip in image_set.skipped:
+            seen.setdefault(skip.path, skip)
+    return list(seen.values())
+
+
+def _write_output(out: Path, candidate: Candidate, options: dict[str, Any], result: CompressResult) -> Path:
+    """Copy the staged model into `out` atomically, with its manifest and recipe.yaml."""
+    from shitu_cli.models.export import atomic_dir
+    from shitu_cli.recipes import Recipe, write_recipe
+
+    manifest = candidate.manifest
+    manifest.extra = {**manifest.extra, "compress": {**candidate.details, "quality_basis": result.quality_basis,
+                                                      "quality_drop_points": round(result.quality_drop, 4)}}
+    with atomic_dir(out) as staging:
+        for name in (manifest.model_file, manifest.params_file):
+            shutil.copy2(candidate.model_dir / name, staging / name)
+        write_model_manifest(staging, manifest)
+        written = [staging / manifest.model_file, staging / manifest.params_file, staging / MODEL_MANIFEST]
+        recipe = Recipe(
+            command="compress",
+            core=CORE,
+            options={k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
+            seed=options.get("seed"),
+            metrics=_recipe_metrics(result),
+        )
+        write_recipe(staging, recipe, written)
+    return out / "recipe.yaml"
+
+
+def _recipe_metrics(result: CompressResult) -> dict[str, Any]:
+    def stats(s: ModelStats) -> dict[str, Any]:
+        return {"size_bytes": s.size_bytes, "latency_ms_p50": round(s.latency_ms_p50, 4), **s.agreement, **s.metric}
+
+    return {"before": stats(result.before), "after": stats(result.after), "threads": result.threads,
+            "quality_drop_points": round(result.quality_drop, 4)}
+
+
+def derived_manifest(source: SourceModel, model_file: str, params_file: str, precision: str, method: str,
+                     **extra: Any) -> ModelManifest:
+    """The source's manifest for a compressed child: same task/preprocess/labels, new files and lineage."""
+    manifest = dataclasses.replace(
+        source.manifest,
+        model_file=model_file,
+        params_file=params_file,
+        precision=precision,
+        method=method,
+        parent_model_hash=source.manifest.model_hash,
+        model_hash=None,
+        extra={**source.manifest.extra, **extra},
+    )
+    return manifest
+
+
+def stage_manifest(model_dir: Path, manifest: ModelManifest) -> ModelManifest:
+    """Write the staged model's shitu.yaml (build_predictor needs it) and read it back as loaded."""
+    write_model_manifest(model_dir, manifest)
+    return read_model_manifest(model_dir)
+
+
+def first_batch(images: ImageSet, manifest: ModelManifest, batch_size: int) -> np.ndarray:
+    for batch, _ in iter_batches(images, manifest, batch_size):
+        return batch
+    raise BadInput("no calibration image could be read", hint="check the --calib images", path=images.source)

@@ -1,0 +1,58 @@
+"""Post-training INT8 quantization of an old-format static model with Paddle's PTQ (runs on oneDNN INT8)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from shitu_cli.compress.legacy import LEGACY_MODEL, LEGACY_PARAMS, quiet_stdout
+from shitu_cli.errors import BadInput, WorkFailed
+
+ALGOS = ("hist", "KL", "avg", "abs_max", "mse", "emd")
+
+
+def check_algo(algo: str) -> str:
+    if algo not in ALGOS:
+        raise BadInput(f"unknown PTQ algorithm {algo!r}", hint=f"choose one of: {', '.join(ALGOS)}")
+    return algo
+
+
+def quantize_static(fp32_dir: Path, out_dir: Path, batches: Callable[[], Iterable[np.ndarray]], input_name: str,
+                    algo: str = "hist", batch_count: int | None = None) -> Path:
+    """INT8 model (inference.pdmodel + .pdiparams) in out_dir from the legacy fp32 model in fp32_dir.
+
+    onnx_format=True stores quantize/dequantize pairs with int8-valued weights, which is what
+    oneDNN's INT8 pass expects; channel-wise weight scales keep depthwise convs accurate.
+    """
+    import paddle
+    from paddle.static.quantization import PostTrainingQuantization
+
+    def data_loader():
+        for batch in batches():
+            yield {input_name: batch}
+
+    paddle.enable_static()
+    try:
+        with paddle.pir_utils.OldIrGuard(), quiet_stdout():
+            executor = paddle.static.Executor(paddle.CPUPlace())
+            ptq = PostTrainingQuantization(
+                executor=executor,
+                model_dir=str(fp32_dir),
+                model_filename=LEGACY_MODEL,
+                params_filename=LEGACY_PARAMS,
+                data_loader=data_loader,
+                batch_nums=batch_count,
+                algo=check_algo(algo),
+                onnx_format=True,
+                weight_quantize_type="channel_wise_abs_max",
+                is_use_cache_file=False,
+            )
+            ptq.quantize()
+            ptq.save_quantized_model(str(out_dir), model_filename=LEGACY_MODEL, params_filename=LEGACY_PARAMS)
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        raise WorkFailed(f"post-training quantization failed ({exc.__class__.__name__}: {str(exc)[:300]})", path=fp32_dir) from None
+    finally:
+        paddle.disable_static()
+    return Path(out_dir)

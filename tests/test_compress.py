@@ -1,0 +1,127 @@
+"""`shitu compress --quant ptq` on a tiny trained classifier: INT8 that loads like any model, agrees with
+the original, records its lineage, and is refused (nothing written) when quality drops past --max-drop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.compress_runs import make_cls_dataset, train_cls_run
+
+# PTQ of a 64 px PPLCNet_x0_25 trained for seconds is noisier than of a real model; this is the margin.
+MIN_AGREEMENT = 0.85
+
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls")
+    list_file, names = make_cls_dataset(root / "data", size=64)
+    run_dir = train_cls_run(root / "run", root / "data", names, size=64)
+    return run_dir, root / "data", list_file
+
+
+def _predict(model_dir, images, precision="fp32"):
+    from shitu_cli.infer.predictor import PredictorOptions, build_predictor
+
+    return build_predictor(model_dir, PredictorOptions(precision=precision), task="cls").run(images)[0]
+
+
+def _eval_batch(model_dir, data_dir):
+    from shitu_cli.data.images import read_image
+    from shitu_cli.infer.preprocess import preprocess_batch
+    from shitu_cli.models.manifest import read_model_manifest
+
+    manifest = read_model_manifest(model_dir)
+    paths = sorted(data_dir.rglob("*.jpg"))
+    return preprocess_batch([read_image(p) for p in paths], manifest.preprocess, manifest.input_size)
+
+
+def test_ptq_writes_an_int8_model_that_agrees_with_the_original(cli, cls_run, tmp_path):
+    run_dir, data_dir, list_file = cls_run
+    out = tmp_path / "int8"
+    result = cli("compress", run_dir, "--calib", data_dir, "--eval", list_file, "-o", out, "--runs", "3",
+                 "--max-drop", "15", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["written"] and report["method"] == "ptq-hist"
+    assert report["after"]["precision"] == "int8"
+    assert report["after"]["size_bytes"] < 0.6 * report["before"]["size_bytes"]
+    assert report["after"]["agreement"]["agreement"] >= MIN_AGREEMENT
+    assert set(report["before"]["metric"]) == {"top1"} and set(report["after"]["metric"]) == {"top1"}
+    assert report["calib_images"] == report["eval_images"] == 48
+
+    from shitu_cli.models.manifest import read_model_manifest
+
+    manifest, parent = read_model_manifest(out), read_model_manifest(run_dir / "export")
+    assert (manifest.precision, manifest.method, manifest.task) == ("int8", "ptq-hist", "cls")
+    assert manifest.parent_model_hash == parent.model_hash and manifest.labels == parent.labels
+    assert (out / "recipe.yaml").is_file()
+
+    # Measured again here, independently of the report: the written model loads through
+    # build_predictor with oneDNN INT8 and picks the same classes as the original.
+    images = _eval_batch(out, data_dir)
+    original, compressed = _predict(run_dir / "export", images), _predict(out, images, "int8")
+    assert compressed.shape == original.shape
+    assert np.mean(original.argmax(1) == compressed.argmax(1)) >= MIN_AGREEMENT
+
+
+def test_the_report_table_shows_size_latency_and_quality(cli, cls_run, tmp_path):
+    run_dir, data_dir, list_file = cls_run
+    result = cli("compress", run_dir / "export", "--calib", list_file, "-o", tmp_path / "m", "--runs", "2",
+                 "--max-drop", "15", "--calib-size", "16")
+    assert result.exit_code == 0, result.stderr
+    for words in ("size MB", "latency p50 ms (1 thread)", "agreement", "quality drop", "ptq-hist", "wrote"):
+        assert words in result.stdout
+    assert "16 calibration image(s)" in result.stdout
+
+
+def test_a_quality_drop_past_max_drop_is_refused_and_nothing_is_written(cli, cls_run, tmp_path):
+    run_dir, data_dir, _ = cls_run
+    out = tmp_path / "refused"
+    # A negative limit demands a gain over the original, which agreement (at most 1.0) cannot give.
+    result = cli("compress", run_dir, "--calib", data_dir, "-o", out, "--runs", "1", "--max-drop", "-1", "--calib-size", "8")
+    assert result.exit_code == 1
+    assert "not written: quality dropped" in result.stderr and "--max-drop -1" in result.stderr
+    assert "agreement" in result.stdout  # the table still shows what was measured
+    assert not out.exists()
+
+    forced = cli("compress", run_dir, "--calib", data_dir, "-o", out, "--runs", "1", "--max-drop", "-1",
+                 "--calib-size", "8", "--force", "--json")
+    assert forced.exit_code == 0, forced.stderr
+    assert any("--force" in note for note in json.loads(forced.stdout)["notes"])
+    assert (out / "shitu.yaml").is_file()
+
+
+def test_bad_calibration_images_are_skipped_and_reported(cli, cls_run, tmp_path):
+    run_dir, data_dir, _ = cls_run
+    calib = tmp_path / "calib"
+    shutil.copytree(data_dir, calib, ignore=shutil.ignore_patterns("*.txt"))
+    (calib / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = cli("compress", run_dir, "--calib", calib, "-o", tmp_path / "m", "--runs", "1", "--max-drop", "100", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [s["path"].endswith("broken.jpg") for s in report["skipped"]] == [True]
+    assert "skipped" in result.stderr and "broken.jpg" in result.stderr
+    assert report["calib_images"] == 48
+
+
+def test_bad_input_is_a_one_line_error(cli, cls_run, tmp_path):
+    run_dir, data_dir, _ = cls_run
+    missing = cli("compress", tmp_path / "nope", "--calib", data_dir, "-o", tmp_path / "m")
+    assert missing.exit_code == 2 and "model not found" in missing.stderr
+
+    (tmp_path / "empty").mkdir()
+    empty = cli("compress", run_dir, "--calib", tmp_path / "empty", "-o", tmp_path / "m")
+    assert empty.exit_code == 2 and "holds no images" in empty.stderr
+
+    # An export alone (no run dir beside it) cannot be re-traced for Paddle PTQ.
+    shutil.copytree(run_dir / "export", tmp_path / "lonely")
+    lonely = cli("compress", tmp_path / "lonely", "--calib", data_dir, "-o", tmp_path / "m")
+    assert lonely.exit_code == 2 and "--onnx-int8" in lonely.stderr
+
+    clobber = cli("compress", run_dir, "--calib", data_dir, "-o", run_dir / "export")
+    assert clobber.exit_code == 2 and "overwrite" in clobber.stderr
+    assert not (tmp_path / "m").exists()
