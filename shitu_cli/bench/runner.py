@@ -184,12 +184,19 @@ def load_images(source: Path) -> tuple[list[Path], list[np.ndarray], list[str]]:
 
 
 class SettingRun:
-    """The predictors of one setting and the stage-by-stage processing of one batch of files."""
+    """The models of one setting and the stage-by-stage processing of one batch of files.
 
-    def __init__(self, setting: Setting, dirs: dict[str, Path], int8_dirs: dict[str, Path]):
+    Each stage calls the code `shitu predict` runs (Detector, pipeline crops, preprocess,
+    predictor, faiss search), split where the clock needs to see the seams.
+    """
+
+    def __init__(self, setting: Setting, dirs: dict[str, Path], int8_dirs: dict[str, Path], index_dir: Path | None = None):
+        from shitu_cli.infer.pipeline import PipelineOptions
+
         self.setting = setting
-        self.predictors = {}
-        self.manifests = {}
+        self.pipeline_options = PipelineOptions()
+        self.predictors, self.manifests = {}, {}
+        self.detector = None
         for task, model_dir in dirs.items():
             # An int8 setting quantizes the models that have an int8 twin; the others stay fp32.
             quantized = setting.precision == "int8" and task in int8_dirs
@@ -199,44 +206,115 @@ class SettingRun:
                 mkldnn=True if setting.mkldnn is None else setting.mkldnn, precision=precision,
             )
             path = int8_dirs[task] if quantized else model_dir
+            try:
+                self._load(task, path, options)
+            except WorkFailed as exc:
+                # Name the model: with det + rec + cls, "cannot convert" alone does not say which.
+                raise WorkFailed(f"{task}: {exc.message}", hint=exc.hint, path=exc.path) from None
+        self.index = _load_index(index_dir, setting.threads) if index_dir is not None and "rec" in dirs else None
+
+    def _load(self, task: str, path: Path, options: PredictorOptions) -> None:
+        if task == "det":
+            from shitu_cli.infer.detector import Detector
+
+            self.detector = Detector(path, options)
+            self.predictors[task] = self.detector.predictor
+        else:
             self.predictors[task] = build_predictor(path, options, task=task)
-            self.manifests[task] = self.predictors[task].manifest
+        self.manifests[task] = self.predictors[task].manifest
 
     def size_mb(self) -> float:
         files = [f for p in self.predictors.values() for f in p.model_files]
         return sum(Path(f).stat().st_size for f in files) / 1e6
 
-    def process(self, paths: Sequence[Path], timer: StageTimer) -> dict[str, np.ndarray]:
-        """Decode, (detect, crop,) preprocess and infer one batch of files; return each model's output."""
+    def process(self, paths: Sequence[Path], timer: StageTimer) -> dict[str, list[np.ndarray]]:
+        """Decode, detect, crop, preprocess, infer and search one batch of files; return each model's outputs."""
         from shitu_cli.data.images import read_image
-        from shitu_cli.infer.preprocess import preprocess_batch
 
         n = len(paths)
-        outputs: dict[str, np.ndarray] = {}
+        outputs: dict[str, list[np.ndarray]] = {}
         with timer.stage(END_TO_END, n):
             with timer.stage("decode", n):
                 images = [read_image(p) for p in paths]
-            crops = images  # whole images until a detector has landed (shitu_cli.infer.detector)
+            boxes = self._detect(images, timer, outputs) if self.detector else [None] * n
             if "rec" in self.predictors:
-                manifest = self.manifests["rec"]
-                with timer.stage("crop + rec preprocess", n):
-                    batch = preprocess_batch(crops, manifest.preprocess, tuple(manifest.input_size))
-                with timer.stage("rec inference", n):
-                    outputs["rec"] = self.predictors["rec"].run(batch)[0]
+                features = self._embed(images, boxes, timer, outputs)
+                if self.index is not None:
+                    with timer.stage("search", n):
+                        self._search(features)
             if "cls" in self.predictors:
-                manifest = self.manifests["cls"]
-                with timer.stage("cls preprocess", n):
-                    batch = preprocess_batch(images, manifest.preprocess, tuple(manifest.input_size))
-                with timer.stage("cls inference", n):
-                    outputs["cls"] = self.predictors["cls"].run(batch)[0]
+                self._classify(images, timer, outputs)
         return outputs
+
+    def _detect(self, images: list[np.ndarray], timer: StageTimer, outputs: dict[str, list[np.ndarray]]) -> list:
+        from shitu_cli.infer.detector import postprocess
+
+        n, options, found = len(images), self.pipeline_options, []
+        for rgb in images:
+            with timer.stage("det preprocess", n):
+                image, scale_factor = self.detector.preprocess(rgb)
+            with timer.stage("det inference", n):
+                raw, count = self.detector.predictor.run({"image": image, "scale_factor": scale_factor})[:2]
+            with timer.stage("det postprocess", n):
+                height, width = rgb.shape[:2]
+                detections = postprocess(raw, int(np.asarray(count).reshape(-1)[0]), self.detector.labels,
+                                         (width, height), options.det_thresh, options.max_boxes)
+            found.append(detections)
+            outputs.setdefault("det", []).append(np.array([d.box for d in detections], np.float32).reshape(-1, 4))
+        return found
+
+    def _embed(self, images: list[np.ndarray], detections: list, timer: StageTimer, outputs: dict[str, list[np.ndarray]]) -> np.ndarray:
+        from shitu_cli.infer.embedder import l2_normalise
+        from shitu_cli.infer.pipeline import boxes_to_recognise, crop
+        from shitu_cli.infer.preprocess import preprocess_batch
+
+        n, manifest = len(images), self.manifests["rec"]
+        with timer.stage("crop + rec preprocess", n):
+            crops = []
+            for rgb, found in zip(images, detections):
+                if found is None:
+                    crops.append(rgb)  # no detector: the whole image is the one crop
+                    continue
+                height, width = rgb.shape[:2]
+                crops.extend(crop(rgb, box) for box, _ in boxes_to_recognise(found, width, height, self.pipeline_options.whole_image))
+            batch = preprocess_batch(crops, manifest.preprocess, tuple(manifest.input_size)) if crops else None
+        with timer.stage("rec inference", n):
+            features = l2_normalise(self.predictors["rec"].run(batch)[0]) if batch is not None else np.zeros((0, 1), np.float32)
+        outputs.setdefault("rec", []).append(features)
+        return features
+
+    def _search(self, features: np.ndarray) -> None:
+        from shitu_cli.index import backend
+        from shitu_cli.infer.pipeline import NEIGHBOURS_PER_LABEL, top_labels
+
+        stored, topk = self.index, self.pipeline_options.topk
+        if len(features) and stored.index.ntotal:
+            scores, ids = backend.search(stored.index, features, min(stored.index.ntotal, topk * NEIGHBOURS_PER_LABEL + 8))
+            for row_scores, row_ids in zip(scores, ids):
+                top_labels(row_scores, row_ids, stored.items, topk)
+
+    def _classify(self, images: list[np.ndarray], timer: StageTimer, outputs: dict[str, list[np.ndarray]]) -> None:
+        from shitu_cli.infer.preprocess import preprocess_batch
+
+        n, manifest = len(images), self.manifests["cls"]
+        with timer.stage("cls preprocess", n):
+            batch = preprocess_batch(images, manifest.preprocess, tuple(manifest.input_size))
+        with timer.stage("cls inference", n):
+            outputs.setdefault("cls", []).append(self.predictors["cls"].run(batch)[0])
+
+
+def _load_index(index_dir: Path, threads: int):
+    from shitu_cli.index import backend, load_index
+
+    backend.set_threads(threads)
+    return load_index(Path(index_dir))
 
 
 def _batches(paths: Sequence[Path], size: int) -> list[list[Path]]:
     return [list(paths[i : i + size]) for i in range(0, len(paths), size)]
 
 
-def time_setting(run: SettingRun, paths: Sequence[Path], warmup: int, runs: int) -> tuple[StageTimer, dict[str, np.ndarray], float]:
+def time_setting(run: SettingRun, paths: Sequence[Path], warmup: int, runs: int) -> tuple[StageTimer, dict[str, Any], float]:
     """Warm up, then `runs` timed passes over all files; returns the timer, first-pass outputs, and QPS."""
     batches = _batches(paths, run.setting.batch)
     timer = StageTimer()
@@ -250,11 +328,12 @@ def time_setting(run: SettingRun, paths: Sequence[Path], warmup: int, runs: int)
             outputs = run.process(batch, timer)
             timer.close_batch()
             if pass_index == 0:
-                for task, value in outputs.items():
-                    first_outputs.setdefault(task, []).append(np.asarray(value))
+                for task, values in outputs.items():
+                    first_outputs.setdefault(task, []).extend(values)
     elapsed = time.perf_counter() - start
     qps = runs * len(paths) / elapsed if elapsed > 0 else float("nan")
-    return timer, {task: np.concatenate(values) for task, values in first_outputs.items()}, qps
+    # det keeps one box array per image; rec and cls outputs are rows of one array
+    return timer, {task: values if task == "det" else np.concatenate(values) for task, values in first_outputs.items()}, qps
 
 
 def _with_threads(threads: int, func: Callable[[], Any]) -> Any:
@@ -270,7 +349,7 @@ def _with_threads(threads: int, func: Callable[[], Any]) -> Any:
 
 
 def run_setting(setting: Setting, dirs: dict[str, Path], int8_dirs: dict[str, Path], paths: Sequence[Path],
-                warmup: int, runs: int) -> tuple[SettingResult, dict[str, np.ndarray]]:
+                warmup: int, runs: int, index_dir: Path | None = None) -> tuple[SettingResult, dict[str, Any]]:
     result = SettingResult(setting.label, setting.backend, setting.threads, setting.mkldnn, setting.precision, setting.batch, OK)
     if setting.backend != "paddle" and not backend_installed(setting.backend):
         result.status = "not installed"
@@ -280,7 +359,7 @@ def run_setting(setting: Setting, dirs: dict[str, Path], int8_dirs: dict[str, Pa
         return result, {}
     try:
         started = time.perf_counter()
-        run = SettingRun(setting, dirs, int8_dirs)
+        run = SettingRun(setting, dirs, int8_dirs, index_dir)
         result.load_s = time.perf_counter() - started
         result.size_mb = run.size_mb()
         timer, outputs, qps = _with_threads(setting.threads, lambda: time_setting(run, paths, warmup, runs))
@@ -296,20 +375,39 @@ def run_setting(setting: Setting, dirs: dict[str, Path], int8_dirs: dict[str, Pa
 # ---- comparing settings
 
 
-def agreement(task: str, reference: np.ndarray, other: np.ndarray) -> tuple[str, float]:
-    """How close a setting's outputs are to the fp32 reference: cosine for rec, top-1 match for cls."""
+def agreement(task: str, reference: Any, other: Any) -> tuple[str, float] | None:
+    """How close a setting's outputs are to the fp32 reference, or None where they cannot be paired.
+
+    rec: mean cosine of the embeddings; cls: top-1 match; det: box F1 at IoU 0.5.
+    """
+    if task == "det":
+        return "det box match", box_match(reference, other)
     if reference.shape != other.shape:
-        return f"{task} shape", float("nan")
+        return None  # e.g. the detector found other boxes, so the crops differ
     if task == "rec":
         a = reference.reshape(len(reference), -1).astype(np.float64)
         b = other.reshape(len(other), -1).astype(np.float64)
         norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         # Untrained nets can emit embeddings near 1e-8: no absolute floor, only an exact-zero guard.
         cosine = np.where(norms > 0, (a * b).sum(1) / np.where(norms > 0, norms, 1.0), 1.0)
-        return "rec cosine", float(cosine.mean())
-    if task == "cls":
-        return "cls top-1", float((reference.argmax(-1) == other.argmax(-1)).mean())
-    return f"{task} max abs diff", float(np.abs(reference - other).max())
+        return "rec cosine", float(cosine.mean()) if len(cosine) else 1.0
+    return "cls top-1", float((reference.argmax(-1) == other.argmax(-1)).mean()) if len(reference) else 1.0
+
+
+def box_match(reference: Sequence[np.ndarray], other: Sequence[np.ndarray], iou_thresh: float = 0.5) -> float:
+    """F1 of boxes matched one-to-one (greedy, IoU >= thresh) per image; 1.0 when neither found any."""
+    from shitu_cli.infer.pipeline import iou
+
+    matched = total = 0
+    for ref_boxes, boxes in zip(reference, other):
+        total += len(ref_boxes) + len(boxes)
+        free = list(range(len(boxes)))
+        for ref in ref_boxes:
+            best = max(free, key=lambda j: iou(ref, boxes[j]), default=None)
+            if best is not None and iou(ref, boxes[best]) >= iou_thresh:
+                free.remove(best)
+                matched += 2
+    return matched / total if total else 1.0
 
 
 def compare(results: list[SettingResult], outputs: list[dict[str, np.ndarray]]) -> str | None:
@@ -326,9 +424,9 @@ def compare(results: list[SettingResult], outputs: list[dict[str, np.ndarray]]) 
         return None
     for result, produced in zip(results, outputs):
         for task, value in produced.items():
-            if task in outputs[reference_index]:
-                name, score = agreement(task, outputs[reference_index][task], value)
-                result.agreement[name] = score
+            measured = agreement(task, outputs[reference_index][task], value) if task in outputs[reference_index] else None
+            if measured:
+                result.agreement[measured[0]] = measured[1]
     return results[reference_index].setting
 
 
@@ -336,21 +434,24 @@ def compare(results: list[SettingResult], outputs: list[dict[str, np.ndarray]]) 
 
 
 def benchmark(models: dict[str, Path | None], images: Path, options: BenchOptions, int8_models: Sequence[Path] = (),
-              progress: Callable[..., None] | None = None, record: bool = True) -> BenchReport:
-    """Benchmark every setting of `options` on the given models over the files in `images`."""
+              index: Path | None = None, progress: Callable[..., None] | None = None, record: bool = True) -> BenchReport:
+    """Benchmark every setting of `options` on the given models over the files in `images`.
+
+    With `index`, rec features are searched in it (the rec model defaults to the index's own).
+    """
     from shitu_cli.bench import record as records
 
     check_options(options)
+    models = dict(models)
+    if index is not None:
+        models["rec"] = index_model(Path(index), models.get("rec"))
     manifests, dirs, int8_dirs = load_models(models, int8_models)
     if not dirs:
-        raise BadInput("no model to benchmark", hint="pass --rec DIR and/or --cls DIR (exported model dirs)")
-    if "det" in dirs:
-        raise BadInput("det benchmarking needs shitu_cli.infer.detector, which this build does not have yet",
-                       hint="benchmark --rec/--cls for now")
+        raise BadInput("no model to benchmark", hint="pass --det, --rec and/or --cls DIR (exported model dirs)")
     paths, _, skipped = load_images(images)
     results, outputs = [], []
     for setting in expand_settings(options):
-        result, produced = run_setting(setting, dirs, int8_dirs, paths, options.warmup, options.runs)
+        result, produced = run_setting(setting, dirs, int8_dirs, paths, options.warmup, options.runs, index)
         results.append(result)
         outputs.append(produced)
         if progress:
@@ -358,13 +459,34 @@ def benchmark(models: dict[str, Path | None], images: Path, options: BenchOption
     reference = compare(results, outputs)
     report = BenchReport(
         system=system_info(), models=[_describe(t, dirs[t], manifests[t]) for t in dirs], images=len(paths),
-        image_dir=str(images), skipped_images=skipped, boxes_per_image={}, warmup=options.warmup, runs=options.runs,
+        image_dir=str(images), skipped_images=skipped, boxes_per_image=_boxes_histogram(outputs, results, reference),
+        warmup=options.warmup, runs=options.runs,
         results=results, reference=reference,
     )
     if record:
         report.record_path = records.update_fastest(backend_timings(report, manifests))
         report.log_path = records.append_log(log_rows(report))
     return report
+
+
+def index_model(index_dir: Path, rec: Path | None) -> Path:
+    """The rec model to search `index_dir` with: the given one if its features fit the index, else the index's own."""
+    from shitu_cli.index.store import read_index_manifest
+    from shitu_cli.infer.pipeline import check_model_fits_index
+
+    manifest = read_index_manifest(index_dir)
+    rec_dir = Path(rec) if rec is not None else Path(manifest.model.dir)
+    check_model_fits_index(manifest.model, read_model_manifest(rec_dir, task="rec"), rec_dir)
+    return rec_dir
+
+
+def _boxes_histogram(outputs: list[dict[str, Any]], results: list[SettingResult], reference: str | None) -> dict[int, int]:
+    """How many images had how many boxes, as the reference setting's detector saw them."""
+    chosen = next((o for o, r in zip(outputs, results) if r.setting == reference), None) or next((o for o in outputs if o), {})
+    counts: dict[int, int] = {}
+    for boxes in chosen.get("det", []):
+        counts[len(boxes)] = counts.get(len(boxes), 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _describe(task: str, path: Path, manifest: ModelManifest) -> BenchModel:

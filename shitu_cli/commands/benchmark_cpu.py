@@ -11,13 +11,15 @@ from shitu_cli import render
 from shitu_cli.errors import BadInput
 
 MKLDNN_MODES = {"on": (True,), "off": (False,), "both": (True, False)}
+STATUS_WIDTH = 40  # longer reasons are printed in full under the table
+AGREEMENT_NAMES = {"det box match": "det F1", "rec cosine": "rec cos", "cls top-1": "cls top1"}
 
 
 def command(
     det: Optional[Path] = typer.Option(None, "--det", help="Exported mainbody detector dir."),
     rec: Optional[Path] = typer.Option(None, "--rec", help="Exported recognition (embedding) model dir."),
     cls: Optional[Path] = typer.Option(None, "--cls", help="Exported classifier dir."),
-    index: Optional[Path] = typer.Option(None, "--index", help="Gallery index dir, to time the search stage."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Gallery index dir, to time the search stage (rec model: the index's own unless --rec)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder (or file) of real images to time (default: the demo queries)."),
     threads: str = typer.Option("1", "--threads", help="Thread counts; a comma list sweeps, e.g. 1,2,4,10."),
     mkldnn: str = typer.Option("on", "--mkldnn", help="Paddle oneDNN kernels: on, off or both (compares the two)."),
@@ -33,11 +35,8 @@ def command(
     from shitu_cli.bench.runner import BenchOptions, benchmark, default_images, default_models, expand_settings
     from shitu_cli.infer.predictor import BACKENDS, PRECISIONS
 
-    if index is not None:
-        raise BadInput("the search stage needs shitu_cli.index, which this build does not have yet", path=index,
-                       hint="leave out --index for now")
     models = {"det": det, "rec": rec, "cls": cls}
-    if not any(models.values()):
+    if not any(models.values()) and index is None:
         models = dict(default_models())
     options = BenchOptions(
         backends=_choices(backend, BACKENDS, "--backend"), threads=_thread_list(threads),
@@ -46,7 +45,7 @@ def command(
     )
     image_source = images if images is not None else default_images()
     with render.progress("benchmarking", total=len(expand_settings(options)), unit="setting", transient=True) as bar:
-        report = benchmark(models, image_source, options, int8_models=int8, progress=bar)
+        report = benchmark(models, image_source, options, int8_models=int8, index=index, progress=bar)
     if json_output:
         render.print_json(report)
         return
@@ -96,9 +95,12 @@ def show_report(report) -> None:
     if report.boxes_per_image:
         render.show("boxes per image: " + ", ".join(f"{n} box(es): {count} image(s)" for n, count in sorted(report.boxes_per_image.items())))
     render.show(_results_table(report))
+    for r in report.results:
+        if len(r.status) > STATUS_WIDTH:
+            render.show(f"  {r.setting}: {r.status}")
     render.show(_stages_table(report))
     if report.reference:
-        render.show(f"agreement: outputs compared with {report.reference} (rec: mean cosine, cls: top-1 match)")
+        render.show(f"agreement: outputs compared with {report.reference} (det: box F1 at IoU 0.5, rec: mean cosine, cls: top-1 match)")
     if report.log_path:
         render.show(f"logged to {report.log_path}")
     if report.record_path:
@@ -109,8 +111,9 @@ def _results_table(report):
     rows = []
     for r in report.results:
         ratio = "" if r.speedup is None else f"{r.speedup:.2f}x" + (" fastest" if r.fastest else "")
-        agreement = ", ".join(f"{name} {value:.4f}" for name, value in r.agreement.items())
-        rows.append((r.setting, r.status, _num(r.size_mb, 2), _num(r.ms_p50), _num(r.ms_p99), _num(r.fps, 1), ratio, agreement))
+        agreement = " ".join(f"{AGREEMENT_NAMES.get(name, name)} {value:.4f}" for name, value in r.agreement.items())
+        status = r.status if len(r.status) <= STATUS_WIDTH else r.status[: STATUS_WIDTH - 3] + "..."
+        rows.append((r.setting, status, _num(r.size_mb, 2), _num(r.ms_p50), _num(r.ms_p99), _num(r.fps, 1), ratio, agreement))
     columns = ["setting", "status", "size MB", "ms/img p50", "p99", "FPS", "vs first", "agreement"]
     table = render.table("benchmark-cpu", columns, rows)
     for column in table.columns[2:7]:
