@@ -9,6 +9,8 @@ import typer
 
 from shitu_cli import render
 
+MIB = float(1 << 20)
+
 app = typer.Typer(help="List, download and register models (official PP-ShiTuV2 and PP-LCNet, or your own).",
                   no_args_is_help=True)
 
@@ -44,12 +46,12 @@ def pull_command(
     from shitu_cli.models.registry import official_model
 
     official_model(name)  # an unknown name fails here, before a progress bar opens
-    with render.progress(f"pull {name}", total=None, unit="B", transient=True) as bar:
+    with render.progress(f"pull {name} (MiB)", total=None, unit="MiB", transient=True) as bar:
 
         def received(n_bytes: int, total: int | None) -> None:
             if total:
-                bar.set_total(total)
-            bar(n_bytes)
+                bar.set_total(total / MIB)
+            bar(n_bytes / MIB)
 
         installed = pull(name, force=force, trust_new=trust_new, progress=received)
     _report(installed, json_output)
