@@ -19,7 +19,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-# name -> module under shitu_cli.commands; each module defines `command`. Only working
+# name -> module under shitu_cli.commands; each defines `command` (or `app`, a Typer group). Only working
 # commands are listed, so `shitu --help` never offers one that does not run.
 COMMANDS = {
     "compress": "compress",
