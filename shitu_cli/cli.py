@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
+import warnings
 from typing import Any, Callable
 
 import typer
 
 from shitu_cli import __version__
+
+# Library chatter that says nothing to a user: paddle's JIT warns about ccache on import, and
+# faiss logs its SIMD probing once a library (ppcls, ppdet) has set the root logger to INFO.
+warnings.filterwarnings("ignore", message="No ccache found")
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 app = typer.Typer(
     name="shitu",
