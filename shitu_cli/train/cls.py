@@ -39,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "lr_schedule": "cosine",
     "lr_decay_epochs": [],
     "label_smoothing": 0.1,
+    "min_crop": 0.08,  # smallest area share the random resized crop keeps
+    "flip": True,
     "mixup": 0.0,
     "cutmix": 0.0,
     "ema": True,
@@ -155,6 +157,7 @@ def check_settings(settings: Mapping[str, Any]) -> None:
         ("batch_size", settings["batch_size"] >= 2, "at least 2 (batch norm needs two samples)"),
         ("lr", settings["lr"] > 0, "positive"),
         ("label_smoothing", 0 <= settings["label_smoothing"] < 1, "in [0, 1)"),
+        ("min_crop", 0 < settings["min_crop"] <= 1, "in (0, 1]"),
         ("mixup", settings["mixup"] >= 0, "0 (off) or a positive alpha"),
         ("cutmix", settings["cutmix"] >= 0, "0 (off) or a positive alpha"),
         ("distill_temperature", settings["distill_temperature"] > 0, "positive"),
@@ -436,7 +439,7 @@ class _Run:
         size = settings["input_size"]
         self.input_size = (size, size)
         self.preprocess = eval_preprocess(size)
-        self.augment = TrainAugment(self.input_size)
+        self.augment = TrainAugment(self.input_size, crop_scale=(settings["min_crop"], 1.0), flip=bool(settings["flip"]))
         self.batch_size = min(settings["batch_size"], len(data.train))
         self.steps_per_epoch = len(_epoch_batches(len(data.train), self.batch_size, np.arange(len(data.train))))
         seed_everything(settings["seed"])
