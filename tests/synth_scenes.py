@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tests.synth import class_names, draw_object, write_rgb
+from synth import class_names, draw_object, write_rgb
 
 
 @dataclass

@@ -108,9 +108,10 @@ def _patch_pil_textsize() -> None:
 
 # --- 4. PicoDet v2 assigners need int64 labels ---------------------------------------------
 # Upstream fault: ppdet's readers produce gt_class as int32, while PicoHeadV2's
-# ATSSAssigner / TaskAlignedAssigner combine it with int64 index tensors (gather,
-# where, full_like(bg_index)); paddle 3 no longer promotes between them and raises a
-# dtype mismatch on the first training step. Cast gt_labels to int64 on the way in.
+# ATSSAssigner (its static assigner for the first epochs) compares it with int64 index
+# tensors; paddle 3 refuses int64/int32 type promotion ("Type promotion only support
+# calculations between floating-point numbers ...") on the first training step.
+# TaskAlignedAssigner only warns today; cast for both so neither depends on promotion.
 def _patch_v2_assigner_labels() -> None:
     from ppdet.modeling.assigners import atss_assigner, task_aligned_assigner
 

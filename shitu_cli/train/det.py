@@ -9,6 +9,8 @@ import difflib
 import json
 import logging
 import random
+import shutil
+import sys
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass, field
@@ -350,20 +352,25 @@ def load_ppdet_config(path: Path):
 def ppdet_output_to(log_path: Path) -> Iterator[None]:
     """ppdet logs and pycocotools prints go to stdout; send both to RUN_DIR/train.log instead,
     so stdout stays free for results (`--json` must be the only thing there)."""
-    touched: list[tuple[logging.StreamHandler, Any]] = []
     with open(log_path, "a", encoding="utf-8") as log:
-        for name, logger in list(logging.Logger.manager.loggerDict.items()):
-            if not (name.startswith("ppdet") or name in ("reader", "sniper_coco_dataset")) or not isinstance(logger, logging.Logger):
-                continue
-            for handler in logger.handlers:
-                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                    touched.append((handler, handler.setStream(log)))
         try:
             with contextlib.redirect_stdout(log):
+                import ppdet  # noqa: F401  - it prints a numba warning on import
+
+                _point_ppdet_logs_at(log)
                 yield
         finally:
-            for handler, stream in touched:
-                handler.setStream(stream)
+            # Outside a run ppdet's chatter goes to the process's stderr. Not sys.stdout: a
+            # caller (a test runner, a notebook) may have swapped it for a stream it later closes.
+            _point_ppdet_logs_at(sys.__stderr__)
+
+
+def _point_ppdet_logs_at(stream) -> None:
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and (name.startswith("ppdet") or name in ("reader", "sniper_coco_dataset")):
+            for handler in logger.handlers:
+                if type(handler) is logging.StreamHandler:
+                    handler.stream = stream  # not setStream(): it flushes the old stream, maybe closed
 
 
 # ---------------------------------------------------------------- training
@@ -393,7 +400,7 @@ def _progress_callback(trainer, on_step, history: list[dict[str, float]], state:
                 history.append({"epoch": epoch, "lr": float(status["learning_rate"]),
                                 "loss": float(np.mean(self.losses)) if self.losses else float("nan")})
                 self.losses = []
-                _keep_last(run_dir / CHECKPOINTS, epoch, trainer.cfg.epoch)
+                _keep_last(trainer, run_dir / CHECKPOINTS, epoch, trainer.cfg.epoch)
             elif status.get("mode") == "eval" and trainer._metrics:
                 stats = trainer._metrics[0].get_results().get("bbox", [])
                 row = history[-1]
@@ -406,13 +413,45 @@ def _progress_callback(trainer, on_step, history: list[dict[str, float]], state:
     return Progress()
 
 
-def _keep_last(checkpoints: Path, epoch: int, epochs: int) -> None:
+def _keep_last(trainer, checkpoints: Path, epoch: int, epochs: int) -> None:
     """ppdet writes a checkpoint per snapshot epoch ({epoch-1}.* or model_final.*); keep only `last.*`."""
     name = "model_final" if epoch == epochs else str(epoch - 1)
-    for suffix in (".pdparams", ".pdopt", ".pdema"):
-        source = checkpoints / f"{name}{suffix}"
-        if source.is_file():
-            source.replace(checkpoints / f"last{suffix}")
+    if not (checkpoints / f"{name}.pdopt").is_file():
+        return
+    for suffix in (".pdparams", ".pdema"):
+        if (checkpoints / f"{name}{suffix}").is_file():
+            (checkpoints / f"{name}{suffix}").replace(checkpoints / f"last{suffix}")
+    _translate_optimizer_state(trainer.model, checkpoints / f"{name}.pdopt", checkpoints / "last.pdopt", to_structured=True)
+    (checkpoints / f"{name}.pdopt").unlink()
+
+
+def _translate_optimizer_state(model, source: Path, target: Path, to_structured: bool) -> None:
+    """ppdet keys optimiser state by paddle's unique names (conv2d_80.w_0), which depend on how many
+    layers the process built before; store structured names so a resume in any process finds them."""
+    import paddle
+
+    from shitu_cli.train.loop import _param_names, _rename_accumulators
+
+    state = paddle.load(str(source))
+    extras = {k: state.pop(k) for k in ("last_epoch", "LR_Scheduler") if k in state}
+    renamed = _rename_accumulators(state, _param_names(model), to_structured=to_structured)
+    tmp = target.with_name(f".{target.name}.tmp")
+    paddle.save({**renamed, **extras}, str(tmp))
+    tmp.replace(target)
+
+
+def _resume(trainer, checkpoints: Path) -> None:
+    """Resume from last.*: translate the optimiser keys back to this process's names first."""
+    staging = checkpoints / ".resume"
+    for suffix in (".pdparams", ".pdema"):
+        if (checkpoints / f"last{suffix}").is_file():
+            shutil.copyfile(checkpoints / f"last{suffix}", staging.with_suffix(suffix))
+    _translate_optimizer_state(trainer.model, checkpoints / "last.pdopt", staging.with_suffix(".pdopt"), to_structured=False)
+    try:
+        trainer.resume_weights(str(staging))
+    finally:
+        for suffix in (".pdparams", ".pdema", ".pdopt"):
+            staging.with_suffix(suffix).unlink(missing_ok=True)
 
 
 def _save_progress(run_dir: Path, history: list[dict[str, float]], state: dict[str, Any]) -> None:
@@ -487,7 +526,7 @@ def _train(run_dir: Path, settings: DetSettings, resume: bool, history: list, st
                        hint="lower --batch-size")
     checkpoints = run_dir / CHECKPOINTS
     if resume:
-        trainer.resume_weights(str(checkpoints / "last"))
+        _resume(trainer, checkpoints)
         saved = read_yaml(checkpoints / STATE_FILE) if (checkpoints / STATE_FILE).is_file() else {}
         history.extend(saved.get("history", [])[: trainer.start_epoch])
         state.update({k: saved.get(k) for k in state})
@@ -579,6 +618,7 @@ def _write_manifest(export_dir: Path, cfg, recipe_name: str, nms) -> None:
                               interpolation=_INTERP_NAMES.get(int(steps["Resize"].get("interp", 1)), "linear")),
         labels=[str(label) for label in infer_cfg["label_list"]],
         input_names=["image", "scale_factor"],
+        recipe_hash=sha256_file(Path(cfg["save_dir"]) / PPDET_CONFIG),  # the resolved config it was trained from
         extra={"recipe": recipe_name, "infer_cfg": "infer_cfg.yml", "is_scale": bool(norm.get("is_scale", True)),
                "nms": {"score_threshold": float(nms.score_threshold), "nms_threshold": float(nms.nms_threshold),
                        "keep_top_k": int(nms.keep_top_k)},
