@@ -147,25 +147,20 @@ def _scramble_batch_norm_statistics(model) -> None:
             layer._variance.set_value(rng.uniform(0.5, 1.5, shape).astype("float32"))
 
 
-def test_table_output_without_json(cli, lists, tmp_path):
-    result = cli("train-rec", lists, "-o", tmp_path / "run", "--recipe", "tiny", "--epochs", "1", "--eval-every", "1")
-    assert result.exit_code == 0, result.stderr
-    assert "recall1" in result.stdout and "untrained" in result.stdout
-    assert "export check" in result.stdout
-
-
-def test_class_folders_are_split_into_the_run_dir(cli, tmp_path):
+def test_class_folders_are_split_into_the_run_dir_and_summarised_in_a_table(cli, tmp_path):
     root = tmp_path / "folders"
     make_class_tree(root, n_classes=6, per_class=6, size=48, seed=2)
     run = tmp_path / "run"
-    result = cli("train-rec", root, "-o", run, "--recipe", "tiny", "--epochs", "1", "--input-size", "48", "--json")
+    result = cli("train-rec", root, "-o", run, "--recipe", "tiny", "--epochs", "1", "--input-size", "48")
     assert result.exit_code == 0, result.stderr
-    summary = json.loads(result.stdout)
+    assert "recall1" in result.stdout and "untrained" in result.stdout and "export check" in result.stdout
     assert (run / "split" / "train_list.txt").is_file()
-    split = read_yaml(run / "recipe.yaml")["inputs"]["split"]
+    recipe = read_yaml(run / "recipe.yaml")
+    split = recipe["inputs"]["split"]
     assert split["seed"] == 42 and split["holdout"] == 0.2
-    assert split["counts"]["train"] == summary["train_images"]
-    assert summary["query_images"] > 0
+    assert split["counts"]["train"] == recipe["inputs"]["train_images"]
+    assert recipe["inputs"]["query_images"] > 0
+    assert "split/train_list.txt" in recipe["outputs"]
     assert not (root / "train_list.txt").exists()  # the dataset folder is left alone
 
 
@@ -232,6 +227,7 @@ def test_pretrained_weights_load_and_mismatches_are_named(cli, trained, lists, t
     assert "best.pdparams" in wrong.stderr and "PPLCNet_x0_5" in wrong.stderr
     assert "backbone." in wrong.stderr and "!=" in wrong.stderr  # a key and its two shapes
     assert "Traceback" not in wrong.stderr
+    assert not (tmp_path / "y").exists()  # refused before anything was written
 
 
 def _copy_lists(lists: Path, target: Path) -> Path:

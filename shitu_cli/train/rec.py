@@ -525,9 +525,8 @@ def train_rec(dataset: Path | str, out: Path | str, recipe: str | None = None, p
               resume: bool = False, progress: Progress | None = None, **overrides: Any) -> TrainRecResult:
     """Train a recogniser on `dataset` into the run dir `out`; see the module docstring for the outputs."""
     import time
-    import warnings
 
-    from shitu_cli.train.loop import CHECKPOINT_DIR, fit, seed_everything
+    from shitu_cli.train.loop import CHECKPOINT_DIR, seed_everything
 
     started = time.perf_counter()
     run_dir = Path(out)
@@ -538,35 +537,20 @@ def train_rec(dataset: Path | str, out: Path | str, recipe: str | None = None, p
         _check_resume(saved, overrides)
     settings = resolve_settings(recipe, overrides, saved)
     data = resolve_data(Path(dataset), run_dir, settings)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
-    write_yaml(run_dir / CHECKPOINT_DIR / SETTINGS_FILE, asdict(settings))
-
     seed_everything(settings.seed)
     model = build_rec_model(settings, len(data.train_classes))
     pretrained_info = load_pretrained(model, pretrained, settings.backbone) if pretrained else None
-    sampler, make_loader = make_train_loader(data, settings)
+    (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    write_yaml(run_dir / CHECKPOINT_DIR / SETTINGS_FILE, asdict(settings))
     evaluate = make_evaluate(data, settings)
     initial = evaluate(model) if evaluate else {}
-
-    from shitu_cli.train.losses import RecLoss, RecLossConfig
-
-    loss = RecLoss(RecLossConfig(label_smoothing=settings.label_smoothing, triplet_weight=settings.triplet_weight,
-                                 margin=settings.margin, absolute_loss_weight=settings.absolute_loss_weight,
-                                 ap_value=settings.ap_value, an_value=settings.an_value))
     done_epochs = int((read_yaml(run_dir / CHECKPOINT_DIR / "last_state.yaml") or {}).get("epoch", 0)) if resume else 0
-    if progress:
-        progress(total=settings.epochs * len(sampler), completed=done_epochs * len(sampler))
-    with warnings.catch_warnings():
-        # paddle's BatchNorm1D/2D warn on every training forward that they track global stats.
-        warnings.filterwarnings("ignore", message="When training, we now always track")
-        fitted = fit(model, make_loader, len(sampler), lambda m, batch: loss(m(batch[0]), batch[1]), evaluate,
-                     _loop_config(settings), run_dir, resume=resume, on_step=progress, batch_size=sampler.batch_size)
+    fitted, sampler = _fit(model, data, settings, evaluate, run_dir, resume, done_epochs, progress)
     final = _best_row_metrics(fitted)
     export_dir, diff = export_rec(model, run_dir / EXPORT_DIR, settings, data)
-    warnings = list(data.warnings)
+    notes = list(data.warnings)
     if diff > EXPORT_TOLERANCE:
-        warnings.append(f"exported model differs from the trained one by up to {diff:.2e} (over {EXPORT_TOLERANCE:g})")
+        notes.append(f"exported model differs from the trained one by up to {diff:.2e} (over {EXPORT_TOLERANCE:g})")
     result = TrainRecResult(
         run_dir=run_dir, export_dir=export_dir, recipe=run_dir / "recipe.yaml", backbone=settings.backbone,
         embedding_size=settings.embedding_size, input_size=settings.input_size, epochs=settings.epochs,
@@ -574,10 +558,32 @@ def train_rec(dataset: Path | str, out: Path | str, recipe: str | None = None, p
         train_classes=len(data.train_classes), gallery_images=len(data.gallery), query_images=len(data.query),
         best_epoch=fitted.best_epoch, best_recall1=fitted.best_value, final=final, initial=initial,
         export_max_abs_diff=diff, pretrained=pretrained_info, resumed_from_epoch=done_epochs,
-        seconds=round(time.perf_counter() - started, 2), warnings=warnings,
+        seconds=round(time.perf_counter() - started, 2), warnings=notes,
     )
     _write_run_recipe(result, settings, data, dataset, recipe, pretrained)
     return result
+
+
+def _fit(model, data: RecData, settings: RecSettings, evaluate, run_dir: Path, resume: bool, done_epochs: int,
+         progress: Progress | None):
+    """The shared loop with PK batches and CE + triplet; returns (FitResult, sampler)."""
+    import warnings
+
+    from shitu_cli.train.loop import fit
+    from shitu_cli.train.losses import RecLoss, RecLossConfig
+
+    loss = RecLoss(RecLossConfig(label_smoothing=settings.label_smoothing, triplet_weight=settings.triplet_weight,
+                                 margin=settings.margin, absolute_loss_weight=settings.absolute_loss_weight,
+                                 ap_value=settings.ap_value, an_value=settings.an_value))
+    sampler, make_loader = make_train_loader(data, settings)
+    if progress:
+        progress(total=settings.epochs * len(sampler), completed=done_epochs * len(sampler))
+    with warnings.catch_warnings():
+        # paddle's BatchNorm1D/2D warn on every training forward that they track global stats.
+        warnings.filterwarnings("ignore", message="When training, we now always track")
+        fitted = fit(model, make_loader, len(sampler), lambda m, batch: loss(m(batch[0]), batch[1]), evaluate,
+                     _loop_config(settings), run_dir, resume=resume, on_step=progress, batch_size=sampler.batch_size)
+    return fitted, sampler
 
 
 def _best_row_metrics(fitted) -> dict[str, float]:
@@ -626,9 +632,10 @@ def _write_run_recipe(result: TrainRecResult, settings: RecSettings, data: RecDa
     from shitu_cli.train.loop import CURVES_PNG, METRICS_CSV
 
     run_dir = result.run_dir
-    options = {"dataset": Path(dataset).resolve().as_posix(), "recipe": str(recipe) if recipe else None,
+    # Every setting is explicit in `options`, so a replay needs no recipe file; the base one is noted in inputs.
+    options = {"dataset": Path(dataset).resolve().as_posix(), "recipe": None,
                "pretrained": Path(pretrained).resolve().as_posix() if pretrained else None, **asdict(settings)}
-    inputs = {"lists_dir": data.lists_dir.as_posix(), "image_root": data.root.as_posix(), "lists": list_checksums(data),
+    inputs = {"base_recipe": recipe_path(recipe).resolve().as_posix(), "lists_dir": data.lists_dir.as_posix(), "image_root": data.root.as_posix(), "lists": list_checksums(data),
               "train_images": result.train_images, "train_classes": result.train_classes,
               "gallery_images": result.gallery_images, "query_images": result.query_images,
               "split": data.split, "pretrained": result.pretrained}
