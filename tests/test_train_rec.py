@@ -306,3 +306,17 @@ def test_pplcnetv2_trains_end_to_end(cli, lists, tmp_path):
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["backbone"] == "PPLCNetV2_base_ShiTu" and summary["export_max_abs_diff"] < 1e-4
+
+
+def test_shipped_recipes_resolve_and_flags_win(tmp_path):
+    from shitu_cli.errors import BadInput
+    from shitu_cli.train.rec import RECIPE_DIR, resolve_settings
+
+    for path in sorted(RECIPE_DIR.glob("*.yml")):
+        assert resolve_settings(path.stem, {}).backbone, path
+    assert resolve_settings("pp-shituv2", {}).backbone == "PPLCNetV2_base_ShiTu"
+    assert resolve_settings("tiny", {"epochs": 2}).epochs == 2
+    typo = tmp_path / "mine.yml"
+    typo.write_text("backbone: PPLCNet_x0_25\nembeding_size: 64\n", encoding="utf-8")
+    with pytest.raises(BadInput, match="embedding_size"):
+        resolve_settings(typo, {})
