@@ -121,6 +121,7 @@ def test_bad_usage_is_one_line_exit_2(cli, bench_inputs, tmp_path):
         (("--cls", bench_inputs["cls"], "--images", bench_inputs["images"], "--threads", "0"), "--threads"),
         (("--cls", bench_inputs["cls"], "--images", bench_inputs["images"], "--mkldnn", "maybe"), "--mkldnn"),
         (("--cls", bench_inputs["cls"], "--images", tmp_path), "no readable images"),
+        (("--cls", bench_inputs["cls"], "--images", bench_inputs["images"], "--int8", bench_inputs["rec"]), "expects an int8 model"),
     ]:
         result = cli("benchmark-cpu", *args)
         assert result.exit_code == 2, args

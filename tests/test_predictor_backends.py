@@ -126,3 +126,25 @@ def test_auto_is_paddle_until_a_benchmark_recorded_something(tiny_models):
     assert build_predictor(tiny_models["cls"], PredictorOptions(backend="auto")).backend == "paddle"
     # Another model's record says nothing about this one.
     assert build_predictor(tiny_models["rec"], PredictorOptions(backend="auto"), task="rec").backend == "paddle"
+
+
+@pytest.mark.skipif(not OTHER_BACKENDS, reason="no ONNX backend installed")
+def test_a_model_dir_holding_onnx_runs_without_conversion(tiny_models, tmp_path):
+    """An ONNX model with a shitu.yaml (e.g. an ONNX int8 model) goes straight to onnxruntime/openvino."""
+    from shitu_cli.artifacts import read_yaml, write_yaml
+
+    source = tiny_models["cls"]
+    build_predictor(source, PredictorOptions(backend=OTHER_BACKENDS[0]))  # makes source/.onnx/model.onnx
+    onnx_dir = tmp_path / "onnx_model"
+    onnx_dir.mkdir()
+    shutil.copy(source / ".onnx" / "model.onnx", onnx_dir / "model.onnx")
+    (onnx_dir / "model.params").write_bytes(b"")
+    manifest = read_yaml(source / "shitu.yaml")
+    write_yaml(onnx_dir / "shitu.yaml", {**manifest, "model_file": "model.onnx", "params_file": "model.params"})
+    x = _batch()
+    expected = build_predictor(source).run(x)[0]
+    for backend in OTHER_BACKENDS:
+        np.testing.assert_allclose(build_predictor(onnx_dir, PredictorOptions(backend=backend)).run(x)[0], expected, atol=1e-4)
+    assert not (onnx_dir / ".onnx").exists()
+    with pytest.raises(WorkFailed, match="cannot run an ONNX model"):
+        build_predictor(onnx_dir)

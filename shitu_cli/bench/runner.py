@@ -566,3 +566,11 @@ def default_images() -> Path:
         if (demo_root() / name).is_dir():
             return demo_root() / name
     raise BadInput(f"no built-in demo images in {demo_root()}", hint="pass --images DIR")
+
+
+def default_index() -> Path | None:
+    """The demo gallery index (assets/demo/index), when one has been built there."""
+    from shitu_cli.index.store import index_exists
+
+    candidate = demo_root() / "index"
+    return candidate if index_exists(candidate) else None

@@ -32,12 +32,12 @@ def command(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
     """Time decode, preprocess, inference, search and end to end on this CPU for each backend/threads/precision."""
-    from shitu_cli.bench.runner import BenchOptions, benchmark, default_images, default_models, expand_settings
+    from shitu_cli.bench.runner import BenchOptions, benchmark, default_images, default_index, default_models, expand_settings
     from shitu_cli.infer.predictor import BACKENDS, PRECISIONS
 
     models = {"det": det, "rec": rec, "cls": cls}
     if not any(models.values()) and index is None:
-        models = dict(default_models())
+        models, index = dict(default_models()), default_index()
     options = BenchOptions(
         backends=_choices(backend, BACKENDS, "--backend"), threads=_thread_list(threads),
         mkldnn=_mkldnn_modes(mkldnn), precisions=_choices(precision, PRECISIONS, "--precision"),

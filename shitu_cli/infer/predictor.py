@@ -47,6 +47,8 @@ class PaddlePredictor:
         from paddle.inference import Config, create_predictor
 
         self.model_dir, self.manifest, self.options = Path(model_dir), manifest, options
+        if manifest.model_file.endswith(".onnx"):
+            raise WorkFailed("Paddle Inference cannot run an ONNX model", hint="use onnxruntime or openvino", path=model_dir)
         self.model_files = [self.model_dir / manifest.model_file, self.model_dir / manifest.params_file]
         config = Config(str(self.model_files[0]), str(self.model_files[1]))
         config.disable_gpu()
@@ -229,6 +231,8 @@ def onnx_model(model_dir: Path, manifest: ModelManifest) -> Path:
     """The ONNX file for this model, converted by paddle2onnx on first use and reused while the hash matches."""
     import json
 
+    if manifest.model_file.endswith(".onnx"):
+        return Path(model_dir) / manifest.model_file  # already ONNX (e.g. an ONNX int8 model): nothing to convert
     model_hash = model_hash_of(manifest, model_dir)
     for cache in _onnx_cache_dirs(model_dir, model_hash):
         onnx_path, stamp = cache / ONNX_FILE, cache / ONNX_STAMP
