@@ -173,3 +173,26 @@ def test_unknown_policy_is_refused():
 
     with pytest.raises(BadInput, match="whole-image policy"):
         boxes_to_recognise([], 10, 10, "sometimes")
+
+
+@pytest.mark.xfail(strict=True, reason="train-rec's tiny export currently maps every image to nearly the same "
+                   "embedding (cosine 1.0 to 6 digits), so the index cannot tell labels apart; reported to train-rec")
+def test_train_rec_then_build_index_then_predict(cli, tmp_path):
+    """The whole recognition workflow on drawn classes: a trained model's export indexes and predicts."""
+    from synth import draw_object, write_rgb
+    import numpy as np
+
+    data = tmp_path / "products"
+    names = make_class_tree(data, n_classes=6, per_class=6, size=64, seed=3)
+    trained = cli("train-rec", data, "-o", tmp_path / "run", "--recipe", "tiny", "--epochs", "4", "--num-workers", "0", "--json")
+    assert trained.exit_code == 0, trained.stderr
+    export = tmp_path / "run" / "export"
+    assert cli("build-index", data, "-o", tmp_path / "index", "--rec", export).exit_code == 0
+    image = sorted((data / names[0]).glob("*.jpg"))[0]
+    doc = json.loads(cli("predict", image, "--index", tmp_path / "index", "--json").stdout)
+    top = doc["images"][0]["recognitions"][0]
+    assert top["label"] == names[0] and top["score"] == pytest.approx(1.0, abs=1e-4)
+    assert top["matches"][0]["gallery_path"] == image.resolve().as_posix()
+    fresh = write_rgb(tmp_path / "fresh.jpg", draw_object(names[1], 64, np.random.default_rng(99)))
+    doc = json.loads(cli("predict", fresh, "--index", tmp_path / "index", "--json").stdout)
+    assert doc["images"][0]["recognitions"][0]["matches"]  # a new photo gets ranked gallery labels

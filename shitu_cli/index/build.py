@@ -84,12 +84,12 @@ def build_index(
         report.files = commit_state(out, result, gallery, removals_expected, current)
         report.count, report.index = result.index.ntotal, result.choice
     report.seconds = time.perf_counter() - started
-    report.recipe = write_build_recipe(report, locals_for_recipe(gallery, out, rec, index_type, append, remove,
+    report.recipe = write_build_recipe(report, _recipe_options(gallery, out, rec, index_type, append, remove,
                                                              removals_expected, batch_size, threads, mkldnn))
     return report
 
 
-def locals_for_recipe(gallery, out, rec, index_type, append, remove, removals_expected, batch_size, threads, mkldnn) -> dict[str, Any]:
+def _recipe_options(gallery, out, rec, index_type, append, remove, removals_expected, batch_size, threads, mkldnn) -> dict[str, Any]:
     as_text = lambda p: None if p is None else Path(p).resolve().as_posix()  # noqa: E731
     return {"gallery": as_text(gallery), "out": as_text(out), "rec": as_text(rec), "index_type": index_type,
             "append": append, "remove": remove, "removals_expected": removals_expected,
