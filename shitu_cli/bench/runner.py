@@ -157,7 +157,7 @@ def load_models(paths: dict[str, Path | None], int8_paths: Sequence[Path] = ()) 
     return manifests, dirs, int8_dirs
 
 
-def load_images(source: Path) -> tuple[list[Path], list[np.ndarray], list[str]]:
+def load_images(source: Path) -> tuple[list[Path], list[str]]:
     """Decode every image once, untimed: it warms the file cache and drops files that cannot be read."""
     from shitu_cli.data.images import iter_image_files, read_image
 
@@ -168,16 +168,16 @@ def load_images(source: Path) -> tuple[list[Path], list[np.ndarray], list[str]]:
         files = [source]
     else:
         raise BadInput("no such file or folder", path=source, hint="pass --images DIR with image files")
-    paths, images, skipped = [], [], []
+    paths, skipped = [], []
     for path in files:
         try:
-            images.append(read_image(path))
+            read_image(path)
             paths.append(path)
         except ImageReadError as exc:
             skipped.append(exc.one_line())
     if not paths:
         raise BadInput("no readable images here", path=source, hint="pass --images DIR with .jpg/.png files")
-    return paths, images, skipped
+    return paths, skipped
 
 
 # ---- one setting: build its predictors, warm up, time the passes
@@ -448,7 +448,7 @@ def benchmark(models: dict[str, Path | None], images: Path, options: BenchOption
     manifests, dirs, int8_dirs = load_models(models, int8_models)
     if not dirs:
         raise BadInput("no model to benchmark", hint="pass --det, --rec and/or --cls DIR (exported model dirs)")
-    paths, _, skipped = load_images(images)
+    paths, skipped = load_images(images)
     results, outputs = [], []
     for setting in expand_settings(options):
         result, produced = run_setting(setting, dirs, int8_dirs, paths, options.warmup, options.runs, index)
