@@ -1,8 +1,8 @@
 """The detection stage: an RGB image in, mainbody boxes (original pixels, clipped, best first) out.
 
 Preprocessing follows the exported model's infer_cfg.yml (direct resize, mean/std
-normalisation, HWC->CHW) but runs as one cv2.resize plus one lookup-table pass per
-channel that normalises and transposes at once.
+normalisation, HWC->CHW) but runs as one cv2.resize plus one cv2.LUT pass per channel
+that normalises and writes the CHW plane at once.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ class DetPreprocess:
     size: tuple[int, int]
     interpolation: int
     table: np.ndarray  # [3, 256] float32: table[c, v] = normalised value of channel c at pixel value v
-
     @classmethod
     def from_steps(cls, steps: list[dict[str, Any]], source: Path) -> "DetPreprocess":
         """Build from ppdet's infer_cfg Preprocess list; refuse steps we would silently get wrong."""
@@ -57,7 +56,7 @@ class DetPreprocess:
             raise ManifestError("preprocessing has no Resize step", path=source)
         values = np.arange(256, dtype=np.float64)  # with is_scale False, mean/std are in pixel units
         table = (values[None, :] * scale - mean[:, None]) / std[:, None]
-        return cls(size, interpolation, table.astype(np.float32))
+        return cls(size, interpolation, np.ascontiguousarray(table, dtype=np.float32))
 
     def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(image [1,3,H,W] float32, scale_factor [1,2] = (H/h, W/w)) for one HxWx3 uint8 RGB image."""
@@ -67,8 +66,10 @@ class DetPreprocess:
         net_h, net_w = self.size
         resized = cv2.resize(rgb, (net_w, net_h), interpolation=self.interpolation)
         blob = np.empty((1, 3, net_h, net_w), np.float32)
-        for channel in range(3):
-            np.take(self.table[channel], resized[:, :, channel], out=blob[0, channel])
+        # cv2.LUT into each CHW plane: normalise + transpose in one SIMD pass per channel
+        # (np.take with out= takes a slow buffered path here, ~20x slower).
+        for channel, plane in enumerate(cv2.split(resized)):
+            cv2.LUT(plane, self.table[channel].reshape(256, 1), dst=blob[0, channel])
         scale_factor = np.array([[net_h / height, net_w / width]], np.float32)
         return blob, scale_factor
 
