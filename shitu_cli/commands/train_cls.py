@@ -23,6 +23,8 @@ def command(
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="cosine (with warm-up) or piecewise. [default: cosine]"),
     lr_decay_epochs: Optional[str] = typer.Option(None, "--lr-decay-epochs", help="Piecewise boundaries, e.g. 4,6,8 (lr x0.1 at each)."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing epsilon. [default: 0.1]"),
+    min_crop: Optional[float] = typer.Option(None, "--min-crop", help="Smallest area share kept by the random resized crop. [default: 0.08]"),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips (off for text, digits, arrows). [default: on]"),
     mixup: Optional[float] = typer.Option(None, "--mixup", help="Mixup alpha; 0 turns it off. [default: 0]"),
     cutmix: Optional[float] = typer.Option(None, "--cutmix", help="CutMix alpha; 0 turns it off. [default: 0]"),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Evaluate and keep an exponential moving average of the weights. [default: on]"),
@@ -45,7 +47,7 @@ def command(
     flags = {
         "model": model, "input_size": input_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
         "warmup_epochs": warmup_epochs, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
-        "lr_decay_epochs": lr_decay_epochs, "label_smoothing": label_smoothing, "mixup": mixup, "cutmix": cutmix,
+        "lr_decay_epochs": lr_decay_epochs, "label_smoothing": label_smoothing, "min_crop": min_crop, "flip": flip, "mixup": mixup, "cutmix": cutmix,
         "ema": ema, "ema_decay": ema_decay, "pretrained": pretrained, "teacher": teacher, "unlabeled": unlabeled,
         "distill_temperature": distill_temperature, "distill_weight": distill_weight, "val": val, "seed": seed,
         "num_workers": num_workers,

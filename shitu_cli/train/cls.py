@@ -387,7 +387,7 @@ def train_cls(
         mean_class_recall=final["mean_class_recall"], last_metrics=fit_result.last_metrics,
         worst_classes=final["worst_classes"], export_dir=export_dir, export_max_abs_diff=diff,
         confusion_png=run_dir / CONFUSION_PNG, metrics_csv=run_dir / "metrics.csv", recipe=run_dir / "recipe.yaml",
-        seconds=0.0, ema_decay=run.ema_decay, teacher=str(teacher.source) if teacher else None,
+        seconds=0.0, ema_decay=run.ema_decay, teacher=settings["teacher"],
         pretrained=settings["pretrained"], split=data.split, notes=run.notes,
     )
     _write_run_recipe(Path(dataset), run_dir, settings, data, summary, written, len(unlabeled))
