@@ -108,6 +108,24 @@ def test_exported_boxes_match_the_dygraph_model(trained, scenes):
             assert distance.min() < 1e-2, row
 
 
+def test_detector_runs_with_and_without_onednn(trained, scenes):
+    from shitu_cli.data.images import read_image
+    from shitu_cli.infer.detector import Detector
+    from shitu_cli.infer.predictor import PredictorOptions
+
+    run, _ = trained
+    root, _ = scenes
+    rgb = read_image(sorted((root / "images").glob("val_*.jpg"))[0])
+    found = {mkldnn: Detector(run / "export", PredictorOptions(mkldnn=mkldnn)).detect(rgb, 0.0, 5) for mkldnn in (True, False)}
+    assert len(found[True]) == len(found[False]) == 5
+    height, width = rgb.shape[:2]
+    for with_onednn, plain in zip(found[True], found[False]):
+        assert with_onednn.label == plain.label == "foreground"
+        assert with_onednn.score == pytest.approx(plain.score, abs=1e-3)
+        x1, y1, x2, y2 = plain.box
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+
+
 def test_resume_continues_from_the_last_epoch(trained, scenes, tmp_path):
     run, _ = trained
     root, _ = scenes

@@ -67,6 +67,10 @@ class PaddlePredictor:
                 config.enable_mkldnn_int8()
         elif options.precision == "bf16":
             raise WorkFailed("Paddle Inference runs bf16 only through oneDNN", hint="use --mkldnn on", path=model_dir)
+        else:
+            # Paddle 3.3 enables oneDNN on CPU by default: without this, "mkldnn off" still ran
+            # oneDNN (and crashed PicoDet, whose placement pass was then left in).
+            config.disable_mkldnn()
         try:
             self._predictor = create_predictor(config)
         except Exception as exc:  # paddle raises bare RuntimeError/ValueError subclasses
