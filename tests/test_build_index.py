@@ -178,6 +178,7 @@ def test_bad_usage_is_one_line_exit_2(cli, gallery, rec, tmp_path):
         assert result.exit_code == 2, (args, result.stderr)
         assert message in result.stderr
         assert "Traceback" not in result.stderr
+    assert not any((tmp_path / name).exists() for name in ("i1", "i2", "i3", "i4"))  # nothing half-made
 
 
 def _paddleclas_index(folder, vectors, docs, metric="IP"):

@@ -126,6 +126,8 @@ def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_ty
         progress.set_total(len(plan.embed))
     backend.set_threads(threads)
     embed_started = time.perf_counter()
+    # Seam for `--det`: with a mainbody detector, each file's main-object crop would be embedded
+    # here instead of the whole image, and its box recorded in GalleryItem.box.
     positions, vectors, failures = embedder.embed_files([e.path for e in plan.embed], progress)
     rate = len(plan.embed) / (time.perf_counter() - embed_started) if plan.embed else None
 

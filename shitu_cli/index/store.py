@@ -96,6 +96,7 @@ def write_lock(index_dir: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[Non
     from filelock import FileLock, Timeout
 
     index_dir = Path(index_dir)
+    created = not index_dir.exists()
     index_dir.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(index_dir / LOCK_FILE), timeout=timeout):
@@ -103,6 +104,11 @@ def write_lock(index_dir: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[Non
     except Timeout:
         raise BadInput(f"another process has been writing this index for over {timeout:.0f} s",
                        hint="wait for the other build-index to finish", path=index_dir) from None
+    except BaseException:
+        # A first build that failed leaves no folder behind, only the error.
+        if created and all(p.name == LOCK_FILE for p in index_dir.iterdir()):
+            shutil.rmtree(index_dir, ignore_errors=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- reading
