@@ -430,11 +430,11 @@ def _translate_optimizer_state(model, source: Path, target: Path, to_structured:
     layers the process built before; store structured names so a resume in any process finds them."""
     import paddle
 
-    from shitu_cli.train.loop import _param_names, _rename_accumulators
+    from shitu_cli.train.loop import param_names, rename_accumulators
 
     state = paddle.load(str(source))
     extras = {k: state.pop(k) for k in ("last_epoch", "LR_Scheduler") if k in state}
-    renamed = _rename_accumulators(state, _param_names(model), to_structured=to_structured)
+    renamed = rename_accumulators(state, param_names(model), to_structured=to_structured)
     tmp = target.with_name(f".{target.name}.tmp")
     paddle.save({**renamed, **extras}, str(tmp))
     tmp.replace(target)

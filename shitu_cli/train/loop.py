@@ -127,7 +127,7 @@ class Checkpoints:
 
     def save_last(self, model, optimizer, schedule, ema, state: dict[str, Any]) -> None:
         self.save("last.pdparams", model.state_dict())
-        optimizer_state = _rename_accumulators(optimizer.state_dict(), _param_names(model), to_structured=True)
+        optimizer_state = rename_accumulators(optimizer.state_dict(), param_names(model), to_structured=True)
         self.save("last.pdopt", {"optimizer": optimizer_state, "schedule": schedule.state_dict()})
         if ema is not None:
             self.save("last.ema.pdparams", ema.module.state_dict())
@@ -142,18 +142,18 @@ class Checkpoints:
             return None
         model.set_state_dict(paddle.load(str(self.dir / "last.pdparams")))
         opt = paddle.load(str(self.dir / "last.pdopt"))
-        optimizer.set_state_dict(_rename_accumulators(opt["optimizer"], _param_names(model), to_structured=False))
+        optimizer.set_state_dict(rename_accumulators(opt["optimizer"], param_names(model), to_structured=False))
         schedule.set_state_dict(opt["schedule"])
         if ema is not None and (self.dir / "last.ema.pdparams").is_file():
             ema.module.set_state_dict(paddle.load(str(self.dir / "last.ema.pdparams")))
         return read_yaml(state_file)
 
 
-def _param_names(model) -> dict[str, str]:
+def param_names(model) -> dict[str, str]:
     return {param.name: structured for structured, param in model.named_parameters()}
 
 
-def _rename_accumulators(state: dict[str, Any], names: dict[str, str], to_structured: bool) -> dict[str, Any]:
+def rename_accumulators(state: dict[str, Any], names: dict[str, str], to_structured: bool) -> dict[str, Any]:
     """Key optimiser state by structured names: paddle's own names (conv2d_64.w_0) depend on how
     many layers the process built before, so a resumed process would not find them."""
     mapping = names if to_structured else {v: k for k, v in names.items()}
