@@ -19,6 +19,11 @@ def command(
     topk: int = typer.Option(5, "--topk", help="How many distinct labels to report per box."),
     rec_thresh: float = typer.Option(0.5, "--rec-thresh", help="Below this cosine similarity the label is 'unknown'."),
     nms_thresh: float = typer.Option(0.3, "--nms-thresh", help="IoU above which boxes with the SAME label are merged."),
+    det: Optional[Path] = typer.Option(None, "--det", help="Mainbody detector dir (`shitu train-det` export): recognise each box."),
+    det_thresh: float = typer.Option(0.2, "--det-thresh", help="With --det: the detector score a box needs."),
+    max_boxes: int = typer.Option(5, "--max-boxes", help="With --det: at most this many boxes per image, best first."),
+    whole_image: str = typer.Option("fallback", "--whole-image",
+                                    help="With --det: also recognise the whole image: always, fallback (when no box), off."),
     batch_size: int = typer.Option(32, "--batch-size", help="Crops per recognition batch."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for Paddle Inference."),
     mkldnn: bool = typer.Option(True, "--mkldnn/--no-mkldnn", help="Use oneDNN (3-5x faster on most CPUs)."),
@@ -29,8 +34,9 @@ def command(
     from shitu_cli.infer.pipeline import PipelineOptions, expand_inputs
 
     paths = expand_inputs(images)
-    options = PipelineOptions(topk=topk, rec_thresh=rec_thresh, nms_thresh=nms_thresh)
-    runner = _open_runner(index, rec, options, threads, mkldnn, batch_size)
+    options = PipelineOptions(topk=topk, rec_thresh=rec_thresh, nms_thresh=nms_thresh, det_thresh=det_thresh,
+                              max_boxes=max_boxes, whole_image=whole_image)
+    runner = _open_runner(index, rec, det, options, threads, mkldnn, batch_size)
     for note in runner.notes:
         render.info(note)
     if len(paths) == 1:
@@ -51,13 +57,19 @@ def command(
         render.warn(f"{len(failed)} of {len(results)} images could not be read")
 
 
-def _open_runner(index: Path, rec: Optional[Path], options, threads: int, mkldnn: bool, batch_size: int):
+def _open_runner(index: Path, rec: Optional[Path], det: Optional[Path], options, threads: int, mkldnn: bool, batch_size: int):
     """The object that turns files into ImageResults. A classifier (`--model`, manifest task cls)
-    would be dispatched here on its manifest's task; today only index + rec model exists."""
+    would be dispatched here on its manifest's task; today only index + rec (+ det) exists."""
     from shitu_cli.infer.pipeline import Pipeline
     from shitu_cli.infer.predictor import PredictorOptions
 
-    return Pipeline(index, rec=rec, options=options, predictor_options=PredictorOptions(threads=threads, mkldnn=mkldnn),
+    predictor_options = PredictorOptions(threads=threads, mkldnn=mkldnn)
+    detector = None
+    if det is not None:
+        from shitu_cli.infer.detector import Detector
+
+        detector = Detector(det, predictor_options)
+    return Pipeline(index, rec=rec, detector=detector, options=options, predictor_options=predictor_options,
                     batch_size=batch_size)
 
 
