@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from shitu_cli.artifacts import current_umask
 from shitu_cli.models.manifest import ModelManifest, write_model_manifest
 
 MODEL_FILE = "inference.json"
@@ -21,6 +22,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; a model dir should be shareable
     try:
         yield staging
         backup = final.with_name(f".{final.name}.old")

@@ -207,6 +207,7 @@ def fit(
             optimizer.clear_grad()
             schedule.step()
             if ema is not None:
+                ema.decay = ema_decay_at(config.ema_decay, int(schedule.last_epoch))
                 ema.update(model)
             losses.append(float(loss))
             if on_step is not None:
@@ -239,6 +240,13 @@ def fit(
         best_checkpoint=checkpoints.best,
         seconds=time.perf_counter() - started,
     )
+
+
+def ema_decay_at(decay: float, step: int) -> float:
+    """EMA decay warmed up over the first steps, as TF's num_updates does. A fixed decay keeps
+    ~decay**step of the random initial weights for hundreds of steps; averaged with the trained
+    ones (and their BN statistics) that gives a net whose features no longer depend on the input."""
+    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 def _make_ema(model, config: LoopConfig):
