@@ -8,15 +8,18 @@ from typing import Any
 from shitu_cli.compress.images import ImageSet, iter_batches, readable_count
 from shitu_cli.compress.legacy import LEGACY_MODEL, LEGACY_PARAMS, export_legacy
 from shitu_cli.compress.pipeline import Candidate, Stage, derived_manifest, first_batch, stage_manifest
-from shitu_cli.compress.source import SourceModel, build_model_from_recipe, matching_head, need_run_dir, wrap_like_export
+from shitu_cli.compress.source import SourceModel, Trainable, build_model_from_recipe, check_reproduces_export, need_run_dir
+
+
+def trainable(source: SourceModel, method: str) -> Trainable:
+    return build_model_from_recipe(need_run_dir(source, method), source.manifest)
 
 
 def exportable_layer(source: SourceModel, calib_set: ImageSet, batch_size: int) -> Any:
     """The run's dygraph model wrapped to return what its export returns, checked against the export."""
-    run_dir = need_run_dir(source, "this method")
-    model = build_model_from_recipe(run_dir, source.manifest)
-    head = matching_head(model, source, first_batch(calib_set, source.manifest, batch_size))
-    return wrap_like_export(model, head)
+    layer = trainable(source, "Paddle PTQ").export_form()
+    check_reproduces_export(layer, source, first_batch(calib_set, source.manifest, batch_size))
+    return layer
 
 
 def _legacy_fp32(source: SourceModel, calib_set: ImageSet, work: Path, batch_size: int, stage: Stage,

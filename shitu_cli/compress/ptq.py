@@ -20,7 +20,7 @@ def check_algo(algo: str) -> str:
 
 
 def quantize_static(fp32_dir: Path, out_dir: Path, batches: Callable[[], Iterable[np.ndarray]], input_name: str,
-                    algo: str = "hist", batch_count: int | None = None) -> Path:
+                    algo: str = "hist", batch_count: int | None = None, op_types: list[str] | None = None) -> Path:
     """INT8 model (inference.pdmodel + .pdiparams) in out_dir from the legacy fp32 model in fp32_dir.
 
     onnx_format=True stores quantize/dequantize pairs with int8-valued weights, which is what
@@ -48,6 +48,7 @@ def quantize_static(fp32_dir: Path, out_dir: Path, batches: Callable[[], Iterabl
                 onnx_format=True,
                 weight_quantize_type="channel_wise_abs_max",
                 is_use_cache_file=False,
+                quantizable_op_type=list(op_types or []),
             )
             ptq.quantize()
             ptq.save_quantized_model(str(out_dir), model_filename=LEGACY_MODEL, params_filename=LEGACY_PARAMS)

@@ -75,83 +75,93 @@ def need_run_dir(source: SourceModel, method: str) -> Path:
 # ----------------------------------------------------------------------------- rebuilding the dygraph model
 
 
-def build_model_from_recipe(run_dir: Path, manifest: ModelManifest) -> Any:
-    """The run's dygraph network with its best weights, in eval mode (the bare net, no export wrapper).
+@dataclass
+class Trainable:
+    """The run's network as trained (cls: logits; rec: RecModel's dict) and how its export wraps it."""
 
-    TODO(move): belongs with the trainers (shitu_cli/train); kept here until they export one.
+    model: Any
+    task: str
+
+    def export_form(self, model: Any | None = None) -> Any:
+        """A layer returning exactly what the export returns (re-parameterised copy; cls: softmax, rec: features)."""
+        import copy
+
+        from shitu_cli.train.rec import re_parameterize
+
+        net = copy.deepcopy(model if model is not None else self.model)
+        net.eval()
+        if self.task == "rec":
+            from shitu_cli.train.rec import embedding_layer
+
+            layer = embedding_layer(net)
+        else:
+            from shitu_cli.train.cls import WithSoftmax
+
+            layer = WithSoftmax.wrap(net)
+        re_parameterize(layer)
+        layer.eval()
+        return layer
+
+
+def build_model_from_recipe(run_dir: Path, manifest: ModelManifest) -> Trainable:
+    """The run's network with its best weights, rebuilt with the trainer's own builder, in eval mode.
+
+    TODO(move): a public `build_model_from_recipe(run_dir)` belongs in shitu_cli/train; it lives
+    here until the trainers export one.
     """
     import paddle
 
     from shitu_cli.recipes import read_recipe
 
     run_dir = Path(run_dir)
-    options = read_recipe(run_dir).options
+    recipe = read_recipe(run_dir)
     state = paddle.load(str(run_dir / CHECKPOINT))
-    model = _build_network(options, manifest, state, run_dir)
-    missing, unexpected = _set_state(model, state)
-    if missing:
-        raise WorkFailed(f"checkpoint lacks {len(missing)} weight(s) of the rebuilt model, e.g. {missing[0]}", path=run_dir / CHECKPOINT)
-    model.eval()
-    return model
-
-
-def _build_network(options: dict[str, Any], manifest: ModelManifest, state: dict[str, Any], run_dir: Path) -> Any:
-    from shitu_cli.models.ppcls import build_arch
-
-    arch_config = options.get("arch_config") or manifest.extra.get("arch_config")
-    if arch_config:
-        return build_arch(dict(arch_config))
-    if manifest.task == "cls":
-        arch = options.get("model") or manifest.arch
-        if "fc.weight" not in state:
-            raise WorkFailed(f"not a {arch} classifier checkpoint (no fc.weight)", path=run_dir / CHECKPOINT)
-        return build_arch({"name": arch, "class_num": int(state["fc.weight"].shape[1])})
-    raise WorkFailed(
-        f"cannot rebuild a {manifest.task} model from this run's recipe (no arch_config)",
-        hint="compress its export with --onnx-int8 instead",
-        path=run_dir / RECIPE,
-    )
-
-
-def _set_state(model, state: dict[str, Any]) -> tuple[list[str], list[str]]:
+    if recipe.command == "train-cls":
+        model = _build_classifier(recipe.options, state, run_dir)
+    elif recipe.command == "train-rec":
+        model = _build_recogniser(recipe.options, state, run_dir)
+    else:
+        raise WorkFailed(
+            f"cannot rebuild a model from a {recipe.command!r} run",
+            hint="compress runs of train-cls or train-rec, or use --onnx-int8 on an export",
+            path=run_dir / RECIPE,
+        )
     own = model.state_dict()
     missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    if missing:
+        raise WorkFailed(f"checkpoint lacks {len(missing)} weight(s) of the rebuilt model, e.g. {missing[0]}", path=run_dir / CHECKPOINT)
     model.set_state_dict(state)
-    return missing, unexpected
+    model.eval()
+    return Trainable(model, manifest.task)
 
 
-class ExportHead:
-    """What sits between the bare net's output (rec: its "features") and the export's: nothing or a softmax."""
-
-    NONE, SOFTMAX = "none", "softmax"
-
-
-def wrap_like_export(model, head: str):
-    """A layer whose forward returns exactly what the exported model returns."""
-    import paddle
-
-    class Exported(paddle.nn.Layer):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            out = self.net(x)
-            if isinstance(out, dict):
-                out = out["features"]
-            if head == ExportHead.SOFTMAX:
-                out = paddle.nn.functional.softmax(out, axis=-1)
-            return out
-
-    return Exported(model)
+def _class_count(state: dict[str, Any], key: str, run_dir: Path) -> int:
+    if key not in state or len(state[key].shape) != 2:
+        raise WorkFailed(f"checkpoint has no {key} to tell the class count", path=run_dir / CHECKPOINT)
+    return int(state[key].shape[1])
 
 
-def matching_head(model, source: SourceModel, probe: np.ndarray) -> str:
-    """Find which head makes the rebuilt net reproduce the export on `probe`; refuse if none does.
+def _build_classifier(options: dict[str, Any], state: dict[str, Any], run_dir: Path) -> Any:
+    from shitu_cli.train.cls import build_classifier
 
-    A rebuilt net that does not match (another arch, stale checkpoint, a wrapper we do not
-    know) would make every later measurement a comparison against the wrong model.
+    return build_classifier(options["model"], _class_count(state, "fc.weight", run_dir))
+
+
+def _build_recogniser(options: dict[str, Any], state: dict[str, Any], run_dir: Path) -> Any:
+    import dataclasses
+
+    from shitu_cli.train.rec import RecSettings, build_rec_model
+
+    known = {f.name for f in dataclasses.fields(RecSettings)}
+    settings = RecSettings(**{k: v for k, v in options.items() if k in known})
+    return build_rec_model(settings, _class_count(state, "head.fc.weight", run_dir))
+
+
+def check_reproduces_export(layer, source: SourceModel, probe: np.ndarray) -> float:
+    """Refuse a rebuilt layer that does not reproduce the export on `probe`; return the largest difference.
+
+    A rebuilt net that does not match (another arch, a checkpoint changed after export, a
+    wrapper we do not know) would make every later measurement a comparison against the wrong model.
     """
     import paddle
 
@@ -159,16 +169,15 @@ def matching_head(model, source: SourceModel, probe: np.ndarray) -> str:
 
     expected = build_predictor(source.model_dir, PredictorOptions(mkldnn=False)).run(probe)[0]
     with paddle.no_grad():
-        raw = model(paddle.to_tensor(probe))
-        if isinstance(raw, dict):
-            raw = raw["features"]
-        candidates = {ExportHead.NONE: raw.numpy(), ExportHead.SOFTMAX: paddle.nn.functional.softmax(raw, axis=-1).numpy()}
-    for head, value in candidates.items():
-        if value.shape == expected.shape and np.allclose(value, expected, atol=REBUILD_TOLERANCE, rtol=REBUILD_TOLERANCE):
-            return head
-    worst = min(float(np.abs(v - expected).max()) if v.shape == expected.shape else float("inf") for v in candidates.values())
-    raise WorkFailed(
-        f"the model rebuilt from the run dir does not reproduce its export (max difference {worst:.3g})",
-        hint="was the run dir changed after export? re-export it, or use --onnx-int8 on the export",
-        path=source.run_dir,
-    )
+        got = layer(paddle.to_tensor(probe)).numpy()
+    if got.shape != expected.shape:
+        raise WorkFailed(f"the model rebuilt from the run dir outputs shape {list(got.shape)}, its export {list(expected.shape)}",
+                         path=source.run_dir)
+    worst = float(np.abs(got - expected).max())
+    if worst > REBUILD_TOLERANCE * max(1.0, float(np.abs(expected).max())):
+        raise WorkFailed(
+            f"the model rebuilt from the run dir does not reproduce its export (max difference {worst:.3g})",
+            hint="was the run dir changed after export? re-export it, or use --onnx-int8 on the export",
+            path=source.run_dir,
+        )
+    return worst
