@@ -196,3 +196,25 @@ def test_train_rec_then_build_index_then_predict(cli, tmp_path):
     fresh = write_rgb(tmp_path / "fresh.jpg", draw_object(names[1], 64, np.random.default_rng(99)))
     doc = json.loads(cli("predict", fresh, "--index", tmp_path / "index", "--json").stdout)
     assert doc["images"][0]["recognitions"][0]["matches"]  # a new photo gets ranked gallery labels
+
+
+def test_predict_with_a_detector_recognises_boxes_and_the_whole_image(cli, built, tmp_path):
+    """A 1-epoch PicoDet from `shitu train-det` feeds boxes to the pipeline; the policy decides the whole image."""
+    from synth_scenes import make_coco_scenes
+
+    gallery, index, _ = built
+    scenes = tmp_path / "scenes"
+    make_coco_scenes(scenes, n_train=12, n_val=4, n_classes=2, seed=3)
+    trained = cli("train-det", scenes, "-o", tmp_path / "det", "--recipe", "tiny", "--epochs", "1", "--batch-size", "4",
+                  "--merge-classes", "--json")
+    assert trained.exit_code == 0, trained.stderr
+    image = sorted(gallery.rglob("*.jpg"))[0]
+    det = tmp_path / "det" / "export"
+    always = json.loads(cli("predict", image, "--index", index, "--det", det, "--det-thresh", "0.0",
+                            "--whole-image", "always", "--json").stdout)["images"][0]
+    sources = [r["source"] for r in always["recognitions"]]
+    assert always["whole_image_policy"] == "always" and "whole_image" in sources
+    assert all(r["det_score"] is not None for r in always["recognitions"] if r["source"] == "detection")
+    off = json.loads(cli("predict", image, "--index", index, "--det", det, "--det-thresh", "1.01",
+                         "--whole-image", "off", "--json").stdout)["images"][0]
+    assert off["recognitions"] == []  # no box clears the threshold and the whole image is off
