@@ -124,11 +124,12 @@ def resolve_settings(recipe_file: Path | None, flags: Mapping[str, Any]) -> dict
 
 
 def auto_ema_decay(total_steps: int) -> float:
-    """An EMA horizon of about a tenth of the run: 0.999-ish only for long runs, 0.9 for tiny ones.
+    """An EMA horizon of about 2% of the run: 0.9995 for 100k steps, 0.9 for tiny runs.
 
-    A fixed 0.999 over a 200-step run would leave the EMA weights mostly at their random init.
+    A longer horizon lags a short run's fast-moving early weights: with decay 0.989 over 890 steps
+    the EMA model scored 18% val top-1 where the raw one scored 65% (digits, epoch 4 of 10).
     """
-    return float(min(0.9999, max(0.9, 1.0 - 10.0 / max(total_steps, 1))))
+    return float(min(0.9999, max(0.9, 1.0 - 50.0 / max(total_steps, 1))))
 
 
 def parse_decay_epochs(text: str | Sequence[int] | None) -> list[int]:
