@@ -49,3 +49,18 @@ def test_ptq_rec_keeps_embeddings_close(cli, rec_run, tmp_path):
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     assert compressed.shape == (len(paths), parent.embedding_dim)
     assert np.mean(np.sum(unit(original) * unit(compressed), axis=1)) >= MIN_COSINE
+
+
+def test_prune_rec_backbone_with_feature_distillation(cli, rec_run, tmp_path):
+    run_dir, products = rec_run
+    result = cli("compress", run_dir, "--calib", products / "train_list.txt", "--prune", "0.25", "--epochs", "2",
+                 "-o", tmp_path / "pruned", "--runs", "1", "--max-drop", "100", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["method"] == "prune-l1-0.25+distill"
+    assert report["after"]["size_bytes"] < report["before"]["size_bytes"]
+    assert -1.0 <= report["after"]["agreement"]["cosine"] <= 1.0
+
+    from shitu_cli.models.manifest import read_model_manifest
+
+    assert read_model_manifest(tmp_path / "pruned").embedding_dim == read_model_manifest(run_dir / "export").embedding_dim

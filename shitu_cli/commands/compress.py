@@ -27,8 +27,8 @@ def command(
     calib_size: int = typer.Option(64, "--calib-size", help="Use at most this many calibration images (spread over the list)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Batch size for calibration, fine-tuning and measuring."),
     runs: int = typer.Option(30, "--runs", help="Timed batch-1 calls per model for the latency p50."),
-    epochs: int = typer.Option(3, "--epochs", help="Fine-tuning epochs after --prune (and for --quant qat)."),
-    lr: float = typer.Option(0.01, "--lr", help="Fine-tuning learning rate."),
+    epochs: int = typer.Option(10, "--epochs", help="Fine-tuning epochs after --prune (and for --quant qat)."),
+    lr: float = typer.Option(0.02, "--lr", help="Fine-tuning learning rate."),
     seed: int = typer.Option(42, "--seed", help="Seed for fine-tuning; recorded in recipe.yaml."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:

@@ -28,7 +28,7 @@ def _legacy_fp32(source: SourceModel, calib_set: ImageSet, work: Path, batch_siz
     if base is None and source.is_legacy:
         return source.model_dir
     stage("exporting an old-format static model")
-    layer = base.details.pop("_layer") if base is not None else exportable_layer(source, calib_set, batch_size)
+    layer = base.layer if base is not None else exportable_layer(source, calib_set, batch_size)
     return export_legacy(layer, work / "fp32", tuple(source.manifest.input_size), source.manifest.input_names[0])
 
 
@@ -53,9 +53,92 @@ def ptq(source: SourceModel, calib_set: ImageSet, work: Path, algo: str, batch_s
 
 def prune_and_distill(source: SourceModel, calib_set: ImageSet, work: Path, ratio: float, epochs: int, lr: float,
                       seed: int, batch_size: int, stage: Stage) -> Candidate:
-    from shitu_cli.errors import BadInput
+    """L1-prune `ratio` of the filters, then fine-tune on the calibration images with the unpruned model
+    as teacher (KL at T=4, plus CE where the images carry labels; rec: plus 1 - cosine of the features)."""
+    import copy
 
-    raise BadInput("--prune is not implemented yet")
+    from shitu_cli.compress.prune import prune_pplcnet
+    from shitu_cli.models.export import export_layer
+
+    net = trainable(source, "--prune")
+    check_reproduces_export(net.export_form(), source, first_batch(calib_set, source.manifest, batch_size))
+    student = copy.deepcopy(net.model)
+    stage(f"pruning {ratio:.0%} of the filters (L1)")
+    summary = prune_pplcnet(student, ratio)
+    images, labels = _load_training_images(calib_set, source, batch_size)
+    stage(f"fine-tuning with distillation: {epochs} epoch(s) on {len(images)} image(s)")
+    _distill(net, student, images, labels, epochs, lr, seed, batch_size, work / "finetune")
+    layer = net.export_form(student)
+    method = f"prune-l1-{ratio:g}+distill"
+    manifest = derived_manifest(source, "", "", "fp32", method)
+    out_dir = export_layer(layer, work / "pruned", [[None, 3, *source.manifest.input_size]], manifest,
+                           input_names=source.manifest.input_names)
+    details = {"prune": "l1-filter", "ratio": ratio, "params_before": summary.params_before,
+               "params_after": summary.params_after, "finetune_epochs": epochs, "finetune_images": len(images),
+               "distill": "KL T=4" + (" + CE" if labels is not None else "")}
+    from shitu_cli.models.manifest import read_model_manifest
+
+    return Candidate(out_dir, read_model_manifest(out_dir), method, details, layer=layer)
+
+
+DISTILL_TEMPERATURE = 4.0
+DISTILL_WEIGHT = 0.5  # share of KL against CE when labels are known
+
+
+def _load_training_images(calib_set: ImageSet, source: SourceModel, batch_size: int):
+    """All calibration images in memory (N, 3, H, W) and, for cls when every image has a known class, labels."""
+    import numpy as np
+
+    from shitu_cli.compress.measure import _class_index
+
+    arrays, names = [], []
+    for batch, samples in iter_batches(calib_set, source.manifest, batch_size):
+        arrays.append(batch)
+        names.extend(s.label for s in samples)
+    images = np.concatenate(arrays)
+    labels = [_class_index(n, list(source.manifest.labels)) for n in names] if source.task == "cls" else []
+    known = bool(labels) and all(i is not None and 0 <= i < len(source.manifest.labels) for i in labels)
+    return images, (np.array(labels, np.int64) if known else None)
+
+
+def _distill(teacher: Trainable, student: Any, images, labels, epochs: int, lr: float, seed: int, batch_size: int,
+             run_dir: Path) -> None:
+    import numpy as np
+    import paddle
+
+    from shitu_cli.train.distill import distillation_loss, kl_at_temperature
+    from shitu_cli.train.loop import LoopConfig, fit
+
+    teacher.model.eval()
+
+    def make_loader(epoch):
+        order = np.random.permutation(len(images))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = images[idx]
+            flip = np.random.rand(len(idx)) < 0.5  # the only augmentation: the images are few
+            batch[flip] = batch[flip][..., ::-1]
+            yield paddle.to_tensor(np.ascontiguousarray(batch)), (labels[idx] if labels is not None else None)
+
+    def loss_fn(model, batch):
+        x, y = batch
+        with paddle.no_grad():
+            target = teacher.model(x)
+        out = model(x)
+        if teacher.task == "rec":
+            kl = kl_at_temperature(out["logits"], target["logits"], DISTILL_TEMPERATURE)
+            cosine = paddle.nn.functional.cosine_similarity(out["features"], target["features"], axis=1).mean()
+            return kl + (1.0 - cosine), {"kl": round(float(kl), 4), "cos": round(float(cosine), 4)}
+        if y is None:
+            kl = kl_at_temperature(out, target, DISTILL_TEMPERATURE)
+            return kl, {"kl": round(float(kl), 4)}
+        onehot = paddle.nn.functional.one_hot(paddle.to_tensor(y), out.shape[1])
+        return distillation_loss(out, target, onehot, DISTILL_TEMPERATURE, DISTILL_WEIGHT)
+
+    steps = -(-len(images) // batch_size)
+    config = LoopConfig(epochs=epochs, lr=lr, warmup_epochs=0.0, ema_decay=None, seed=seed, weight_decay=1e-5)
+    fit(student, make_loader, steps, loss_fn, None, config, run_dir, batch_size=batch_size)
+    student.eval()
 
 
 def qat(source: SourceModel, calib_set: ImageSet, work: Path, epochs: int, lr: float, seed: int, batch_size: int,

@@ -71,7 +71,8 @@ class Candidate:
     model_dir: Path
     manifest: ModelManifest
     method: str
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # recorded in shitu.yaml extra.compress
+    layer: Any = None  # the dygraph export form, when a later step (PTQ after pruning) needs it
 
 
 def compress(
@@ -89,8 +90,8 @@ def compress(
     calib_size: int = 64,
     batch_size: int = 8,
     runs: int = 30,
-    epochs: int = 3,
-    lr: float = 0.01,
+    epochs: int = 10,
+    lr: float = 0.02,
     seed: int = 42,
     on_stage: Stage | None = None,
 ) -> CompressResult:
@@ -203,7 +204,9 @@ def _judge(source: SourceModel, out: Path, candidate: Candidate, before: ModelSt
     if after.latency_ms_p50 >= before.latency_ms_p50:
         notes.append(
             f"the compressed model is NOT faster here: {after.latency_ms_p50:.2f} ms vs {before.latency_ms_p50:.2f} ms "
-            f"p50 at {threads} thread(s) (INT8 on CPU pays off only where oneDNN has fast INT8 kernels)"
+            f"p50 at {threads} thread(s)"
+            + (" (INT8 on CPU pays off only where oneDNN has fast INT8 kernels for these layer sizes)"
+               if after.precision == "int8" else "")
         )
     if drop > max_drop and force:
         notes.append(f"written despite a {drop:.2f}-point drop because of --force")
