@@ -128,3 +128,24 @@ def test_bad_input_is_a_one_line_error(cli, cls_run, tmp_path):
     clobber = cli("compress", run_dir, "--calib", data_dir, "-o", run_dir / "export")
     assert clobber.exit_code == 2 and "overwrite" in clobber.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_onnx_int8_works_from_an_export_alone(cli, cls_run, tmp_path):
+    run_dir, data_dir, _ = cls_run
+    shutil.copytree(run_dir / "export", tmp_path / "export")  # no run dir beside it: ONNX needs none
+    out = tmp_path / "onnx-int8"
+    result = cli("compress", tmp_path / "export", "--onnx-int8", "--calib", data_dir, "-o", out, "--runs", "2",
+                 "--max-drop", "100", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["method"] == "onnx-int8-minmax" and report["after"]["backend"] == "onnxruntime"
+    assert report["after"]["size_bytes"] < 0.6 * report["before"]["size_bytes"]  # weights really are int8
+    assert report["after"]["agreement"]["agreement"] >= MIN_AGREEMENT
+    assert any("backend" in note for note in report["notes"])
+
+    from shitu_cli.infer.predictor import PredictorOptions, build_predictor
+
+    images = _image_batch(out, data_dir)
+    original = _predict(run_dir / "export", images)
+    compressed = build_predictor(out, PredictorOptions(backend="onnxruntime"), task="cls").run(images)[0]
+    assert np.mean(original.argmax(1) == compressed.argmax(1)) >= MIN_AGREEMENT

@@ -69,6 +69,7 @@ def show_report(result) -> None:
     rows = [
         ("model", "original", result.method),
         ("precision", before.precision, after.precision),
+        ("backend", before.backend, after.backend),
         ("size MB", f"{before.size_mb:.3f}", f"{after.size_mb:.3f} ({after.size_bytes / max(before.size_bytes, 1):.2f}x)"),
         (f"latency p50 ms ({result.threads} thread{'s' if result.threads != 1 else ''})",
          f"{before.latency_ms_p50:.3f}", f"{after.latency_ms_p50:.3f} (speedup {result.speedup:.2f}x)"),
@@ -76,7 +77,7 @@ def show_report(result) -> None:
     for name, value in after.agreement.items():
         rows.append((name, f"{before.agreement.get(name, 1.0):.4f}", f"{value:.4f}"))
     for name, value in before.metric.items():
-        rows.append((f"{name} (--eval)", f"{value:.4f}", f"{after.metric.get(name, float('nan')):.4f}"))
+        rows.append((f"{name} (labelled images)", f"{value:.4f}", f"{after.metric.get(name, float('nan')):.4f}"))
     title = f"{result.task} model, {result.eval_images} image(s) measured, {result.calib_images} calibration image(s)"
     render.show(render.table(title, ["", "before", "after"], rows))
     render.show(f"quality drop: {result.quality_drop:.2f} points ({result.quality_basis}); limit {result.max_drop:g}")

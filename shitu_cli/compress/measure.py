@@ -22,7 +22,8 @@ class Outputs:
 
 
 def model_size_bytes(model_dir: Path, manifest: ModelManifest) -> int:
-    return sum((Path(model_dir) / name).stat().st_size for name in (manifest.model_file, manifest.params_file))
+    files = {manifest.model_file, manifest.params_file}  # one file for an ONNX model
+    return sum((Path(model_dir) / name).stat().st_size for name in files)
 
 
 def run_outputs(predictor, images: ImageSet, manifest: ModelManifest, batch_size: int) -> Outputs:

@@ -149,6 +149,23 @@ def qat(source: SourceModel, calib_set: ImageSet, work: Path, epochs: int, lr: f
 
 
 def onnx_int8(source: SourceModel, calib_set: ImageSet, work: Path, batch_size: int, stage: Stage) -> Candidate:
-    from shitu_cli.errors import BadInput
+    """paddle2onnx (works from an export alone) then onnxruntime static INT8 quantization."""
+    from shitu_cli.compress.legacy import quiet_stdout
+    from shitu_cli.compress.onnx_int8 import ONNX_INT8_FILE, quantize_onnx
+    from shitu_cli.infer.predictor import onnx_model
 
-    raise BadInput("--onnx-int8 is not implemented yet", hint="use --quant ptq")
+    stage("converting to ONNX (paddle2onnx)")
+    fp32_onnx = onnx_model(source.model_dir, source.manifest)
+    stage(f"calibrating ONNX INT8 on {readable_count(calib_set)} image(s)")
+
+    def batches():
+        return (batch for batch, _ in iter_batches(calib_set, source.manifest, batch_size))
+
+    out_dir = work / "onnx-int8"
+    with quiet_stdout():
+        quantize_onnx(fp32_onnx, out_dir / ONNX_INT8_FILE, batches, source.manifest.input_names[0])
+    method = "onnx-int8-minmax"
+    manifest = derived_manifest(source, ONNX_INT8_FILE, ONNX_INT8_FILE, "int8", method, backend="onnxruntime")
+    details = {"quant": "onnxruntime quantize_static", "format": "QDQ", "weights": "int8 per-channel",
+               "activations": "uint8 minmax", "calib_images": readable_count(calib_set)}
+    return Candidate(out_dir, stage_manifest(out_dir, manifest), method, details)

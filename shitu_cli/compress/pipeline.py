@@ -28,6 +28,7 @@ Stage = Callable[[str], None]  # told the name of each stage as it starts
 class ModelStats:
     model_dir: Path
     precision: str
+    backend: str
     method: str | None
     size_bytes: int
     latency_ms_p50: float
@@ -176,7 +177,7 @@ def _measure(model_dir: Path, manifest: ModelManifest, original: ModelManifest, 
     latency = latency_p50_ms(predictor, sample, runs)
     metric = task_metric(manifest.task, outputs, list(original.labels))
     agreed = {"agreement": 1.0} if reference is None else agreement(manifest.task, reference, outputs.values)
-    stats = ModelStats(Path(model_dir), manifest.precision, manifest.method, model_size_bytes(model_dir, manifest),
+    stats = ModelStats(Path(model_dir), manifest.precision, predictor.backend, manifest.method, model_size_bytes(model_dir, manifest),
                        latency, agreed, dict([metric]) if metric else {})
     return stats, outputs.values
 
@@ -208,6 +209,9 @@ def _judge(source: SourceModel, out: Path, candidate: Candidate, before: ModelSt
             + (" (INT8 on CPU pays off only where oneDNN has fast INT8 kernels for these layer sizes)"
                if after.precision == "int8" else "")
         )
+    if after.backend != before.backend:
+        notes.append(f"the original ran on {before.backend}, the compressed model on {after.backend}: "
+                     "the latency change is the backend's as much as the precision's")
     if drop > max_drop and force:
         notes.append(f"written despite a {drop:.2f}-point drop because of --force")
     return CompressResult(source.model_dir, out, source.task, candidate.method, threads, before, after, basis,
