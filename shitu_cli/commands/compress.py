@@ -17,7 +17,7 @@ def command(
     calib: Path = typer.Option(..., "--calib", help="Calibration / fine-tuning images: a list file (split-dataset formats) or a folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Where the compressed model dir goes (written only if quality held)."),
     eval_list: Optional[Path] = typer.Option(None, "--eval", help="Labelled images for the real metric (top-1 / recall@1); agreement is measured on them too."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="ptq (default), qat, or none (with --prune)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="ptq (default) or none (with --prune); qat is not implemented yet (refused with a hint)."),
     algo: str = typer.Option("hist", "--algo", help="PTQ activation-range algorithm: hist, KL, avg, abs_max, mse, emd."),
     prune: Optional[float] = typer.Option(None, "--prune", help="Remove this share of conv filters (L1), then fine-tune with distillation."),
     onnx_int8: bool = typer.Option(False, "--onnx-int8", help="INT8 through paddle2onnx + onnxruntime quantize_static instead."),

@@ -145,7 +145,7 @@ def qat(source: SourceModel, calib_set: ImageSet, work: Path, epochs: int, lr: f
         stage: Stage, base: Candidate | None = None) -> Candidate:
     from shitu_cli.errors import BadInput
 
-    raise BadInput("--quant qat is not implemented yet", hint="use --quant ptq")
+    raise BadInput("--quant qat is not implemented yet", hint="use --quant ptq, or --prune R --quant ptq (distillation then PTQ)")
 
 
 def onnx_int8(source: SourceModel, calib_set: ImageSet, work: Path, batch_size: int, stage: Stage) -> Candidate:

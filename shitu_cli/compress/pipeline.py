@@ -130,6 +130,9 @@ def _check_options(source: SourceModel, out: Path, quant: str | None, prune: flo
         quant = "none" if (prune is not None or onnx_int8) else "ptq"
     if quant not in QUANT_METHODS:
         raise BadInput(f"unknown --quant {quant!r}", hint=f"choose one of: {', '.join(QUANT_METHODS)}")
+    if quant == "qat":
+        # Quantization-aware fine-tuning is not built yet (see methods.qat); refuse before any work.
+        raise BadInput("--quant qat is not implemented yet", hint="use --quant ptq, or --prune R --quant ptq (distillation then PTQ)")
     if onnx_int8 and (quant != "none" or prune is not None):
         raise BadInput("--onnx-int8 is a method of its own", hint="drop --quant/--prune, or drop --onnx-int8")
     if prune is not None and not 0 < prune < 1:
