@@ -80,10 +80,21 @@ def write_scenes(sources: DemoSources, out: Path, count: int, seed: int, size=(3
     return records
 
 
-def write_rec_training_set(sources: DemoSources, out: Path, per_class: int = 24, seed: int = 1) -> None:
+def distractor_objects(sources: DemoSources) -> dict[str, np.ndarray]:
+    """Extra training classes cut from the background photos, so the recogniser learns to tell
+    many things apart (and train-rec can hold whole classes out for evaluation)."""
+    extra = {}
+    for b, background in enumerate(sources.backgrounds):
+        h, w = background.shape[:2]
+        for r, c in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            extra[f"patch {b}-{r}{c}"] = background[r * h // 2 : (r + 1) * h // 2, c * w // 2 : (c + 1) * w // 2]
+    return extra
+
+
+def write_rec_training_set(sources: DemoSources, out: Path, per_class: int = 48, seed: int = 1) -> None:
     """Class folders of augmented object shots (crops of pasted scenes) for train-rec."""
     rng = np.random.default_rng(seed)
-    for label, photo in sources.objects.items():
+    for label, photo in {**sources.objects, **distractor_objects(sources)}.items():
         for i in range(per_class):
             scene, placed = make_scene({label: photo}, sources.backgrounds, rng, max_objects=1)
             if not placed:

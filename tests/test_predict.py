@@ -50,7 +50,7 @@ def test_json_is_one_document_with_the_documented_shape(cli, built):
     image = sorted(gallery.rglob("*.jpg"))[0]
     result = cli("predict", image, "--index", index, "--json")
     doc = json.loads(result.stdout)
-    assert set(doc) == {"index", "images", "count", "failed"}
+    assert set(doc) == {"index", "models", "images", "count", "failed"}
     (entry,) = doc["images"]
     assert set(entry) == {"path", "recognitions", "whole_image_policy", "size", "error"}
     assert entry["whole_image_policy"] == "fallback" and entry["size"] == [64, 64] and entry["error"] is None
@@ -218,3 +218,81 @@ def test_predict_with_a_detector_recognises_boxes_and_the_whole_image(cli, built
     off = json.loads(cli("predict", image, "--index", index, "--det", det, "--det-thresh", "1.01",
                          "--whole-image", "off", "--json").stdout)["images"][0]
     assert off["recognitions"] == []  # no box clears the threshold and the whole image is off
+
+
+def test_save_vis_writes_a_drawn_copy_of_each_image(cli, built, tmp_path):
+    from shitu_cli.data.images import read_image
+
+    gallery, index, _ = built
+    images = sorted(gallery.rglob("*.jpg"))[:3]
+    folder = tmp_path / "queries"
+    for i, image in enumerate(images):
+        (folder / f"q{i}.jpg").parent.mkdir(exist_ok=True)
+        (folder / f"q{i}.jpg").write_bytes(image.read_bytes())
+    result = cli("predict", folder, "--index", index, "--save-vis", tmp_path / "vis")
+    assert result.exit_code == 0, result.stderr
+    drawn = sorted((tmp_path / "vis").iterdir())
+    assert [p.name for p in drawn] == ["q0.jpg", "q1.jpg", "q2.jpg"]
+    assert (read_image(drawn[0]).astype(int) - read_image(folder / "q0.jpg")).__abs__().max() > 100  # a box was drawn
+
+
+def test_eval_list_counts_right_wrong_and_unknown(cli, built, tmp_path):
+    gallery, index, _ = built
+    images = sorted(gallery.rglob("*.jpg"))
+    lines = [f"{p.relative_to(gallery).as_posix()}\t{p.parent.name}" for p in images[:5]]
+    lines.append(f"{images[5].relative_to(gallery).as_posix()}\tzebra")  # a label the gallery does not have
+    (gallery / "eval_list.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    result = cli("predict", "-", "--index", index, "--eval", gallery / "eval_list.txt", "--json")
+
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["queries"] == 6
+    assert doc["counts"]["correct"] == 5 and doc["counts"]["false accept"] == 1
+    assert doc["accuracy"] == pytest.approx(5 / 6, abs=1e-3)
+
+
+def test_missing_eval_list_is_exit_2(cli, built, tmp_path):
+    _, index, _ = built
+    result = cli("predict", "-", "--index", index, "--eval", tmp_path / "nope.txt")
+    assert result.exit_code == 2 and "nope.txt" in result.stderr
+
+
+def test_configured_default_index_is_used_without_flag(cli, built, monkeypatch):
+    gallery, index, _ = built
+    monkeypatch.setenv("SHITU_INDEX", str(index))
+    image = sorted(gallery.rglob("*.jpg"))[0]
+    result = cli("predict", image, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["index"] == str(index.resolve())
+
+
+def test_model_flag_runs_a_classifier_instead_of_the_index(cli, tmp_path):
+    import paddle
+
+    from shitu_cli.models.export import export_layer
+    from shitu_cli.models.manifest import ModelManifest
+    from shitu_cli.models.ppcls import build_arch
+
+    net = build_arch({"name": "PPLCNet_x0_25", "class_num": 3})
+
+    class Probabilities(paddle.nn.Layer):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return paddle.nn.functional.softmax(self.inner(x))
+
+    manifest = ModelManifest(task="cls", arch="PPLCNet_x0_25", input_size=(32, 32), model_file="", params_file="",
+                             labels=["кот", "cup", "rocket"])
+    model = export_layer(Probabilities(net), tmp_path / "cls", [[None, 3, 32, 32]], manifest)
+    make_class_tree(tmp_path / "imgs", n_classes=2, per_class=2, size=48)
+
+    result = cli("predict", tmp_path / "imgs", "--model", model, "--topk", "2", "--json")
+
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["count"] == 4
+    for image in doc["images"]:
+        assert len(image["top"]) == 2 and image["top"][0]["label"] in {"кот", "cup", "rocket"}

@@ -14,39 +14,72 @@ MAX_ERROR_ROWS = 20
 
 def command(
     images: str = typer.Argument(..., help="An image, a folder (searched recursively) or a quoted glob like 'shots/*.jpg'."),
-    index: Path = typer.Option(..., "--index", help="An index folder written by `shitu build-index`."),
-    rec: Optional[Path] = typer.Option(None, "--rec", help="Rec model dir (default: the one recorded in the index)."),
-    topk: int = typer.Option(5, "--topk", help="How many distinct labels to report per box."),
+    index: Optional[Path] = typer.Option(None, "--index", help="An index folder from `shitu build-index` "
+                                         "(default: `shitu config set index`, $SHITU_INDEX, else the built-in demo gallery)."),
+    rec: Optional[str] = typer.Option(None, "--rec", help="Rec model dir or name (default: the one recorded in the index)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A classifier (`shitu train-cls` export or a model name): "
+                                        "print its top-k classes instead of searching an index."),
+    topk: int = typer.Option(5, "--topk", help="How many distinct labels (or classes) to report per box."),
     rec_thresh: float = typer.Option(0.5, "--rec-thresh", help="Below this cosine similarity the label is 'unknown'."),
     nms_thresh: float = typer.Option(0.3, "--nms-thresh", help="IoU above which boxes with the SAME label are merged."),
-    det: Optional[Path] = typer.Option(None, "--det", help="Mainbody detector dir (`shitu train-det` export): recognise each box."),
+    det: Optional[str] = typer.Option(None, "--det", help="Mainbody detector dir or name (`shitu train-det` export): recognise each box."),
     det_thresh: float = typer.Option(0.2, "--det-thresh", help="With --det: the detector score a box needs."),
     max_boxes: int = typer.Option(5, "--max-boxes", help="With --det: at most this many boxes per image, best first."),
     whole_image: str = typer.Option("fallback", "--whole-image",
                                     help="With --det: also recognise the whole image: always, fallback (when no box), off."),
+    save_vis: Optional[Path] = typer.Option(None, "--save-vis", help="Write each image with its boxes and labels drawn into this folder."),
+    eval_list: Optional[Path] = typer.Option(None, "--eval", help="A labelled `path<TAB>label` query list: report how often "
+                                             "the best box is right, unknown, or wrongly labelled (IMAGES is then ignored)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Crops per recognition batch."),
-    threads: int = typer.Option(1, "--threads", help="CPU threads for Paddle Inference."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads for inference."),
     mkldnn: bool = typer.Option(True, "--mkldnn/--no-mkldnn", help="Use oneDNN (3-5x faster on most CPUs)."),
+    backend: str = typer.Option("auto", "--backend", help="paddle, onnxruntime, openvino, or auto (the fastest "
+                                "`shitu benchmark-cpu` recorded here for the model, else paddle)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
 ) -> None:
     """Recognise what is in each image: top-k labels with scores and the nearest gallery image."""
-    from shitu_cli.errors import BadInput
     from shitu_cli.infer.pipeline import PipelineOptions, expand_inputs
+    from shitu_cli.infer.predictor import PredictorOptions
 
-    paths = expand_inputs(images)
+    predictor_options = PredictorOptions(backend=backend, threads=threads, mkldnn=mkldnn)
+    if model is not None:
+        _predict_classes(images, model, predictor_options, topk, save_vis, batch_size, json_output)
+        return
+    truths = None
+    if eval_list is not None:
+        from shitu_cli.infer.evaluate import read_eval_list
+
+        paths, truths = map(list, zip(*read_eval_list(eval_list)))
+    else:
+        paths = expand_inputs(images)
     options = PipelineOptions(topk=topk, rec_thresh=rec_thresh, nms_thresh=nms_thresh, det_thresh=det_thresh,
                               max_boxes=max_boxes, whole_image=whole_image)
-    runner = _open_runner(index, rec, det, options, threads, mkldnn, batch_size)
+    runner, det_dir = _open_runner(index, rec, det, options, predictor_options, batch_size)
     for note in runner.notes:
         render.info(note)
+    results = _run(runner, paths)
+    if save_vis is not None:
+        _draw(results, save_vis)
+    if truths is not None:
+        _report_eval(runner, results, truths, json_output)
+        return
+    _report(runner, results, {"rec": runner.embedder.model_dir, "det": det_dir}, json_output)
+
+
+def _run(runner, paths):
     if len(paths) == 1:
-        results = runner.predict_files(paths)
-    else:
-        with render.progress("predicting", total=len(paths)) as bar:
-            results = runner.predict_files(paths, progress=bar)
+        return runner.predict_files(paths)
+    with render.progress("predicting", total=len(paths)) as bar:
+        return runner.predict_files(paths, progress=bar)
+
+
+def _report(runner, results, model_dirs, json_output: bool) -> None:
+    from shitu_cli.errors import BadInput
+
     failed = [r for r in results if r.error]
     if json_output:
-        render.print_json({"index": index.resolve(), "images": results, "count": len(results), "failed": len(failed)})
+        render.print_json({"index": runner.index_dir.resolve(), "models": model_dirs, "images": results,
+                           "count": len(results), "failed": len(failed)})
     else:
         _show(results, failed, runner.index.manifest.gallery)
     if failed and len(failed) == len(results):
@@ -57,20 +90,86 @@ def command(
         render.warn(f"{len(failed)} of {len(results)} images could not be read")
 
 
-def _open_runner(index: Path, rec: Optional[Path], det: Optional[Path], options, threads: int, mkldnn: bool, batch_size: int):
-    """The object that turns files into ImageResults. A classifier (`--model`, manifest task cls)
-    would be dispatched here on its manifest's task; today only index + rec (+ det) exists."""
-    from shitu_cli.infer.pipeline import Pipeline
-    from shitu_cli.infer.predictor import PredictorOptions
+def _report_eval(runner, results, truths, json_output: bool) -> None:
+    from shitu_cli.infer.evaluate import OUTCOMES, evaluate_results
 
-    predictor_options = PredictorOptions(threads=threads, mkldnn=mkldnn)
+    known = {item.label for item in runner.index.items.values()}
+    evaluation = evaluate_results(results, truths, known)
+    if json_output:
+        render.print_json({"index": runner.index_dir.resolve(), "queries": len(evaluation.outcomes),
+                           "accuracy": round(evaluation.accuracy, 4), "counts": evaluation.counts,
+                           "outcomes": evaluation.outcomes})
+        return
+    total = max(1, len(evaluation.outcomes))
+    rows = [(name, evaluation.counts[name], f"{evaluation.counts[name] / total:.1%}") for name in OUTCOMES if evaluation.counts[name]]
+    render.show(render.table(f"{len(evaluation.outcomes)} labelled queries", ["outcome", "count", "share"], rows))
+    render.show(f"best box right: [bold]{evaluation.accuracy:.1%}[/bold] (a query whose label is not in the gallery "
+                "counts as right when it comes back 'unknown')")
+
+
+def _open_runner(index: Optional[Path], rec: Optional[str], det: Optional[str], options, predictor_options, batch_size: int):
+    """The Pipeline for the chosen index, with the demo's detector when the built-in demo gallery is the default."""
+    from shitu_cli.infer.pipeline import Pipeline
+    from shitu_cli.models.registry import resolve_model_dir
+
+    index_dir, default_det = _index_or_default(index, predictor_options.threads)
+    det_dir = resolve_model_dir(det) if det is not None else default_det
     detector = None
-    if det is not None:
+    if det_dir is not None:
         from shitu_cli.infer.detector import Detector
 
-        detector = Detector(det, predictor_options)
-    return Pipeline(index, rec=rec, detector=detector, options=options, predictor_options=predictor_options,
-                    batch_size=batch_size)
+        detector = Detector(det_dir, predictor_options)
+    rec_dir = resolve_model_dir(rec) if rec is not None else None
+    pipeline = Pipeline(index_dir, rec=rec_dir, detector=detector, options=options, predictor_options=predictor_options,
+                        batch_size=batch_size)
+    return pipeline, det_dir
+
+
+def _index_or_default(index: Optional[Path], threads: int) -> tuple[Path, Optional[Path]]:
+    if index is not None:
+        return index, None
+    from shitu_cli.settings import default_index
+
+    configured = default_index()
+    if configured is not None:
+        return configured, None
+    from shitu_cli import demo
+
+    index_dir, models, _ = demo.ensure_demo_index(threads=threads)
+    render.info(f"no --index given and none configured: using the built-in demo gallery ({models.source} models)")
+    return index_dir, models.det
+
+
+def _draw(results, folder: Path) -> None:
+    from shitu_cli.data.images import read_image
+    from shitu_cli.infer.draw import draw_recognitions, unique_names, write_image
+
+    names = unique_names([Path(r.path) for r in results])
+    for result, name in zip(results, names):
+        if result.error is None:
+            write_image(folder / name, draw_recognitions(read_image(result.path), result.recognitions))
+    render.info(f"drawn images: {folder}")
+
+
+def _predict_classes(images: str, model: str, predictor_options, topk: int, save_vis, batch_size: int, json_output: bool) -> None:
+    from shitu_cli.errors import BadInput
+    from shitu_cli.infer.classifier import predict_cls
+    from shitu_cli.infer.pipeline import expand_inputs
+    from shitu_cli.models.registry import resolve_model_dir
+
+    paths = expand_inputs(images)
+    model_dir = resolve_model_dir(model)
+    results = list(predict_cls(paths, model_dir, predictor_options, topk, save_vis, batch_size))
+    failed = [r for r in results if not r.ok]
+    if json_output:
+        render.print_json({"model": model_dir.resolve(), "images": results, "count": len(results), "failed": len(failed)})
+    else:
+        rows = [(r.path, c.label, f"{c.score:.3f}", rank) for r in results if r.ok for rank, c in enumerate(r.top, 1)]
+        render.show(render.table(None, ["image", "class", "score", "rank"], rows))
+        for r in failed:
+            render.warn(f"{r.path}: {r.error}")
+    if failed and len(failed) == len(results):
+        raise BadInput(failed[0].error, path=failed[0].path)
 
 
 def _show(results, failed, gallery_root: str | None) -> None:

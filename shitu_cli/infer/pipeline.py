@@ -168,7 +168,8 @@ class Pipeline:
 
         self.options = options or PipelineOptions()
         _check_options(self.options)
-        self.index = load_index(Path(index_dir))
+        self.index_dir = Path(index_dir)
+        self.index = load_index(self.index_dir)
         rec_dir = Path(rec) if rec is not None else Path(self.index.manifest.model.dir)
         self.embedder = Embedder(rec_dir, predictor_options, batch_size=batch_size)
         self.notes = [n for n in [check_model_fits_index(self.index.manifest.model, self.embedder.manifest, rec_dir)] if n]

@@ -1,0 +1,82 @@
+"""`predict --eval LIST`: how often the best box of a labelled query carries the right label, and
+how the misses split between "unknown" (a safe miss) and a wrong label (a confusion)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from shitu_cli.errors import BadInput
+
+OUTCOMES = ("correct", "wrong label", "unknown", "rejected", "false accept", "unreadable")
+
+
+@dataclass
+class QueryOutcome:
+    path: str
+    truth: str
+    predicted: str | None  # label of the best-scoring recognition; None when there was none
+    score: float | None
+    outcome: str  # one of OUTCOMES
+
+
+@dataclass
+class PipelineEval:
+    outcomes: list[QueryOutcome]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        """Share of queries answered right: the gallery label, or "unknown" for a label not in the gallery."""
+        right = self.counts.get("correct", 0) + self.counts.get("rejected", 0)
+        return right / max(1, len(self.outcomes))
+
+
+def read_eval_list(list_file: Path) -> list[tuple[Path, str]]:
+    """`path<TAB>label` lines (split-dataset's rec lists). Relative paths are taken from the dataset
+    dir that a recipe.yaml beside the list names, else from the list's own folder."""
+    from shitu_cli.data.lists import read_rec_list
+
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise BadInput("eval list not found", path=list_file, hint="pass a `path<TAB>label` list such as query_list.txt")
+    rows = read_rec_list(list_file)
+    if not rows:
+        raise BadInput("eval list has no entries", path=list_file)
+    root = _list_root(list_file)
+    return [(root / rel, label) for rel, label in rows]
+
+
+def _list_root(list_file: Path) -> Path:
+    recipe = list_file.parent / "recipe.yaml"
+    if recipe.is_file():
+        from shitu_cli.recipes import read_recipe
+
+        dataset = read_recipe(recipe).options.get("dataset_dir")
+        if dataset and Path(dataset).is_dir():
+            return Path(dataset)
+    return list_file.parent
+
+
+def classify_outcome(truth: str, predicted: str | None, known_labels: set[str], error: str | None = None) -> str:
+    if error is not None:
+        return "unreadable"
+    in_gallery = truth in known_labels
+    said_unknown = predicted is None or predicted == "unknown"
+    if in_gallery:
+        return "unknown" if said_unknown else ("correct" if predicted == truth else "wrong label")
+    return "rejected" if said_unknown else "false accept"
+
+
+def evaluate_results(results: Sequence[Any], truths: Sequence[str], known_labels: set[str]) -> PipelineEval:
+    """Score ImageResults (in the order of `truths`) by their best-scoring recognition."""
+    outcomes = []
+    for result, truth in zip(results, truths):
+        best = max(result.recognitions, key=lambda r: r.score, default=None)
+        predicted = best.label if best is not None else None
+        outcomes.append(QueryOutcome(result.path, truth, predicted, best.score if best else None,
+                                     classify_outcome(truth, predicted, known_labels, result.error)))
+    counts = Counter(o.outcome for o in outcomes)
+    return PipelineEval(outcomes, {name: counts.get(name, 0) for name in OUTCOMES})
