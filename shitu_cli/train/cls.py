@@ -363,6 +363,16 @@ def train_cls(
     **settings: Any,
 ) -> ClsTrainSummary:
     """Train, evaluate, export and record a PP-LCNet classifier into the run dir `out`."""
+    from paddle.utils import unique_name
+
+    # paddle.save and jit.save store each tensor's generated name (conv2d_64.w_0), which counts up
+    # per process: a fresh name scope makes a replay in the same process byte-identical too.
+    with unique_name.guard():
+        return _train_cls(dataset, out, resume, progress, settings)
+
+
+def _train_cls(dataset: Path | str, out: Path | str, resume: bool, progress: Progress | None,
+               settings: dict[str, Any]) -> ClsTrainSummary:
     import time
 
     started = time.perf_counter()
