@@ -219,6 +219,15 @@ def test_predict_with_a_detector_recognises_boxes_and_the_whole_image(cli, built
                          "--whole-image", "off", "--json").stdout)["images"][0]
     assert off["recognitions"] == []  # no box clears the threshold and the whole image is off
 
+    # build-index --det indexes each gallery image's main-object crop and records its box
+    built_det = cli("build-index", gallery, "-o", tmp_path / "det_index", "--rec", built[2], "--det", det,
+                    "--det-thresh", "0.0", "--json")
+    assert built_det.exit_code == 0, built_det.stderr
+    from shitu_cli.index.store import load_index
+
+    items = load_index(tmp_path / "det_index").items.values()
+    assert items and all(item.box is not None and item.box[2] > item.box[0] for item in items)
+
 
 def test_save_vis_writes_a_drawn_copy_of_each_image(cli, built, tmp_path):
     from shitu_cli.data.images import read_image

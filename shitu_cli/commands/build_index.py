@@ -15,7 +15,9 @@ MAX_SKIP_ROWS = 20
 def command(
     gallery: Optional[Path] = typer.Argument(None, help="Folder with one subfolder per label, or a `path<TAB>label` list file."),
     out: Path = typer.Option(..., "--out", "-o", help="The index folder to create or update."),
-    rec: Optional[Path] = typer.Option(None, "--rec", help="Exported rec model dir (default: the model the index was built with)."),
+    rec: Optional[str] = typer.Option(None, "--rec", help="Exported rec model dir or model name (default: the model the index was built with)."),
+    det: Optional[str] = typer.Option(None, "--det", help="Mainbody detector dir or name: index each image's main-object crop, not the whole image."),
+    det_thresh: float = typer.Option(0.3, "--det-thresh", help="With --det: the score the main box needs; below it the whole image is used."),
     index_type: str = typer.Option("auto", "--index-type", help="auto, flat, hnsw or ivf (inner product on L2-normalised features)."),
     removals: Optional[bool] = typer.Option(
         None, "--removals/--no-removals",
@@ -28,9 +30,15 @@ def command(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per recognition batch."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for Paddle Inference and faiss."),
     mkldnn: bool = typer.Option(True, "--mkldnn/--no-mkldnn", help="Use oneDNN (3-5x faster on most CPUs)."),
+    backend: str = typer.Option("auto", "--backend", help="paddle, onnxruntime, openvino, or auto (the fastest "
+                                "`shitu benchmark-cpu` recorded here for the model, else paddle)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
     """Build or update a gallery index: re-running on a changed folder syncs it (added, removed, re-embedded)."""
+    from shitu_cli.models.registry import resolve_model_dir
+
+    rec = resolve_model_dir(rec) if rec is not None else None
+    det = resolve_model_dir(det) if det is not None else None
     if import_paddleclas is not None:
         from shitu_cli.index.paddleclas import import_paddleclas as run_import
 
@@ -44,7 +52,7 @@ def command(
         with render.progress("embedding", total=None) if gallery is not None else nullcontext() as bar:
             report = build_index(gallery, out, rec=rec, index_type=index_type, append=append, remove=remove,
                                  removals_expected=removals, batch_size=batch_size, threads=threads, mkldnn=mkldnn,
-                                 progress=bar)
+                                 progress=bar, det=det, det_thresh=det_thresh, predictor_backend=backend)
     for note in report.notes:
         render.info(note)
     if json_output:

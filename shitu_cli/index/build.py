@@ -13,6 +13,7 @@ from shitu_cli.errors import BadInput
 from shitu_cli.index import backend
 from shitu_cli.index.backend import IndexChoice
 from shitu_cli.index.items import GalleryItem, Skipped, UpdatePlan, hash_entries, plan_update, read_gallery, select_for_removal
+from shitu_cli.infer.predictor import PredictorOptions
 from shitu_cli.index.store import ModelRef, StoredIndex, check_writable, commit, index_exists, load_index, write_lock
 
 CORE = "shitu_cli.index.build:build_index"
@@ -63,12 +64,16 @@ def build_index(
     threads: int = 1,
     mkldnn: bool = True,
     progress: Callable[..., None] | None = None,
+    det: Path | str | None = None,
+    det_thresh: float = 0.3,
+    predictor_backend: str = "auto",
 ) -> BuildReport:
     """Make INDEX_DIR `out` hold GALLERY's images as `rec` embeds them.
 
     Without an index there, builds one. With one: re-syncs it to the gallery (new files
     added, deleted removed, changed re-embedded), or with `append` only adds content not
-    indexed yet. `remove` (a list file of paths, or a label) drops items instead.
+    indexed yet. `remove` (a list file of paths, or a label) drops items instead. With `det`
+    (a mainbody detector), each image's main-object crop is embedded instead of the whole image.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -80,12 +85,14 @@ def build_index(
             report, result = _remove(current, out, remove)
         else:
             report, result = _update(current, Path(gallery), out, rec, index_type, append, removals_expected,
-                                     batch_size, threads, mkldnn, progress)
+                                     batch_size, PredictorOptions(predictor_backend, threads, mkldnn), progress, det, det_thresh)
         report.files = commit_state(out, result, gallery, removals_expected, current)
         report.count, report.index = result.index.ntotal, result.choice
     report.seconds = time.perf_counter() - started
     report.recipe = write_build_recipe(report, _recipe_options(gallery, out, rec, index_type, append, remove,
-                                                             removals_expected, batch_size, threads, mkldnn))
+                                                             removals_expected, batch_size, threads, mkldnn)
+                                | {"det": None if det is None else Path(det).resolve().as_posix(), "det_thresh": det_thresh,
+                                   "predictor_backend": predictor_backend})
     return report
 
 
@@ -109,14 +116,14 @@ def _check_arguments(gallery, remove, append) -> None:
 
 
 def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_type, append, removals_expected,
-            batch_size, threads, mkldnn, progress) -> tuple[BuildReport, IndexState]:
+            batch_size, options, progress, det, det_thresh) -> tuple[BuildReport, IndexState]:
     from shitu_cli.infer.embedder import Embedder
-    from shitu_cli.infer.predictor import PredictorOptions
 
     backend.choose_index(index_type, 0)  # refuse an unknown type before any work
     pairs, skipped = read_gallery(gallery)
     model_dir = Path(rec) if rec is not None else _model_of(current)
-    embedder = Embedder(model_dir, PredictorOptions(threads=threads, mkldnn=mkldnn), batch_size=batch_size)
+    embedder = Embedder(model_dir, options, batch_size=batch_size)
+    main_object = _main_object(det, det_thresh, options)
     notes: list[str] = []
     items, same_model = _comparable_items(current, embedder, append, notes)
     entries, unreadable = hash_entries(pairs)
@@ -124,16 +131,15 @@ def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_ty
 
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(len(plan.embed))
-    backend.set_threads(threads)
+    backend.set_threads(options.threads)
     embed_started = time.perf_counter()
-    # Seam for `--det`: with a mainbody detector, each file's main-object crop would be embedded
-    # here instead of the whole image, and its box recorded in GalleryItem.box.
-    positions, vectors, failures = embedder.embed_files([e.path for e in plan.embed], progress)
+    positions, vectors, failures, boxes = embedder.embed_files([e.path for e in plan.embed], progress, main_object=main_object)
     rate = len(plan.embed) / (time.perf_counter() - embed_started) if plan.embed else None
 
     next_id = current.manifest.next_id if current else 0
     new_ids = np.arange(next_id, next_id + len(positions), dtype=np.int64)
-    new_items = {int(i): GalleryItem(plan.embed[p].path, plan.embed[p].label, plan.embed[p].sha256) for i, p in zip(new_ids, positions)}
+    new_items = {int(i): GalleryItem(plan.embed[p].path, plan.embed[p].label, plan.embed[p].sha256, box)
+                 for i, p, box in zip(new_ids, positions, boxes)}
     drop = sorted(set(plan.remove) | set(plan.replaced) | (set(current.items) - set(items) if current else set()))
     final_count = len(items) - len(set(drop) & set(items)) + len(new_items)
     if final_count == 0:
@@ -153,6 +159,16 @@ def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_ty
         skipped=skipped + unreadable + [Skipped(f.path, f.reason) for f in failures], notes=notes, images_per_s=rate,
     )
     return report, IndexState(index, {**kept, **new_items}, choice, int(next_id + len(positions)), model)
+
+
+def _main_object(det, det_thresh: float, options):
+    """The gallery cropper for `--det`: the detector's best box, or the whole image when it finds none."""
+    if det is None:
+        return None
+    from shitu_cli.infer.detector import Detector
+    from shitu_cli.infer.pipeline import main_object_crop
+
+    return main_object_crop(Detector(det, options), det_thresh)
 
 
 def _model_of(current: StoredIndex | None) -> Path:

@@ -29,6 +29,10 @@ def l2_normalise(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(norms, 1e-12)
 
 
+# image -> (the crop to embed, its box in the image or None for the whole image)
+MainObject = Callable[[np.ndarray], "tuple[np.ndarray, list[float] | None]"]
+
+
 class Embedder:
     """A rec model (task "rec") as a batched `embed(images) -> [N, D]` function."""
 
@@ -64,8 +68,10 @@ class Embedder:
         return l2_normalise(features)
 
     def embed_files(self, paths: Sequence[Path | str], progress: Callable[..., None] | None = None,
-                    workers: int = 2) -> tuple[list[int], np.ndarray, list[EmbedFailure]]:
-        """Embed image files; bad files are skipped. Returns (positions embedded, vectors, failures).
+                    workers: int = 2, main_object: MainObject | None = None
+                    ) -> tuple[list[int], np.ndarray, list[EmbedFailure], list[list[float] | None]]:
+        """Embed image files; bad files are skipped. Returns (positions embedded, vectors, failures,
+        boxes): with `main_object`, each image's main-object crop is embedded and its box returned.
 
         Decoding runs in a small thread pool (Pillow and OpenCV release the GIL) while the
         model works on the previous batch.
@@ -78,7 +84,7 @@ class Embedder:
             except ShituError as exc:
                 return position, None, EmbedFailure(Path(paths[position]).as_posix(), exc.message)
 
-        done, vectors, failures = [], [], []
+        done, vectors, failures, boxes = [], [], [], []
         started, seen = time.perf_counter(), 0
         batches = [range(start, min(start + self.batch_size, len(paths))) for start in range(0, len(paths), self.batch_size)]
         with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -89,10 +95,12 @@ class Embedder:
                 pending = [pool.submit(load, p) for p in batches[number + 1]] if number + 1 < len(batches) else []
                 good = [(pos, rgb) for pos, rgb, _ in loaded if rgb is not None]
                 failures.extend(f for _, _, f in loaded if f is not None)
+                crops = [main_object(rgb) if main_object else (rgb, None) for _, rgb in good]
                 if good:
-                    vectors.append(self._run([rgb for _, rgb in good]))
+                    vectors.append(self._run([crop for crop, _ in crops]))
                     done.extend(pos for pos, _ in good)
+                    boxes.extend(box for _, box in crops)
                 seen += len(loaded)
                 if progress:
                     progress(len(loaded), **{"img/s": seen / max(time.perf_counter() - started, 1e-9)})
-        return done, (np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)), failures
+        return done, (np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)), failures, boxes

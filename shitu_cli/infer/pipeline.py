@@ -122,6 +122,19 @@ def crop(rgb: np.ndarray, box: Sequence[float]) -> np.ndarray:
     return rgb[max(0, y1) : min(height, y2), max(0, x1) : min(width, x2)]
 
 
+def main_object_crop(detector: DetectorLike, thresh: float) -> Callable[[np.ndarray], tuple[np.ndarray, Box | None]]:
+    """image -> (crop of the detector's best box, that box), or (whole image, None) when none passes."""
+
+    def cropper(rgb: np.ndarray) -> tuple[np.ndarray, Box | None]:
+        found = detector.detect(rgb, thresh, 1)
+        if not found:
+            return rgb, None
+        box = clip_box(found[0].box, rgb.shape[1], rgb.shape[0])
+        return crop(rgb, box), box
+
+    return cropper
+
+
 def top_labels(scores: np.ndarray, ids: np.ndarray, items: dict, topk: int) -> list[Match]:
     """The best `topk` distinct labels among one query's neighbours, each with its nearest gallery item."""
     matches: list[Match] = []
