@@ -50,7 +50,7 @@ def command(
     else:
         show_report(result)
     if not result.written:
-        raise WorkFailed(f"not written: {result.refused}", hint="pass --force to write it anyway, or a larger --max-drop", path=result.out)
+        raise WorkFailed(f"not written: {result.refused}", hint="try another --algo (avg kept rec embeddings closer than hist in our tests), --prune R --quant ptq, or --onnx-int8; --force writes it anyway", path=result.out)
 
 
 def result_document(result) -> dict:
