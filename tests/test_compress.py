@@ -149,3 +149,4 @@ def test_onnx_int8_works_from_an_export_alone(cli, cls_run, tmp_path):
     original = _predict(run_dir / "export", images)
     compressed = build_predictor(out, PredictorOptions(backend="onnxruntime"), task="cls").run(images)[0]
     assert np.mean(original.argmax(1) == compressed.argmax(1)) >= MIN_AGREEMENT
+    assert build_predictor(out, PredictorOptions(backend="auto"), task="cls").backend == "onnxruntime"

@@ -193,9 +193,12 @@ def build_predictor(model_dir: Path | str, options: PredictorOptions | None = No
 
 
 def resolve_auto_backend(manifest: ModelManifest, model_dir: Path) -> str:
-    """The fastest backend benchmark-cpu recorded here for this model (and still installed), else paddle."""
+    """The fastest backend benchmark-cpu recorded here for this model (and still installed), else paddle
+    (or onnxruntime for an ONNX-only model, such as `shitu compress --onnx-int8` writes)."""
     from shitu_cli.bench.record import fastest_backend
 
+    if manifest.model_file.endswith(".onnx"):
+        return "onnxruntime"
     chosen = fastest_backend(model_hash_of(manifest, model_dir))
     if chosen in BACKENDS and (chosen == "paddle" or backend_installed(chosen)):
         return chosen
