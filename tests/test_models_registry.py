@@ -55,7 +55,7 @@ def test_paths_are_returned_as_given(tmp_path):
     assert resolve_model_dir(str(tmp_path)) == tmp_path
     weights = write_bytes(tmp_path / "w.pdparams", b"x")
     assert resolve_weights(weights) == weights
-    with pytest.raises(BadInput, match="no such model folder"):
+    with pytest.raises(BadInput, match="model folder not found"):
         resolve_model_dir(tmp_path / "missing")
     with pytest.raises(BadInput, match="expected a model folder"):
         resolve_model_dir(weights)

@@ -221,7 +221,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         if entry is not None:
             return entry.location()
         return _unknown(text, INFERENCE)
-    raise BadInput("no such model folder", path=path, hint="pass an exported model dir or a name from `shitu models list`")
+    raise BadInput("model folder not found", path=path, hint="pass an exported model dir or a name from `shitu models list`")
 
 
 def resolve_weights(name_or_path: str | os.PathLike) -> Path:
@@ -238,7 +238,7 @@ def resolve_weights(name_or_path: str | os.PathLike) -> Path:
         if entry is not None:
             return entry.location()
         return _unknown(text, WEIGHTS)
-    raise BadInput("no such weights file", path=path, hint="pass a .pdparams file or a name from `shitu models list`")
+    raise BadInput("weights file not found", path=path, hint="pass a .pdparams file or a name from `shitu models list`")
 
 
 def _unknown(text: str, kind: str) -> Path:

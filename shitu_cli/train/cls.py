@@ -266,13 +266,11 @@ def load_pretrained(model, path: Path, arch: str) -> str:
     """
     import paddle
 
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput("pretrained weights not found", hint="pass a local .pdparams file (downloads are not possible here)", path=path)
-    try:
-        state = paddle.load(str(path))
-    except Exception as exc:  # paddle raises assorted errors for a non-checkpoint
-        raise BadInput(f"cannot read as paddle weights ({exc.__class__.__name__})", path=path) from None
+    from shitu_cli.models.legacy import load_weights
+    from shitu_cli.models.registry import resolve_weights
+
+    path = resolve_weights(path)  # a .pdparams path, or a name such as PPLCNet_x1_0-pretrained
+    state = load_weights(path)  # arrays only: a downloaded pickle never runs code
     if not isinstance(state, dict) or not state:
         raise BadInput("not a paddle state dict", path=path)
     own = model.state_dict()

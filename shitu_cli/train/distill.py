@@ -194,12 +194,9 @@ def _checkpoint_teacher(checkpoint: Path, run_dir: Path) -> CheckpointTeacher:
 
 
 def _load_state(path: Path) -> dict[str, Any]:
-    import paddle
+    from shitu_cli.models.legacy import load_weights
 
-    try:
-        state = paddle.load(str(path))
-    except Exception as exc:  # paddle raises assorted errors for a file that is not a checkpoint
-        raise BadInput(f"cannot read as a paddle checkpoint ({exc.__class__.__name__})", path=path) from None
+    state = load_weights(path)  # arrays only: a checkpoint from elsewhere never runs code
     if not isinstance(state, dict) or not state:
         raise BadInput("not a paddle state dict", path=path)
     return state

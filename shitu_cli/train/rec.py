@@ -350,13 +350,11 @@ def load_pretrained(model, path: Path | str, backbone: str) -> dict[str, Any]:
     """Load a local .pdparams: a whole RecModel checkpoint or backbone-only (ImageNet/SSLD) weights."""
     import paddle
 
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput("pretrained weights not found", hint="pass a local .pdparams file (downloads are not possible here)", path=path)
-    try:
-        state = paddle.load(str(path))
-    except Exception as exc:  # paddle raises assorted errors for non-weight files
-        raise BadInput(f"cannot read as Paddle weights ({exc.__class__.__name__})", hint="pass a .pdparams file", path=path) from None
+    from shitu_cli.models.legacy import load_weights
+    from shitu_cli.models.registry import resolve_weights
+
+    path = resolve_weights(path)  # a .pdparams path, or a name such as PPLCNet_x1_0-pretrained
+    state = load_weights(path)  # arrays only: a downloaded pickle never runs code
     if not isinstance(state, dict) or not state:
         raise BadInput("holds no named weights", hint="pass a .pdparams file saved from a state_dict", path=path)
     if not any(str(k).startswith("backbone.") for k in state):
