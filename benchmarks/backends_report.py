@@ -45,11 +45,12 @@ def build_untrained_models(root: Path) -> dict[str, Path]:
 
 
 def pick_models(cache: Path) -> tuple[dict[str, Path], str]:
-    from shitu_cli.bench.runner import default_models
+    from shitu_cli.bench.runner import default_setup
     from shitu_cli.errors import BadInput
 
     try:
-        return default_models(), "the built-in demo models (assets/demo/models)"
+        models, _ = default_setup()
+        return {task: path for task, path in models.items() if path is not None}, "the demo models (`shitu demo`)"
     except BadInput:
         note = ("The built-in demo models did not exist yet, so these are **untrained** PP-LCNet x1_0 (classifier, "
                 "1000 classes) and PPLCNetV2_base_ShiTu (PP-ShiTuV2 recogniser, 512-d, re-parameterised) built at "

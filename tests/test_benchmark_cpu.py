@@ -130,9 +130,9 @@ def test_bad_usage_is_one_line_exit_2(cli, bench_inputs, tmp_path):
 
 
 def test_default_run_without_demo_models_names_what_to_pass(cli, tmp_path, monkeypatch):
-    import shitu_cli.bench.runner as runner
+    from shitu_cli import demo
 
-    monkeypatch.setattr(runner, "demo_root", lambda: tmp_path / "demo")
+    monkeypatch.setattr(demo, "DEMO_MODELS", tmp_path / "demo" / "models")
     result = cli("benchmark-cpu")
     assert result.exit_code == 2
     assert "--rec DIR" in result.stderr and "--images DIR" in result.stderr

@@ -540,25 +540,17 @@ def demo_root() -> Path:
     return Path(shitu_cli.__file__).resolve().parent.parent / "assets" / "demo"
 
 
-def default_models() -> dict[str, Path]:
-    """The built-in demo models (assets/demo/models/**/shitu.yaml), one per task, if they exist."""
-    from shitu_cli.models.manifest import MODEL_MANIFEST
+def default_setup() -> tuple[dict[str, Path | None], Path]:
+    """The demo's det and rec models (official when cached, else built-in) and the demo gallery's
+    index, built on first use, so a bare `shitu benchmark-cpu` works on a fresh install."""
+    from shitu_cli import demo
 
-    found: dict[str, Path] = {}
-    models_dir = demo_root() / "models"
-    for manifest_path in sorted(models_dir.rglob(MODEL_MANIFEST)) if models_dir.is_dir() else []:
-        try:
-            manifest = read_model_manifest(manifest_path.parent)
-        except BadInput:
-            continue
-        if manifest.precision == "fp32":
-            found.setdefault(manifest.task, manifest_path.parent)
-    if not found:
-        raise BadInput(
-            f"no built-in demo models in {models_dir}",
-            hint="pass models explicitly: --rec DIR and/or --cls DIR (exported model dirs) and --images DIR",
-        )
-    return found
+    try:
+        index, models, _ = demo.ensure_demo_index()
+    except BadInput as exc:
+        raise BadInput(exc.message, path=exc.path,
+                       hint="run `shitu demo --rebuild`, or pass models: --rec DIR / --det DIR / --cls DIR and --images DIR") from None
+    return {"det": models.det, "rec": models.rec, "cls": None}, index
 
 
 def default_images() -> Path:
@@ -568,9 +560,3 @@ def default_images() -> Path:
     raise BadInput(f"no built-in demo images in {demo_root()}", hint="pass --images DIR")
 
 
-def default_index() -> Path | None:
-    """The demo gallery index (assets/demo/index), when one has been built there."""
-    from shitu_cli.index.store import index_exists
-
-    candidate = demo_root() / "index"
-    return candidate if index_exists(candidate) else None

@@ -16,9 +16,9 @@ AGREEMENT_NAMES = {"det box match": "det F1", "rec cosine": "rec cos", "cls top-
 
 
 def command(
-    det: Optional[Path] = typer.Option(None, "--det", help="Exported mainbody detector dir."),
-    rec: Optional[Path] = typer.Option(None, "--rec", help="Exported recognition (embedding) model dir."),
-    cls: Optional[Path] = typer.Option(None, "--cls", help="Exported classifier dir."),
+    det: Optional[str] = typer.Option(None, "--det", help="Exported mainbody detector dir, or a model name."),
+    rec: Optional[str] = typer.Option(None, "--rec", help="Exported recognition (embedding) model dir, or a model name."),
+    cls: Optional[str] = typer.Option(None, "--cls", help="Exported classifier dir, or a model name."),
     index: Optional[Path] = typer.Option(None, "--index", help="Gallery index dir, to time the search stage (rec model: the index's own unless --rec)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder (or file) of real images to time (default: the demo queries)."),
     threads: str = typer.Option("1", "--threads", help="Thread counts; a comma list sweeps, e.g. 1,2,4,10."),
@@ -32,12 +32,13 @@ def command(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
     """Time decode, preprocess, inference, search and end to end on this CPU for each backend/threads/precision."""
-    from shitu_cli.bench.runner import BenchOptions, benchmark, default_images, default_index, default_models, expand_settings
+    from shitu_cli.bench.runner import BenchOptions, benchmark, default_images, default_setup, expand_settings
+    from shitu_cli.models.registry import resolve_model_dir
     from shitu_cli.infer.predictor import BACKENDS, PRECISIONS
 
-    models = {"det": det, "rec": rec, "cls": cls}
+    models = {task: resolve_model_dir(name) if name is not None else None for task, name in (("det", det), ("rec", rec), ("cls", cls))}
     if not any(models.values()) and index is None:
-        models, index = dict(default_models()), default_index()
+        models, index = default_setup()
     options = BenchOptions(
         backends=_choices(backend, BACKENDS, "--backend"), threads=_thread_list(threads),
         mkldnn=_mkldnn_modes(mkldnn), precisions=_choices(precision, PRECISIONS, "--precision"),

@@ -12,7 +12,7 @@ import numpy as np
 from shitu_cli.errors import BadInput
 from shitu_cli.index import backend
 from shitu_cli.index.backend import IndexChoice
-from shitu_cli.index.items import GalleryItem, Skipped, UpdatePlan, hash_entries, plan_update, read_gallery, select_for_removal
+from shitu_cli.index.items import GalleryItem, Skipped, hash_entries, plan_update, read_gallery, select_for_removal
 from shitu_cli.infer.predictor import PredictorOptions
 from shitu_cli.index.store import ModelRef, StoredIndex, check_writable, commit, index_exists, load_index, write_lock
 

@@ -16,7 +16,6 @@ import numpy as np
 from shitu_cli.errors import BadInput
 from shitu_cli.index import backend
 from shitu_cli.index.build import BuildReport, IndexState, commit_state, write_build_recipe
-from shitu_cli.index.build import IndexState
 from shitu_cli.index.items import GalleryItem
 from shitu_cli.index.store import ModelRef, check_writable, index_exists, write_lock
 

@@ -264,8 +264,6 @@ def load_pretrained(model, path: Path, arch: str) -> str:
 
     Returns a sentence saying what was loaded; raises BadInput naming the file when it does not fit.
     """
-    import paddle
-
     from shitu_cli.models.legacy import load_weights
     from shitu_cli.models.registry import resolve_weights
 

@@ -348,8 +348,6 @@ def _size_dependent(key: str) -> bool:
 
 def load_pretrained(model, path: Path | str, backbone: str) -> dict[str, Any]:
     """Load a local .pdparams: a whole RecModel checkpoint or backbone-only (ImageNet/SSLD) weights."""
-    import paddle
-
     from shitu_cli.models.legacy import load_weights
     from shitu_cli.models.registry import resolve_weights
 
