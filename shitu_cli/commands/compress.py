@@ -13,7 +13,7 @@ MAX_SKIP_ROWS = 20
 
 
 def command(
-    model: Path = typer.Argument(..., help="A train run dir (RUN_DIR) or an exported model dir (RUN_DIR/export)."),
+    model: str = typer.Argument(..., help="A train run dir (RUN_DIR), an exported model dir (RUN_DIR/export) or a model name."),
     calib: Path = typer.Option(..., "--calib", help="Calibration / fine-tuning images: a list file (split-dataset formats) or a folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Where the compressed model dir goes (written only if quality held)."),
     eval_list: Optional[Path] = typer.Option(None, "--eval", help="Labelled images for the real metric (top-1 / recall@1); agreement is measured on them too."),
@@ -35,7 +35,9 @@ def command(
     """Compress a trained cls/rec model (INT8, pruning, distillation) and prove it with before/after measurements."""
     from shitu_cli.compress.pipeline import compress
     from shitu_cli.errors import WorkFailed
+    from shitu_cli.models.registry import resolve_model_dir
 
+    model = Path(model) if Path(model).exists() else resolve_model_dir(model)
     result = compress(
         model, calib, out, eval_list=eval_list, quant=quant, algo=algo, prune=prune, onnx_int8=onnx_int8,
         threads=threads, max_drop=max_drop, force=force, calib_size=calib_size, batch_size=batch_size, runs=runs,
