@@ -68,7 +68,7 @@ def test_predict_cls_refuses_a_missing_path(export, tmp_path):
 
 
 def test_unicode_labels_render_as_glyphs_not_boxes():
-    from shitu_cli.infer.classifier import draw_labels, label_font
+    from shitu_cli.infer.draw import draw_labels, label_font
 
     canvas = np.full((80, 160, 3), 200, np.uint8)
     # Missing glyphs all draw as the same box, so two different strings of one length would match.

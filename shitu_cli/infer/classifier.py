@@ -4,7 +4,6 @@ plus the drawn label for --save-vis (Unicode-capable fonts).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -12,6 +11,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from shitu_cli.errors import BadInput, ImageReadError
+from shitu_cli.infer.draw import draw_labels, encode_image
 from shitu_cli.infer.predictor import PredictorOptions
 
 DEFAULT_BATCH = 8
@@ -161,72 +161,3 @@ def _unique_name(name: Path, taken: set[str]) -> str:
         unique, counter = f"{stem}_{counter}{suffix}", counter + 1
     taken.add(unique)
     return unique
-
-
-def encode_image(rgb: np.ndarray, suffix: str) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    kind = "JPEG" if suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    Image.fromarray(rgb).save(buffer, format=kind, **({"quality": 92} if kind == "JPEG" else {}))
-    return buffer.getvalue()
-
-
-# ----------------------------------------------------------------------------- drawing
-
-
-def draw_labels(rgb: np.ndarray, lines: Sequence[str]) -> np.ndarray:
-    """A copy of `rgb` with `lines` written top-left on a dark band, in a font that has their glyphs."""
-    from PIL import Image, ImageDraw
-
-    image = Image.fromarray(np.ascontiguousarray(rgb))
-    text = "\n".join(lines)
-    font = label_font(text, size=max(12, min(image.size) // 18))
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = draw.multiline_textbbox((0, 0), text, font=font)
-    pad = max(2, font.size // 4)
-    draw.rectangle((0, 0, right + 2 * pad, bottom + 2 * pad), fill=(0, 0, 0))
-    draw.multiline_text((pad, pad), text, font=font, fill=(255, 255, 255))
-    return np.asarray(image)
-
-
-def label_font(text: str, size: int):
-    """The first installed TrueType font that has a glyph for every character of `text`.
-
-    DejaVu Sans (shipped with matplotlib) covers Latin, Greek, Cyrillic and more; for other
-    scripts (CJK) any system font with the glyphs is used when one is installed.
-    """
-    from PIL import ImageFont
-
-    needed = {ord(ch) for ch in text if not ch.isspace()}
-    for path in _font_candidates():
-        if needed <= _font_codepoints(path):
-            return ImageFont.truetype(path, size)
-    return ImageFont.truetype(_font_candidates()[0], size)  # best effort: missing glyphs show as boxes
-
-
-@functools.lru_cache(maxsize=1)
-def _font_candidates() -> list[str]:
-    from matplotlib import font_manager
-
-    dejavu = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"), fallback_to_default=True)
-    others = sorted(
-        {f.fname for f in font_manager.fontManager.ttflist if f.fname.lower().endswith((".ttf", ".otf", ".ttc"))}
-        - {dejavu}
-    )
-    # "Last resort" fonts map every code point to a placeholder box: they would always "cover" the text.
-    others = [f for f in others if "lastresort" not in Path(f).name.lower()]
-    return [dejavu, *others]
-
-
-@functools.lru_cache(maxsize=64)
-def _font_codepoints(path: str) -> frozenset[int]:
-    from fontTools.ttLib import TTFont
-
-    try:
-        with TTFont(path, fontNumber=0, lazy=True) as font:
-            return frozenset(font.getBestCmap() or {})
-    except Exception:  # a broken or exotic font file is simply not a candidate
-        return frozenset()
