@@ -205,11 +205,11 @@ def _write_digits(root: Path, size: int = 32) -> Path:
     return root
 
 
-@pytest.mark.slow
 def test_tiny_pplcnet_learns_the_digits_dataset(tmp_path, cli):
+    """A real small dataset a dependency ships; about a minute on 2 cores, so it runs in CI."""
     data = _write_digits(tmp_path / "digits")
     result = cli("train-cls", data, "-o", tmp_path / "run", "--recipe", "recipes/cls/digits.yml", "--json")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["val_images"] > 300 and summary["classes"] == 10
-    assert summary["best_top1"] > 0.93
+    assert summary["best_top1"] > 0.92  # measured 0.96
