@@ -28,18 +28,19 @@ app = typer.Typer(
 
 # name -> module under shitu_cli.commands; each defines `command` (or `app`, a Typer group). Only working
 # commands are listed, so `shitu --help` never offers one that does not run.
-COMMANDS = {
-    "compress": "compress",
-    "build-index": "build_index",
-    "config": "config",
-    "models": "models",
-    "predict": "predict",
-    "benchmark-cpu": "benchmark_cpu",
-    "reproduce": "reproduce",
+COMMANDS = {  # in workflow order, which is the order `shitu --help` lists them
+    "demo": "demo",
     "split-dataset": "split_dataset",
+    "train-det": "train_det",
     "train-rec": "train_rec",
     "train-cls": "train_cls",
-    "train-det": "train_det",
+    "build-index": "build_index",
+    "predict": "predict",
+    "benchmark-cpu": "benchmark_cpu",
+    "compress": "compress",
+    "models": "models",
+    "config": "config",
+    "reproduce": "reproduce",
 }
 
 

@@ -145,22 +145,30 @@ def draw_all(results: list[Any], out: Path) -> Path:
     return out
 
 
+DET_STAGES = ({"val": 0.15, "settings": {}}, {"val": 0.1, "settings": {"epochs": 30}})
+
+
 def rebuild_models(work: Path | None = None, on_stage: Callable[[str], None] | None = None) -> DemoModels:
-    """Re-create assets/demo/models from recipes/{det,rec}/demo.yml on freshly generated training data."""
+    """Re-create assets/demo/models the way the shipped ones were made: recipes/rec/demo.yml on object
+    shots, and recipes/det/demo.yml in two stages (160 scenes, then 400 new ones from the stage-1 best)."""
     from shitu_cli.data.split import split_dataset
-    from shitu_cli.train.det import train_det
+    from shitu_cli.train.det import best_weights, train_det
     from shitu_cli.train.rec import train_rec
 
     work = Path(work) if work else work_dir() / "rebuild"
     shutil.rmtree(work, ignore_errors=True)
     say = on_stage or (lambda _: None)
     say("generating training scenes and object shots")
-    det_data, rec_data = build_training_data(work)
-    split_dataset(det_data, val=0.15, test=0.0, format="coco")
+    data = build_training_data(work)
     say("training the demo recogniser (recipes/rec/demo.yml)")
-    rec = train_rec(rec_data, work / "rec_run", recipe=str(REC_RECIPE))
-    say("training the demo detector (recipes/det/demo.yml)")
-    det = train_det(det_data, work / "det_run", recipe=DET_RECIPE, merge_classes=True)
+    rec = train_rec(data.rec_objects, work / "rec_run", recipe=str(REC_RECIPE))
+    pretrained = None
+    for number, (scenes, stage) in enumerate(zip(data.det_stages, DET_STAGES), start=1):
+        say(f"training the demo detector, stage {number} (recipes/det/demo.yml)")
+        split_dataset(scenes, val=stage["val"], test=0.0, format="coco")
+        settings = {**stage["settings"], **({"pretrained": str(pretrained)} if pretrained else {})}
+        det = train_det(scenes, work / f"det_run{number}", recipe=DET_RECIPE, settings=settings, merge_classes=True)
+        pretrained = best_weights(det.run_dir)
     for name, export in (("rec", rec.export_dir), ("det", det.export_dir)):
         target = DEMO_MODELS / name
         shutil.rmtree(target, ignore_errors=True)

@@ -110,10 +110,18 @@ def build_demo_data(out: Path = DEMO_DIR, sources_dir: Path = SOURCES, query_cou
     write_scenes(sources, Path(out) / "queries", query_count, seed=2026)
 
 
-def build_training_data(work: Path, sources_dir: Path = SOURCES, scene_count: int = 160) -> tuple[Path, Path]:
-    """(det COCO dir, rec class-folder dir) for `shitu demo --rebuild`; never committed."""
+@dataclass
+class TrainingData:
+    det_stages: list[Path]  # COCO scene dirs (annotations.json), trained on one after the other
+    rec_objects: Path  # class folders for train-rec
+
+
+def build_training_data(work: Path, sources_dir: Path = SOURCES) -> TrainingData:
+    """Training sets for `shitu demo --rebuild`, never committed: 160 scenes for a first detector
+    stage, 400 fresh ones to fine-tune it on, and object shots for the recogniser."""
     sources = load_sources(sources_dir)
-    det_dir, rec_dir = Path(work) / "det_scenes", Path(work) / "rec_objects"
-    write_scenes(sources, det_dir, scene_count, seed=7)
-    write_rec_training_set(sources, rec_dir)
-    return det_dir, rec_dir
+    stages = [Path(work) / "det_scenes", Path(work) / "det_scenes2"]
+    write_scenes(sources, stages[0], 160, seed=7)
+    write_scenes(sources, stages[1], 400, seed=11)
+    write_rec_training_set(sources, Path(work) / "rec_objects")
+    return TrainingData(stages, Path(work) / "rec_objects")
