@@ -29,7 +29,7 @@ demo: venv
 	$(BIN)/shitu demo
 
 lint: venv
-	$(BIN)/python -m pyflakes shitu_cli tests 2>/dev/null || $(BIN)/python -m compileall -q shitu_cli tests
+	$(BIN)/python -m pyflakes shitu_cli tests benchmarks
 
 clean:
 	rm -rf $(VENV)

@@ -5,6 +5,7 @@ checkpoint -> an exported PicoDet with NMS (model.json + model.pdiparams + infer
 from __future__ import annotations
 
 import contextlib
+import importlib
 import difflib
 import json
 import logging
@@ -355,7 +356,7 @@ def ppdet_output_to(log_path: Path) -> Iterator[None]:
     with open(log_path, "a", encoding="utf-8") as log:
         try:
             with contextlib.redirect_stdout(log):
-                import ppdet  # noqa: F401  - it prints a numba warning on import
+                importlib.import_module("ppdet")  # imported here because it prints a numba warning
 
                 _point_ppdet_logs_at(log)
                 yield
