@@ -78,14 +78,9 @@ def run(dataset: Path, out: Path, **overrides) -> dict:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from shitu_cli.bench.system import cpu_model
+
+    model = cpu_model()
     return f"{model}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 

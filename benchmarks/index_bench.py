@@ -63,16 +63,9 @@ def machine() -> str:
     import faiss
 
     cores = os.cpu_count()
-    cpu = platform.processor() or platform.machine()
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model or cpu}, {cores} cores, Linux {platform.release()}, Python {platform.python_version()}, faiss-cpu {faiss.__version__}"
+    from shitu_cli.bench.system import cpu_model
+
+    return f"{cpu_model()}, {cores} cores, Linux {platform.release()}, Python {platform.python_version()}, faiss-cpu {faiss.__version__}"
 
 
 def run(sizes: list[int], build_threads: int) -> str:
