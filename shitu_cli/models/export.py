@@ -36,6 +36,23 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def fresh_name_scopes() -> Iterator[None]:
+    """Trace with the op name scopes of a fresh process. Paddle 3.3 records each op's layer path
+    ("/ConvBNLayer_1/Conv2D/") from a process-wide tree that keeps every earlier trace's children,
+    so without this the same model exports to different inference.json bytes after any other export."""
+    from paddle.base import framework
+    from paddle.utils import unique_name
+
+    saved = framework._name_struct
+    framework._name_struct = framework.NameStruct()
+    try:
+        with unique_name.guard():
+            yield
+    finally:
+        framework._name_struct = saved
+
+
 def export_layer(layer, out_dir: Path, input_shapes: Sequence[Sequence[int | None]], manifest: ModelManifest,
                  input_names: Sequence[str] = ("x",), dtypes: Sequence[str] | None = None) -> Path:
     """Trace `layer` (eval mode) to `out_dir`/inference.{json,pdiparams} and write shitu.yaml.
@@ -50,7 +67,8 @@ def export_layer(layer, out_dir: Path, input_shapes: Sequence[Sequence[int | Non
     dtypes = dtypes or ["float32"] * len(input_shapes)
     specs = [InputSpec(list(shape), dtype, name) for shape, dtype, name in zip(input_shapes, dtypes, input_names)]
     with atomic_dir(out_dir) as staging:
-        paddle.jit.save(layer, str(staging / "inference"), input_spec=specs)
+        with fresh_name_scopes():
+            paddle.jit.save(layer, str(staging / "inference"), input_spec=specs)
         manifest.model_file, manifest.params_file = MODEL_FILE, PARAMS_FILE
         manifest.input_names = list(input_names)
         write_model_manifest(staging, manifest)

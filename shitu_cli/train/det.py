@@ -587,7 +587,7 @@ def export_detector(run_dir: Path, recipe_name: str) -> Path:
     from ppdet.engine import Trainer
 
     from shitu_cli.models import ppdet_compat
-    from shitu_cli.models.export import atomic_dir
+    from shitu_cli.models.export import atomic_dir, fresh_name_scopes
 
     ppdet_compat.apply()
     cfg = load_ppdet_config(Path(run_dir) / PPDET_CONFIG)
@@ -596,7 +596,7 @@ def export_detector(run_dir: Path, recipe_name: str) -> Path:
     nms = trainer.model.head.nms
     final = Path(run_dir) / EXPORT_DIR
     with atomic_dir(final) as staging:
-        with ppdet_compat.full_graph_export():
+        with ppdet_compat.full_graph_export(), fresh_name_scopes():
             trainer.export(str(staging))
         produced = staging / CHECKPOINTS
         for path in produced.iterdir():
