@@ -26,7 +26,7 @@ from shitu_cli.train.cls import resolve_settings, train_cls
 REPORT = Path(__file__).with_name("distill_report.md")
 SIZE = 32  # stored size; the nets read them at COMMON["input_size"], as recipes/cls/digits.yml does
 TEACHER = {"model": "PPLCNet_x1_0", "epochs": 10}
-STUDENT = {"model": "PPLCNet_x0_25", "epochs": 3}
+STUDENT = {"model": "PPLCNet_x0_25", "epochs": 6}
 COMMON = {"input_size": 48, "batch_size": 32, "lr": 0.1, "warmup_epochs": 1, "min_crop": 0.85, "flip": False,
           "ema": False, "label_smoothing": 0.0, "seed": 7}
 

@@ -103,7 +103,7 @@ def run_demo(work: Path | None = None, threads: int = 1, save_vis: bool = True,
     predictor_options = PredictorOptions(threads=threads)
     detector = Detector(models.det, predictor_options)
     pipeline = Pipeline(index_dir, detector=detector, predictor_options=predictor_options,
-                        options=PipelineOptions(topk=3, rec_thresh=0.5, det_thresh=0.4, max_boxes=5))
+                        options=PipelineOptions(topk=3, rec_thresh=0.5, det_thresh=0.3, max_boxes=5))
     truth = json.loads((QUERIES / "ground_truth.json").read_text(encoding="utf-8"))
     results = []
     for name in sorted(truth):

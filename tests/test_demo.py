@@ -9,7 +9,7 @@ from shitu_cli import demo
 
 # The built-in models find most demo objects; the margin below the measured recall
 # (see CHANGELOG / README) absorbs CPU-to-CPU float differences, not regressions.
-MIN_RECALL = 0.6
+MIN_RECALL = 0.8  # measured: 16 of 17 objects (0.94)
 
 
 def test_demo_recognises_the_shipped_queries(cli, tmp_path):
