@@ -44,30 +44,42 @@ def build_untrained_models(root: Path) -> dict[str, Path]:
     return {"cls": cls_dir, "rec": rec_dir}
 
 
-def pick_models(cache: Path) -> tuple[dict[str, Path], str]:
+def pick_models(cache: Path) -> tuple[dict[str, Path], str, Path | None]:
     from shitu_cli.bench.runner import default_setup
     from shitu_cli.errors import BadInput
 
     try:
-        models, _ = default_setup()
-        return {task: path for task, path in models.items() if path is not None}, "the demo models (`shitu demo`)"
+        models, index = default_setup()
+        return ({task: path for task, path in models.items() if path is not None},
+                "the demo models (`shitu demo`: assets/demo/models, or the official ones when cached)", index)
     except BadInput:
         note = ("The built-in demo models did not exist yet, so these are **untrained** PP-LCNet x1_0 (classifier, "
                 "1000 classes) and PPLCNetV2_base_ShiTu (PP-ShiTuV2 recogniser, 512-d, re-parameterised) built at "
                 "their real 224x224 input size. Latency does not depend on the weights; agreement is measured on "
                 "untrained outputs, which are less telling than a trained model's.")
-        return build_untrained_models(cache), note
+        return build_untrained_models(cache), note, None
 
 
-def measure(models: dict[str, Path], images: Path, threads: list[int], warmup: int, runs: int) -> tuple[dict[str, object], tuple[float, float]]:
-    """One benchmark per model (so each table is that model alone), every backend x threads x fp32/bf16."""
+def measure(models: dict[str, Path], images: Path, threads: list[int], warmup: int, runs: int,
+            index: Path | None = None, int8: list[Path] = ()) -> tuple[dict[str, object], tuple[float, float]]:
+    """One benchmark per model (so each table is that model alone), every backend x threads x fp32/bf16
+    (plus int8 rows for `int8` models of that task); then, with det + rec + index, the whole pipeline."""
     from shitu_cli.bench.runner import BenchOptions, benchmark
     from shitu_cli.infer.predictor import BACKENDS
+    from shitu_cli.models.manifest import read_model_manifest
 
     options = BenchOptions(backends=BACKENDS, threads=threads, mkldnn=(True,), precisions=("fp32", "bf16"),
                            warmup=warmup, runs=runs)
     load_before = os.getloadavg()[0]
-    reports = {task: benchmark({task: path}, images, options) for task, path in models.items()}
+    reports = {}
+    for task, path in models.items():
+        own_int8 = [p for p in int8 if read_model_manifest(p).task == task]
+        task_options = options if not own_int8 else BenchOptions(**{**vars(options), "precisions": ("fp32", "bf16", "int8")})
+        reports[task] = benchmark({task: path}, images, task_options, int8_models=own_int8)
+    if index is not None and {"det", "rec"} <= set(models):
+        pipeline = BenchOptions(backends=("paddle",), threads=threads, mkldnn=(True, False), precisions=("fp32",),
+                                warmup=warmup, runs=runs)
+        reports["pipeline"] = benchmark({"det": models["det"], "rec": models["rec"]}, images, pipeline, index=index)
     return reports, (load_before, os.getloadavg()[0])
 
 
@@ -94,8 +106,10 @@ def render_markdown(reports: dict[str, object], note: str, threads: list[int], l
         "",
     ]
     for task, report in reports.items():
-        model = report.models[0]
-        lines += [f"## {task}: {model.arch}, {model.input_size[0]}x{model.input_size[1]}", ""]
+        described = ", ".join(f"{m.task} {m.arch} {m.input_size[0]}x{m.input_size[1]}" for m in report.models)
+        lines += [f"## {task}: {described}", ""]
+        if task == "pipeline":
+            lines += [f"Decode, det pre/infer/post, crops + rec, search, end to end, over real files; {_box_counts(report)}.", ""]
         lines += ["| setting | status | size MB | end to end p50 ms | p99 ms | inference p50 ms | FPS | vs first | agreement |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in report.results:
@@ -117,6 +131,12 @@ def render_markdown(reports: dict[str, object], note: str, threads: list[int], l
         "",
     ]
     return "\n".join(lines)
+
+
+def _box_counts(report) -> str:
+    if not report.boxes_per_image:
+        return "no boxes recorded"
+    return "images by boxes found: " + ", ".join(f"{k} with {n}" for n, k in report.boxes_per_image.items())
 
 
 def summary_lines(report, threads: list[int]) -> list[str]:
@@ -147,12 +167,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=HERE / "backends_report.md")
     parser.add_argument("--models-cache", type=Path, default=Path(tempfile.gettempdir()) / "shitu-bench-models")
+    parser.add_argument("--int8", type=Path, action="append", default=[], help="an int8 model from `shitu compress` (repeatable)")
     args = parser.parse_args()
     from shitu_cli.bench.runner import default_images
 
     threads = [int(t) for t in args.threads.split(",")]
-    models, note = pick_models(args.models_cache)
-    reports, load = measure(models, default_images(), threads, args.warmup, args.runs)
+    models, note, index = pick_models(args.models_cache)
+    reports, load = measure(models, default_images(), threads, args.warmup, args.runs, index, args.int8)
     args.out.write_text(render_markdown(reports, note, threads, load), encoding="utf-8")
     print(f"wrote {args.out}")
 

@@ -69,6 +69,13 @@ def test_ptq_writes_an_int8_model_that_agrees_with_the_original(cli, cls_run, tm
     assert compressed.shape == original.shape
     assert np.mean(original.argmax(1) == compressed.argmax(1)) >= MIN_AGREEMENT
 
+    # paddle2onnx aborts on quantized ops; benchmark-cpu must show a failed row, not die with it.
+    bench = cli("benchmark-cpu", "--cls", run_dir / "export", "--int8", out, "--images", data_dir, "--precision", "int8",
+                "--backend", "paddle,onnxruntime", "--runs", "1", "--warmup", "0", "--json")
+    assert bench.exit_code == 0, bench.stderr
+    statuses = {r["backend"]: r["status"] for r in json.loads(bench.stdout)["results"]}
+    assert statuses["paddle"] == "ok" and statuses["onnxruntime"].startswith("failed")
+
 
 def test_the_report_table_shows_size_latency_and_quality(cli, cls_run, tmp_path):
     run_dir, data_dir, list_file = cls_run

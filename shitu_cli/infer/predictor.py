@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -275,28 +273,32 @@ def _store_onnx(model_dir: Path, model_hash: str, data: bytes) -> Path:
     raise WorkFailed("cannot write the ONNX conversion anywhere", hint="set SHITU_HOME to a writable folder", path=model_dir)
 
 
+# Run in a child process: paddle2onnx aborts the whole process (SIGABRT) on ops it cannot
+# convert (e.g. a quantized model's), calls sys.exit on other failures, and prints on stdout.
+_CONVERT = """
+import sys
+import paddle2onnx
+model, params, out, opset = sys.argv[1:5]
+# optimize_tool=None: paddle2onnx's default optimizer pip-installs packages (it moved numpy to 2.x).
+paddle2onnx.export(model, params, save_file=out, opset_version=int(opset), enable_onnx_checker=True, optimize_tool=None)
+"""
+
+
 def _convert_to_onnx(model_dir: Path, manifest: ModelManifest) -> bytes:
+    import subprocess
+    import tempfile
+
     if not _importable("paddle2onnx"):
         raise WorkFailed("paddle2onnx is not installed; onnxruntime and openvino need it", hint="pip install paddle2onnx==2.1.0")
-    import io
-
-    import paddle2onnx
-
     model_file, params_file = Path(model_dir) / manifest.model_file, Path(model_dir) / manifest.params_file
-    chatter = io.StringIO()
-    try:
-        with _stdout_to(chatter):
-            # optimize_tool=None: paddle2onnx's default optimizer pip-installs packages (it moved numpy to 2.x).
-            data = paddle2onnx.export(
-                str(model_file), str(params_file), save_file=None, opset_version=ONNX_OPSET,
-                enable_onnx_checker=True, optimize_tool=None,
-            )
-    except (Exception, SystemExit) as exc:  # on failure paddle2onnx's logging.error() calls sys.exit(-1)
-        reason = _conversion_error(chatter.getvalue()) or f"{exc.__class__.__name__}: {_short_reason(exc)}"
-        raise WorkFailed(f"paddle2onnx cannot convert this model ({reason})", path=model_dir) from None
-    if not data:
-        raise WorkFailed("paddle2onnx produced an empty ONNX model", path=model_dir)
-    return data
+    with tempfile.TemporaryDirectory(prefix="shitu-onnx-") as scratch:
+        out = Path(scratch) / ONNX_FILE
+        done = subprocess.run([sys.executable, "-c", _CONVERT, str(model_file), str(params_file), str(out), str(ONNX_OPSET)],
+                              capture_output=True, text=True, errors="replace")
+        if done.returncode != 0 or not out.is_file() or out.stat().st_size == 0:
+            reason = _conversion_error(done.stdout + done.stderr) or f"paddle2onnx exited with code {done.returncode}"
+            raise WorkFailed(f"paddle2onnx cannot convert this model ({reason})", path=model_dir)
+        return out.read_bytes()
 
 
 def _conversion_error(chatter: str) -> str | None:
@@ -306,27 +308,6 @@ def _conversion_error(chatter: str) -> str | None:
     errors = [line.split("[ERROR]", 1)[1].strip() for line in plain.splitlines() if "[ERROR]" in line]
     errors = [e for e in errors if e and e != "None"]
     return errors[0][:300] if errors else None
-
-
-@contextmanager
-def _stdout_to(sink) -> Iterator[None]:
-    """paddle2onnx prints on stdout from C++ (to stderr here) and Python (to `sink`): keep stdout for results."""
-    from contextlib import redirect_stdout
-
-    sys.stdout.flush()
-    try:
-        saved = os.dup(1)
-    except OSError:
-        saved = None
-    try:
-        if saved is not None:
-            os.dup2(2, 1)
-        with redirect_stdout(sink):
-            yield
-    finally:
-        if saved is not None:
-            os.dup2(saved, 1)
-            os.close(saved)
 
 
 @functools.lru_cache(maxsize=1)
