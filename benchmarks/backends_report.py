@@ -126,7 +126,7 @@ def render_markdown(reports: dict[str, object], note: str, threads: list[int], l
         "`--backend auto` (predict, build-index) then uses it, else Paddle Inference.",
         "- bf16 only pays where the CPU has avx512_bf16 or AMX; onnxruntime's CPU provider has no bf16 mode at all "
         "(the failed rows say so). OpenVINO falls back to fp32 quietly on CPUs without bf16.",
-        "- paddle2onnx 2.1.0 cannot convert PicoDet's multiclass_nms3 as exported by paddle 3.3, so the detector runs "
+        "- paddle2onnx 2.1.0 cannot convert PicoDet as exported by paddle 3.3 (its reason is in the failed rows), so the detector runs "
         "on Paddle Inference only (benchmark-cpu shows a `failed: det: ...` row for the others).",
         "",
     ]
