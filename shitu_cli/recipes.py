@@ -25,10 +25,10 @@ RECIPE_KIND = "shitu-recipe"
 TRACKED_PACKAGES = ("paddlepaddle", "paddleclas", "paddledet", "paddleslim", "faiss-cpu", "numpy", "opencv-python-headless")
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     """Versions from package metadata: cheap, and never imports paddle."""
     versions = {"shitu": __version__, "python": platform.python_version()}
-    for name in TRACKED_PACKAGES:
+    for name in TRACKED_PACKAGES + tuple(extra):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

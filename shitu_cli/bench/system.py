@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import os
 import platform
 from dataclasses import dataclass, field
@@ -74,13 +73,7 @@ def simd_support() -> dict[str, bool]:
 def library_versions() -> dict[str, str]:
     from shitu_cli.recipes import package_versions
 
-    versions = package_versions()
-    for name in BACKEND_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+    return package_versions(extra=BACKEND_PACKAGES)
 
 
 def system_info() -> SystemInfo:
