@@ -250,7 +250,7 @@ def test_eval_list_counts_right_wrong_and_unknown(cli, built, tmp_path):
     lines.append(f"{images[5].relative_to(gallery).as_posix()}\tzebra")  # a label the gallery does not have
     (gallery / "eval_list.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    result = cli("predict", "-", "--index", index, "--eval", gallery / "eval_list.txt", "--json")
+    result = cli("predict", "--index", index, "--eval", gallery / "eval_list.txt", "--json")
 
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -261,8 +261,10 @@ def test_eval_list_counts_right_wrong_and_unknown(cli, built, tmp_path):
 
 def test_missing_eval_list_is_exit_2(cli, built, tmp_path):
     _, index, _ = built
-    result = cli("predict", "-", "--index", index, "--eval", tmp_path / "nope.txt")
+    result = cli("predict", "--index", index, "--eval", tmp_path / "nope.txt")
     assert result.exit_code == 2 and "nope.txt" in result.stderr
+    nothing = cli("predict", "--index", index)
+    assert nothing.exit_code == 2 and "nothing to predict" in nothing.stderr
 
 
 def test_configured_default_index_is_used_without_flag(cli, built, monkeypatch):

@@ -8,12 +8,14 @@ from typing import Optional
 import typer
 
 from shitu_cli import render
+from shitu_cli.errors import BadInput
 
 MAX_ERROR_ROWS = 20
 
 
 def command(
-    images: str = typer.Argument(..., help="An image, a folder (searched recursively) or a quoted glob like 'shots/*.jpg'."),
+    images: Optional[str] = typer.Argument(None, help="An image, a folder (searched recursively) or a quoted glob like "
+                                           "'shots/*.jpg'. Not needed with --eval."),
     index: Optional[Path] = typer.Option(None, "--index", help="An index folder from `shitu build-index` "
                                          "(default: `shitu config set index`, $SHITU_INDEX, else the built-in demo gallery)."),
     rec: Optional[str] = typer.Option(None, "--rec", help="Rec model dir or name (default: the one recorded in the index)."),
@@ -41,6 +43,8 @@ def command(
     from shitu_cli.infer.pipeline import PipelineOptions, expand_inputs
     from shitu_cli.infer.predictor import PredictorOptions
 
+    if images is None and eval_list is None:
+        raise BadInput("nothing to predict", hint="pass an image, a folder or a glob, or --eval LIST")
     predictor_options = PredictorOptions(backend=backend, threads=threads, mkldnn=mkldnn)
     if model is not None:
         _predict_classes(images, model, predictor_options, topk, save_vis, batch_size, json_output)
@@ -74,8 +78,6 @@ def _run(runner, paths):
 
 
 def _report(runner, results, model_dirs, json_output: bool) -> None:
-    from shitu_cli.errors import BadInput
-
     failed = [r for r in results if r.error]
     if json_output:
         render.print_json({"index": runner.index_dir.resolve(), "models": model_dirs, "images": results,
@@ -152,7 +154,6 @@ def _draw(results, folder: Path) -> None:
 
 
 def _predict_classes(images: str, model: str, predictor_options, topk: int, save_vis, batch_size: int, json_output: bool) -> None:
-    from shitu_cli.errors import BadInput
     from shitu_cli.infer.classifier import predict_cls
     from shitu_cli.infer.pipeline import expand_inputs
     from shitu_cli.models.registry import resolve_model_dir
