@@ -225,3 +225,12 @@ def test_unknown_recipe_lists_the_valid_names(scenes, tmp_path):
     for name in ("pp-shituv2-mainbody", "small", "tiny"):
         assert name in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_missing_pretrained_file_or_name_is_refused_before_training(scenes, tmp_path):
+    root, _ = scenes
+    missing = _invoke("train-det", root, "-o", tmp_path / "run", *TINY, "--pretrained", tmp_path / "nope.pdparams")
+    assert missing.exit_code == 2 and "nope.pdparams" in missing.stderr and "not found" in missing.stderr
+    name = _invoke("train-det", root, "-o", tmp_path / "run2", *TINY, "--pretrained", "PPLCNet_x0_25-pretrained")
+    assert name.exit_code == 2 and "shitu models pull PPLCNet_x0_25-pretrained" in name.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -19,7 +19,7 @@ def command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Base learning rate (cosine decay after a linear warmup)."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square network input side in pixels, a multiple of 32."),
-    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Local .pdparams to start from (mismatched layers are skipped)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Local .pdparams (or a weights name) to start from; mismatched layers are skipped."),
     resume: bool = typer.Option(False, "--resume", help="Continue OUT's run from its last evaluated epoch."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate COCO mAP on val every N epochs (and checkpoint)."),

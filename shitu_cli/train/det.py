@@ -481,7 +481,9 @@ def train_det(dataset: Path, out: Path, recipe: str | Path | dict[str, Any] = DE
     name, document = load_recipe(recipe)
     resolved = resolve_settings(document, settings)
     if resolved.pretrained and not Path(resolved.pretrained).with_suffix(".pdparams").is_file():
-        raise BadInput("pretrained weights not found", path=resolved.pretrained, hint="pass a local .pdparams file")
+        from shitu_cli.models.registry import resolve_weights
+
+        resolved.pretrained = str(resolve_weights(resolved.pretrained))  # a weights name, or a clear error
     last = run_dir / CHECKPOINTS / "last.pdparams"
     if resume and not last.is_file():
         raise BadInput("nothing to resume: no checkpoint in this run dir", path=last.parent)
