@@ -77,6 +77,38 @@ def test_ptq_writes_an_int8_model_that_agrees_with_the_original(cli, cls_run, tm
     assert statuses["paddle"] == "ok" and statuses["onnxruntime"].startswith("failed")
 
 
+def test_qat_fine_tunes_then_calibrates_an_int8_model_that_agrees_with_the_original(cli, cls_run, tmp_path):
+    run_dir, data_dir, _ = cls_run
+    out = tmp_path / "qat"
+    result = cli("compress", run_dir, "--quant", "qat", "--calib", run_dir / "split" / "train_list.txt", "--eval", data_dir,
+                 "-o", out, "--epochs", "3", "--runs", "2", "--max-drop", "100", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["written"] and report["method"] == "qat+ptq-hist" and report["after"]["precision"] == "int8"
+    assert report["after"]["agreement"]["agreement"] >= MIN_AGREEMENT
+
+    from shitu_cli.models.manifest import read_model_manifest
+    from shitu_cli.recipes import read_recipe
+
+    manifest = read_model_manifest(out)
+    assert (manifest.precision, manifest.method) == ("int8", "qat+ptq-hist")
+    details = manifest.extra["compress"]
+    assert details["quant"] == "qat+ptq" and details["finetune_epochs"] == 3 and details["finetune_images"] == 48
+    assert details["distill"] == "KL T=4 + CE"  # the train list gave labels
+    recipe = read_recipe(out)
+    assert recipe.options["quant"] == "qat" and recipe.options["lr"] == 0.002  # the rate used, not null
+
+    images = _image_batch(out, data_dir)
+    original, compressed = _predict(run_dir / "export", images), _predict(out, images, "int8")
+    assert np.mean(original.argmax(1) == compressed.argmax(1)) >= MIN_AGREEMENT
+
+    # QAT fine-tunes the trainable model, which an export alone does not have.
+    shutil.copytree(run_dir / "export", tmp_path / "lonely")
+    lonely = cli("compress", tmp_path / "lonely", "--quant", "qat", "--calib", data_dir, "-o", tmp_path / "m")
+    assert lonely.exit_code == 2 and "--quant qat needs the trainable model" in lonely.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_the_report_table_shows_size_latency_and_quality(cli, cls_run, tmp_path):
     run_dir, data_dir, list_file = cls_run
     result = cli("compress", run_dir / "export", "--calib", list_file, "-o", tmp_path / "m", "--runs", "2",

@@ -79,7 +79,7 @@ def test_an_absurd_prune_ratio_is_refused_and_nothing_is_written(cli, cls_run, t
 
 def test_unsupported_combinations_are_refused_before_any_work(cli, cls_run, tmp_path):
     run_dir, data_dir = cls_run
-    for extra, words in ((["--quant", "qat"], "not implemented"), (["--onnx-int8", "--prune", "0.3"], "method of its own"),
+    for extra, words in ((["--quant", "qat", "--prune", "0.3"], "cannot follow --prune"), (["--onnx-int8", "--prune", "0.3"], "method of its own"),
                          (["--prune", "1.5"], "ratio in (0, 1)"), (["--quant", "none"], "nothing to do")):
         result = cli("compress", run_dir, "--calib", data_dir, "-o", tmp_path / "m", *extra)
         assert result.exit_code == 2, extra

@@ -17,7 +17,7 @@ def command(
     calib: Path = typer.Option(..., "--calib", help="Calibration / fine-tuning images: a list file (split-dataset formats) or a folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Where the compressed model dir goes (written only if quality held)."),
     eval_list: Optional[Path] = typer.Option(None, "--eval", help="Labelled images for the real metric (top-1 / recall@1); agreement is measured on them too."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="ptq (default) or none (with --prune); qat is not implemented yet (refused with a hint)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="ptq (default); qat: fine-tune with fake INT8 (from a run dir, the original as teacher), then PTQ-calibrate; none (with --prune)."),
     algo: str = typer.Option("hist", "--algo", help="PTQ activation-range algorithm: hist, KL, avg, abs_max, mse, emd."),
     prune: Optional[float] = typer.Option(None, "--prune", help="Remove this share of conv filters (L1), then fine-tune with distillation."),
     onnx_int8: bool = typer.Option(False, "--onnx-int8", help="INT8 through paddle2onnx + onnxruntime quantize_static instead."),
@@ -28,7 +28,7 @@ def command(
     batch_size: int = typer.Option(8, "--batch-size", help="Batch size for calibration, fine-tuning and measuring."),
     runs: int = typer.Option(30, "--runs", help="Timed batch-1 calls per model for the latency p50."),
     epochs: int = typer.Option(10, "--epochs", help="Fine-tuning epochs after --prune (and for --quant qat)."),
-    lr: float = typer.Option(0.02, "--lr", help="Fine-tuning learning rate."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Fine-tuning learning rate (default 0.02 after --prune, 0.002 for --quant qat)."),
     seed: int = typer.Option(42, "--seed", help="Seed for fine-tuning; recorded in recipe.yaml."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
