@@ -77,6 +77,18 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     return result
 
 
+FILE_ROWS_SHOWN = 20
+
+
+def file_problems(title: str, rows: Sequence[tuple[Any, Any]]) -> None:
+    """A (file, reason) table of skipped or failed files, cut at FILE_ROWS_SHOWN (--json has them all)."""
+    if not rows:
+        return
+    show(table(title, ["file", "reason"], rows[:FILE_ROWS_SHOWN]))
+    if len(rows) > FILE_ROWS_SHOWN:
+        show(f"... and {len(rows) - FILE_ROWS_SHOWN} more (all of them are in --json)")
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -9,8 +9,6 @@ import typer
 
 from shitu_cli import render
 
-MAX_SKIP_ROWS = 20
-
 
 def command(
     gallery: Optional[Path] = typer.Argument(None, help="Folder with one subfolder per label, or a `path<TAB>label` list file."),
@@ -77,8 +75,4 @@ def _show(report) -> None:
 
 
 def _show_skipped(title: str, rows) -> None:
-    if not rows:
-        return
-    render.show(render.table(f"{title} ({len(rows)})", ["file", "reason"], [(s.path, s.reason) for s in rows[:MAX_SKIP_ROWS]]))
-    if len(rows) > MAX_SKIP_ROWS:
-        render.show(f"... and {len(rows) - MAX_SKIP_ROWS} more (all of them are in --json)")
+    render.file_problems(f"{title} ({len(rows)})", [(s.path, s.reason) for s in rows])

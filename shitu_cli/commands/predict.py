@@ -10,8 +10,6 @@ import typer
 from shitu_cli import render
 from shitu_cli.errors import BadInput
 
-MAX_ERROR_ROWS = 20
-
 
 def command(
     images: Optional[str] = typer.Argument(None, help="An image, a folder (searched recursively) or a quoted glob like "
@@ -183,11 +181,7 @@ def _show(results, failed, gallery_root: str | None) -> None:
             box = ",".join(f"{v:.0f}" for v in rec.box)
             rows.append((_relative(result.path, image_root), box, rec.label, f"{rec.score:.3f}", nearest, others))
     render.show(render.table(None, ["image", "box", "label", "score", "nearest gallery item", "next labels"], rows))
-    if failed:
-        shown = [(r.path, r.error) for r in failed[:MAX_ERROR_ROWS]]
-        render.show(render.table(f"could not read {len(failed)} file(s)", ["file", "reason"], shown))
-        if len(failed) > MAX_ERROR_ROWS:
-            render.show(f"... and {len(failed) - MAX_ERROR_ROWS} more (all of them are in --json)")
+    render.file_problems(f"could not read {len(failed)} file(s)", [(r.path, r.error) for r in failed])
 
 
 def _common_parent(paths: list[str]) -> str | None:

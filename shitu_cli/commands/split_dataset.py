@@ -12,7 +12,6 @@ from shitu_cli import render
 from shitu_cli.data.split import DEFAULT_SEED
 
 MAX_CLASS_ROWS = 20  # beyond this many classes a per-class table is noise
-MAX_SKIP_ROWS = 20
 
 
 def command(
@@ -64,11 +63,7 @@ def _show_summary(result) -> None:
         for column in per_class.columns[1:]:
             column.justify = "right"
         render.show(per_class)
-    if result.skipped:
-        rows = [(s.path, s.reason) for s in result.skipped[:MAX_SKIP_ROWS]]
-        render.show(render.table(f"skipped {len(result.skipped)} file(s)", ["file", "reason"], rows))
-        if len(result.skipped) > MAX_SKIP_ROWS:
-            render.show(f"... and {len(result.skipped) - MAX_SKIP_ROWS} more (all of them are in --json)")
+    render.file_problems(f"skipped {len(result.skipped)} file(s)", [(s.path, s.reason) for s in result.skipped])
     names = ", ".join(p.name for p in result.files)
     render.show(f"wrote {names} and {result.recipe.name}")
     render.show(f"  to {result.out_dir}, with paths relative to {result.dataset_dir}")
