@@ -628,9 +628,11 @@ def _fit(model, data: RecData, settings: RecSettings, evaluate, run_dir: Path, r
     from shitu_cli.train.loop import fit
     from shitu_cli.train.losses import RecLoss, RecLossConfig
 
-    loss = RecLoss(RecLossConfig(label_smoothing=settings.label_smoothing, triplet_weight=settings.triplet_weight,
-                                 margin=settings.margin, absolute_loss_weight=settings.absolute_loss_weight,
-                                 ap_value=settings.ap_value, an_value=settings.an_value))
+    from dataclasses import fields
+
+    # The recipe is flat: every loss knob it names is a RecSettings field of the same name.
+    loss_knobs = {f.name: getattr(settings, f.name) for f in fields(RecLossConfig) if hasattr(settings, f.name)}
+    loss = RecLoss(RecLossConfig(**loss_knobs))
     sampler, make_loader = make_train_loader(data, settings)
     if progress:
         progress(total=settings.epochs * len(sampler), completed=done_epochs * len(sampler))
