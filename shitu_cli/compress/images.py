@@ -1,12 +1,13 @@
-"""Calibration and evaluation images: a list file (split-dataset formats) or a folder, read lazily in
-preprocessed batches; unreadable images are skipped and remembered so the report can name them.
+"""Calibration and evaluation images: a list file (split-dataset formats), a COCO json (detectors) or a
+folder, read lazily in preprocessed batches; unreadable images are skipped and remembered so the report
+can name them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from shitu_cli.models.manifest import ModelManifest
 class Sample:
     path: Path
     label: str | None  # class name or id as written in the list; None when unknown
+    boxes: tuple[tuple[float, float, float, float, str], ...] | None = None  # det ground truth: x1, y1, x2, y2, class
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ def load_image_set(path: Path | str, what: str) -> ImageSet:
     path = Path(path)
     if path.is_dir():
         samples = [Sample(p, _folder_label(p, path)) for p in iter_image_files(path)]
+    elif path.is_file() and path.suffix.lower() == ".json":
+        samples = _coco_samples(path)
     elif path.is_file():
         samples = _list_samples(path)
     else:
@@ -77,6 +81,21 @@ def _list_samples(list_path: Path) -> list[Sample]:
     return [Sample(root / rel, label) for rel, label in entries]
 
 
+def _coco_samples(json_path: Path) -> list[Sample]:
+    """One sample per COCO image with its boxes (x, y, w, h -> x1, y1, x2, y2), as train-det reads the json."""
+    from shitu_cli.train.det import coco_image_dir, read_coco
+
+    document = read_coco(json_path)
+    names = {c["id"]: str(c["name"]) for c in document["categories"]}
+    boxes: dict[Any, list] = {image["id"]: [] for image in document["images"]}
+    for ann in document["annotations"]:
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        if ann.get("image_id") in boxes and w > 0 and h > 0 and not ann.get("iscrowd", 0):
+            boxes[ann["image_id"]].append((x, y, x + w, y + h, names.get(ann.get("category_id"), "?")))
+    root = coco_image_dir(json_path.parent, document)
+    return [Sample(root / image["file_name"], None, tuple(boxes[image["id"]])) for image in document["images"]]
+
+
 def _list_root(list_path: Path, rels: list[str]) -> Path:
     """Paths in a list are relative to the dataset dir: the list's folder, or the one its recipe.yaml names."""
     here = list_path.parent
@@ -92,21 +111,28 @@ def _list_root(list_path: Path, rels: list[str]) -> Path:
     return here  # missing files are then skipped and reported one by one
 
 
-def iter_batches(images: ImageSet, manifest: ModelManifest, batch_size: int) -> Iterator[tuple[np.ndarray, list[Sample]]]:
-    """(float32 NCHW batch, its samples) per batch; unreadable images go to images.skipped once."""
-    from shitu_cli.infer.preprocess import preprocess_batch
-
+def iter_readable(images: ImageSet) -> Iterator[tuple[np.ndarray, Sample]]:
+    """(RGB image, sample) for each readable image; unreadable ones go to images.skipped once."""
     known_bad = {s.path for s in images.skipped}
-    pending: list[tuple[np.ndarray, Sample]] = []
     for sample in images.samples:
         if str(sample.path) in known_bad:
             continue
         try:
-            pending.append((read_image(sample.path), sample))
+            rgb = read_image(sample.path)
         except ImageReadError as exc:
             images.skipped.append(Skipped(str(sample.path), exc.message))
             known_bad.add(str(sample.path))
             continue
+        yield rgb, sample
+
+
+def iter_batches(images: ImageSet, manifest: ModelManifest, batch_size: int) -> Iterator[tuple[np.ndarray, list[Sample]]]:
+    """(float32 NCHW batch, its samples) per batch; unreadable images go to images.skipped once."""
+    from shitu_cli.infer.preprocess import preprocess_batch
+
+    pending: list[tuple[np.ndarray, Sample]] = []
+    for rgb, sample in iter_readable(images):
+        pending.append((rgb, sample))
         if len(pending) == batch_size:
             yield preprocess_batch([p[0] for p in pending], manifest.preprocess, manifest.input_size), [p[1] for p in pending]
             pending = []

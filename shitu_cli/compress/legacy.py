@@ -41,22 +41,42 @@ def _legacy_binary(name: str, legacy_op: str):
     return original, patched
 
 
+def _legacy_unary(module, name: str, legacy_op: str):
+    """module.<name> calls the PIR-only C op; an old-IR variable needs the op appended the old way."""
+    from paddle.base.framework import Variable
+    from paddle.base.layer_helper import LayerHelper
+
+    original = getattr(module, name)
+
+    def patched(x, *args, **kwargs):
+        if not isinstance(x, Variable):
+            return original(x, *args, **kwargs)
+        helper = LayerHelper(legacy_op)
+        out = helper.create_variable_for_type_inference(x.dtype)
+        helper.append_op(type=legacy_op, inputs={"X": [x]}, outputs={"Out": [out]})
+        return out
+
+    return original, patched
+
+
 @contextmanager
 def old_ir_compat() -> Iterator[None]:
-    """Trace under the old IR, with shims for the paddle functions ppcls models use that refuse old-IR variables."""
+    """Trace under the old IR, with shims for the paddle functions our nets use that refuse old-IR variables."""
     import paddle
+    import paddle.nn.functional as F
 
-    # paddle.multiply: PP-LCNet's SE block. Others (matmul, sigmoid, exp) are not reached by
-    # the cls/rec nets we export; add them here, named, when a net needs them.
-    shims = {"multiply": _legacy_binary("multiply", "elementwise_mul")}
-    for name, (_, patched) in shims.items():
-        setattr(paddle, name, patched)
+    # paddle.multiply: PP-LCNet's SE block; F.sigmoid: PicoHead's class scores. Others (matmul,
+    # exp) are not reached by the nets we export; add them here, named, when a net needs them.
+    shims = [(paddle, "multiply", _legacy_binary("multiply", "elementwise_mul")),
+             (F, "sigmoid", _legacy_unary(F, "sigmoid", "sigmoid"))]
+    for module, name, (_, patched) in shims:
+        setattr(module, name, patched)
     try:
         with paddle.pir_utils.OldIrGuard():
             yield
     finally:
-        for name, (original, _) in shims.items():
-            setattr(paddle, name, original)
+        for module, name, (original, _) in shims:
+            setattr(module, name, original)
 
 
 def export_legacy(layer, out_dir: Path, input_size: tuple[int, int], input_name: str = "x") -> Path:

@@ -1,5 +1,5 @@
 """Measurements behind the before/after table: file size, latency p50, agreement with the original and
-the task metric (cls top-1, rec recall@1), all from the exported models through build_predictor.
+the task metric (cls top-1, rec recall@1, det mAP), all from the exported models through build_predictor.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shitu_cli.compress.images import ImageSet, iter_batches
+from shitu_cli.compress.images import ImageSet, Sample, iter_batches, iter_readable
 from shitu_cli.models.manifest import MODEL_MANIFEST, ModelManifest
 
 
@@ -112,6 +112,108 @@ def _recall_at_1(outputs: Outputs) -> tuple[str, float] | None:
         return None
     nearest = _nearest_other(outputs.values)
     return "recall@1", float(np.mean(labels[nearest][answerable] == labels[answerable]))
+
+
+# ----------------------------------------------------------------------------- detectors
+
+# What the pipeline acts on (predict's default --det-thresh and --max-boxes): agreement compares these boxes.
+DET_THRESH = 0.5
+DET_MAX_BOXES = 5
+# mAP ranks every box the detector returns above this score, as ppdet's evaluation does with its NMS.
+MAP_MIN_SCORE = 0.01
+MATCH_IOU = 0.5
+
+
+@dataclass
+class Detections:
+    per_image: list[np.ndarray]  # [k, 6] rows: class index, score, x1, y1, x2, y2 (original pixels), best first
+    samples: list[Sample]
+
+
+def detect_all(detector, images: ImageSet) -> tuple[Detections, dict[str, np.ndarray] | None]:
+    """Every readable image through `detector`; also the first image's feeds, for timing."""
+    from shitu_cli.infer.detector import postprocess
+
+    per_image, samples, first = [], [], None
+    for rgb, sample in iter_readable(images):
+        feeds = dict(zip(("image", "scale_factor"), detector.preprocess(rgb)))
+        first = first or feeds
+        boxes, count = detector.predictor.run(feeds)[:2]
+        height, width = rgb.shape[:2]
+        found = postprocess(boxes, int(np.asarray(count).reshape(-1)[0]), detector.labels, (width, height), MAP_MIN_SCORE, 100)
+        per_image.append(np.array([[detector.labels.index(d.label), d.score, *d.box] for d in found], np.float32).reshape(-1, 6))
+        samples.append(sample)
+    return Detections(per_image, samples), first
+
+
+def box_agreement(before: list[np.ndarray], after: list[np.ndarray]) -> dict[str, float]:
+    """How far the compressed detector finds the original's boxes: F1 of same-class IoU >= 0.5 matches
+    between the two models' boxes above the pipeline's threshold (1.0 when neither finds any), and the
+    mean IoU of the matched pairs."""
+    from shitu_cli.infer.pipeline import iou
+
+    matched, total, overlaps = 0, 0, []
+    for rows_before, rows_after in zip(before, after):
+        kept_before, kept_after = _acted_on(rows_before), _acted_on(rows_after)
+        total += len(kept_before) + len(kept_after)
+        free = list(range(len(kept_after)))
+        for row in kept_before:
+            scored = [(iou(row[2:], kept_after[j][2:]), j) for j in free if kept_after[j][0] == row[0]]
+            best, j = max(scored, default=(0.0, None))
+            if j is not None and best >= MATCH_IOU:
+                matched += 1
+                overlaps.append(best)
+                free.remove(j)
+    agreement = 1.0 if total == 0 else 2.0 * matched / total
+    return {"agreement": agreement, "matched_iou": float(np.mean(overlaps)) if overlaps else 1.0 if total == 0 else 0.0}
+
+
+def _acted_on(rows: np.ndarray) -> np.ndarray:
+    return rows[rows[:, 1] >= DET_THRESH][:DET_MAX_BOXES]
+
+
+def detection_map(found: Detections, class_names: list[str]) -> tuple[str, float] | None:
+    """COCO mAP@[.5:.95] (pycocotools) against the ground-truth boxes of a COCO --eval json; None without one.
+
+    A one-class detector (a mainbody detector) is scored class-agnostic: every ground-truth box is
+    an object to find, whatever its category.
+    """
+    if not found.samples or any(s.boxes is None for s in found.samples):
+        return None
+    class_of = (lambda name: 0) if len(class_names) == 1 else (lambda name: class_names.index(name) if name in class_names else None)
+    truth, detections = [], []
+    for image_id, (sample, rows) in enumerate(zip(found.samples, found.per_image)):
+        for x1, y1, x2, y2, name in sample.boxes:
+            category = class_of(name)
+            if category is not None:
+                truth.append({"id": len(truth) + 1, "image_id": image_id, "category_id": category + 1,
+                              "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+        for cls, score, x1, y1, x2, y2 in rows.tolist():
+            detections.append({"image_id": image_id, "category_id": int(cls) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+    if not truth:
+        return None
+    return "mAP", _coco_map(truth, detections, len(found.samples), len(class_names))
+
+
+def _coco_map(truth: list[dict], detections: list[dict], image_count: int, class_count: int) -> float:
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary
+        ground = COCO()
+        ground.dataset = {"images": [{"id": i} for i in range(image_count)], "annotations": truth,
+                          "categories": [{"id": c + 1} for c in range(class_count)]}
+        ground.createIndex()
+        if not detections:
+            return 0.0
+        evaluation = COCOeval(ground, ground.loadRes(detections), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return max(0.0, float(evaluation.stats[0]))  # -1 means "no ground truth", already excluded
 
 
 def is_model_dir(path: Path) -> bool:

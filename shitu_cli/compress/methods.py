@@ -40,11 +40,13 @@ def ptq(source: SourceModel, calib_set: ImageSet, work: Path, algo: str, batch_s
     fp32_dir = _legacy_fp32(source, calib_set, work, batch_size, stage, base)
     stage(f"calibrating INT8 ({algo}) on {readable_count(calib_set)} image(s)")
 
-    def batches():
-        return (batch for batch, _ in iter_batches(calib_set, source.manifest, batch_size))
+    input_name = source.manifest.input_names[0]
+
+    def feeds():
+        return ({input_name: batch} for batch, _ in iter_batches(calib_set, source.manifest, batch_size))
 
     batch_count = -(-len(calib_set.samples) // batch_size)  # an upper bound: unreadable images shorten it
-    out_dir = quantize_static(fp32_dir, work / "int8", batches, source.manifest.input_names[0], algo, batch_count)
+    out_dir = quantize_static(fp32_dir, work / "int8", feeds, algo, batch_count)
     method = f"ptq-{algo}" if base is None else f"{base.method}+ptq-{algo}"
     details = {**(base.details if base else {}), "quant": "ptq", "algo": algo, "calib_images": readable_count(calib_set)}
     manifest = derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "int8", method)

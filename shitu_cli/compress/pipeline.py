@@ -135,6 +135,8 @@ def _check_options(source: SourceModel, out: Path, quant: str | None, prune: flo
         quant = "none" if (prune is not None or onnx_int8) else "ptq"
     if quant not in QUANT_METHODS:
         raise BadInput(f"unknown --quant {quant!r}", hint=f"choose one of: {', '.join(QUANT_METHODS)}")
+    if source.task == "det":
+        _check_det_method(quant, prune, onnx_int8, source.model_dir)
     if quant == "qat" and prune is not None:
         # Pruning already fine-tunes with distillation; a second fine-tune on top is not built.
         raise BadInput("--quant qat cannot follow --prune", hint="use --prune R --quant ptq, or --quant qat alone")
@@ -154,11 +156,25 @@ def _check_options(source: SourceModel, out: Path, quant: str | None, prune: flo
     return quant
 
 
+def _check_det_method(quant: str, prune: float | None, onnx_int8: bool, model_dir: Path) -> None:
+    """Detectors get Paddle PTQ only; say why the others are not there rather than fail inside them."""
+    if onnx_int8:
+        raise BadInput("--onnx-int8 cannot compress a detector: paddle2onnx 2.1 cannot convert PicoDet's export",
+                       hint="use the default --quant ptq (Paddle INT8 on oneDNN)", path=model_dir)
+    if prune is not None or quant == "qat":
+        raise BadInput("--prune and --quant qat are built for cls and rec models, not for detectors yet",
+                       hint="use the default --quant ptq for a detector", path=model_dir)
+
+
 def _make_candidate(source: SourceModel, calib_set: ImageSet, work: Path, quant: str, algo: str,
                     prune: float | None, onnx_int8: bool, batch_size: int, epochs: int, lr: float, seed: int,
                     stage: Stage) -> Candidate:
     from shitu_cli.compress import methods
 
+    if source.task == "det":
+        from shitu_cli.compress.det import detector_ptq
+
+        return detector_ptq(source, calib_set, work, algo, stage)
     if onnx_int8:
         return methods.onnx_int8(source, calib_set, work, batch_size, stage)
     base = None
@@ -172,9 +188,23 @@ def _make_candidate(source: SourceModel, calib_set: ImageSet, work: Path, quant:
 
 
 def _measure(model_dir: Path, manifest: ModelManifest, original: ModelManifest, eval_set: ImageSet,
-             reference: np.ndarray | None, threads: int, batch_size: int, runs: int) -> tuple[ModelStats, np.ndarray]:
+             reference: Any, threads: int, batch_size: int, runs: int) -> tuple[ModelStats, Any]:
     """Stats of one model; agreement is against `reference` (the original's outputs on the same images)."""
-    from shitu_cli.compress.measure import agreement, latency_p50_ms, model_size_bytes, run_outputs, task_metric
+    from shitu_cli.compress.measure import latency_p50_ms, model_size_bytes
+
+    if manifest.task == "det":
+        predictor, values, sample, metric, agreed = _run_detector(model_dir, manifest, original, eval_set, reference, threads)
+    else:
+        predictor, values, sample, metric, agreed = _run_net(model_dir, manifest, original, eval_set, reference, threads, batch_size)
+    latency = latency_p50_ms(predictor, sample, runs)
+    stats = ModelStats(Path(model_dir), manifest.precision, predictor.backend, manifest.method, model_size_bytes(model_dir, manifest),
+                       latency, agreed, dict([metric]) if metric else {})
+    return stats, values
+
+
+def _run_net(model_dir, manifest, original, eval_set, reference, threads, batch_size):
+    """cls/rec: outputs on the eval set, a batch-1 sample for timing, the metric and the agreement."""
+    from shitu_cli.compress.measure import agreement, run_outputs, task_metric
     from shitu_cli.infer.predictor import build_predictor
 
     predictor = build_predictor(model_dir, _predictor_options(manifest, threads))
@@ -182,12 +212,22 @@ def _measure(model_dir: Path, manifest: ModelManifest, original: ModelManifest, 
     if len(outputs.values) == 0:
         raise BadInput("no readable image to measure on", hint="check the --calib / --eval images", path=eval_set.source)
     sample = next(iter_batches(ImageSet(eval_set.source, eval_set.samples[:batch_size]), manifest, 1))[0]
-    latency = latency_p50_ms(predictor, sample, runs)
     metric = task_metric(manifest.task, outputs, list(original.labels))
     agreed = {"agreement": 1.0} if reference is None else agreement(manifest.task, reference, outputs.values)
-    stats = ModelStats(Path(model_dir), manifest.precision, predictor.backend, manifest.method, model_size_bytes(model_dir, manifest),
-                       latency, agreed, dict([metric]) if metric else {})
-    return stats, outputs.values
+    return predictor, outputs.values, sample, metric, agreed
+
+
+def _run_detector(model_dir, manifest, original, eval_set, reference, threads):
+    """det: boxes per eval image (as the Detector preprocesses), the first image's feeds, mAP and box agreement."""
+    from shitu_cli.compress.measure import box_agreement, detect_all, detection_map
+    from shitu_cli.infer.detector import Detector
+
+    detector = Detector(model_dir, _predictor_options(manifest, threads))
+    found, sample = detect_all(detector, eval_set)
+    if sample is None:
+        raise BadInput("no readable image to measure on", hint="check the --calib / --eval images", path=eval_set.source)
+    agreed = {"agreement": 1.0} if reference is None else box_agreement(reference, found.per_image)
+    return detector.predictor, found.per_image, sample, detection_map(found, list(original.labels)), agreed
 
 
 def _predictor_options(manifest: ModelManifest, threads: int):
@@ -204,7 +244,8 @@ def _judge(source: SourceModel, out: Path, candidate: Candidate, before: ModelSt
         basis = f"{metric} on the --eval images"
         drop = 100.0 * (before.metric[metric] - after.metric[metric])
     else:
-        basis = "top-1 agreement with the original" if source.task == "cls" else "nearest-neighbour agreement with the original"
+        basis = {"cls": "top-1 agreement with the original", "rec": "nearest-neighbour agreement with the original",
+                 "det": "box agreement with the original"}[source.task]
         drop = 100.0 * (1.0 - after.agreement["agreement"])
     refused = None
     if drop > max_drop and not force:
@@ -243,10 +284,13 @@ def _write_output(out: Path, candidate: Candidate, options: dict[str, Any], resu
     manifest.extra = {**manifest.extra, "compress": {**candidate.details, "quality_basis": result.quality_basis,
                                                       "quality_drop_points": round(result.quality_drop, 4)}}
     with atomic_dir(out) as staging:
-        for name in (manifest.model_file, manifest.params_file):
+        names = [manifest.model_file, manifest.params_file]
+        if (candidate.model_dir / str(manifest.extra.get("infer_cfg", ""))).is_file():
+            names.append(str(manifest.extra["infer_cfg"]))  # a detector's preprocessing, as ppdet exported it
+        for name in dict.fromkeys(names):
             shutil.copy2(candidate.model_dir / name, staging / name)
         write_model_manifest(staging, manifest)
-        written = [staging / manifest.model_file, staging / manifest.params_file, staging / MODEL_MANIFEST]
+        written = [staging / name for name in dict.fromkeys(names)] + [staging / MODEL_MANIFEST]
         recipe = Recipe(
             command="compress",
             core=CORE,

@@ -13,25 +13,39 @@ from shitu_cli.errors import BadInput, WorkFailed
 ALGOS = ("hist", "KL", "avg", "abs_max", "mse", "emd")
 
 
+CONV_OPS = ("conv2d", "depthwise_conv2d")
+
+
+def _conv_only_quantizer():
+    """Paddle's base quantizer for the conv ops, without its "observer" ops (scales after every other op)."""
+    from paddle.static.quantization.quant_config import BaseQuantizer
+
+    class ConvOnlyQuantizer(BaseQuantizer):
+        @property
+        def observer_operation_types(self):
+            return []
+
+    return ConvOnlyQuantizer(quantizable_op_type=list(CONV_OPS))
+
+
 def check_algo(algo: str) -> str:
     if algo not in ALGOS:
         raise BadInput(f"unknown PTQ algorithm {algo!r}", hint=f"choose one of: {', '.join(ALGOS)}")
     return algo
 
 
-def quantize_static(fp32_dir: Path, out_dir: Path, batches: Callable[[], Iterable[np.ndarray]], input_name: str,
-                    algo: str = "hist", batch_count: int | None = None, op_types: list[str] | None = None) -> Path:
+def quantize_static(fp32_dir: Path, out_dir: Path, feeds: Callable[[], Iterable[dict[str, np.ndarray]]],
+                    algo: str = "hist", batch_count: int | None = None, conv_only: bool = False) -> Path:
     """INT8 model (inference.pdmodel + .pdiparams) in out_dir from the legacy fp32 model in fp32_dir.
 
-    onnx_format=True stores quantize/dequantize pairs with int8-valued weights, which is what
-    oneDNN's INT8 pass expects; channel-wise weight scales keep depthwise convs accurate.
+    `feeds` gives a fresh iterator of {input name: batch} dicts. onnx_format=True stores
+    quantize/dequantize pairs with int8-valued weights, which is what oneDNN's INT8 pass expects;
+    channel-wise weight scales keep depthwise convs accurate. `conv_only` leaves every other op
+    without a scale: Paddle's default also records scales after reshape, concat, softmax and the
+    like, and on PicoDet's head oneDNN's quantize-squash pass then refuses the graph.
     """
     import paddle
     from paddle.static.quantization import PostTrainingQuantization
-
-    def data_loader():
-        for batch in batches():
-            yield {input_name: batch}
 
     paddle.enable_static()
     try:
@@ -42,14 +56,16 @@ def quantize_static(fp32_dir: Path, out_dir: Path, batches: Callable[[], Iterabl
                 model_dir=str(fp32_dir),
                 model_filename=LEGACY_MODEL,
                 params_filename=LEGACY_PARAMS,
-                data_loader=data_loader,
+                data_loader=feeds,
                 batch_nums=batch_count,
                 algo=check_algo(algo),
                 onnx_format=True,
                 weight_quantize_type="channel_wise_abs_max",
                 is_use_cache_file=False,
-                quantizable_op_type=list(op_types or []),
+                quantizable_op_type=list(CONV_OPS if conv_only else []),
             )
+            if conv_only:
+                ptq.quant_config = _conv_only_quantizer()  # PTQ's constructor offers no way to pass one
             ptq.quantize()
             ptq.save_quantized_model(str(out_dir), model_filename=LEGACY_MODEL, params_filename=LEGACY_PARAMS)
     except (RuntimeError, ValueError, AssertionError) as exc:

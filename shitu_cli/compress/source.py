@@ -49,17 +49,26 @@ def resolve_source(path: Path | str) -> SourceModel:
     if (path / MODEL_MANIFEST).is_file():
         manifest = read_model_manifest(path)
         parent = path.parent
-        run_dir = parent if (parent / RECIPE).is_file() and (parent / CHECKPOINT).is_file() else None
+        run_dir = parent if (parent / RECIPE).is_file() and _has_weights(parent) else None
         return SourceModel(path, manifest, run_dir)
     if (path / EXPORT / MODEL_MANIFEST).is_file():
-        if not (path / CHECKPOINT).is_file():
-            raise BadInput(f"run dir has no {CHECKPOINT.as_posix()}", hint="pass a finished train run", path=path)
+        if not _has_weights(path):
+            raise BadInput(f"run dir has no trained weights ({CHECKPOINT.as_posix()}, or checkpoints/best_model.pdparams "
+                           "for a detector)", hint="pass a finished train run", path=path)
         return SourceModel(path / EXPORT, read_model_manifest(path / EXPORT), path)
     raise BadInput(
         "neither a model dir (no shitu.yaml) nor a run dir (no export/shitu.yaml)",
-        hint="pass RUN_DIR or RUN_DIR/export from `shitu train-cls` / `shitu train-rec`",
+        hint="pass RUN_DIR or RUN_DIR/export from `shitu train-cls`, `train-rec` or `train-det`",
         path=path,
     )
+
+
+def _has_weights(run_dir: Path) -> bool:
+    """cls/rec runs keep checkpoints/best.pdparams; det runs ppdet.yml plus ppdet's best_model (or last)."""
+    if (run_dir / CHECKPOINT).is_file():
+        return True
+    checkpoints = run_dir / CHECKPOINT.parent
+    return (run_dir / "ppdet.yml").is_file() and any((checkpoints / f"{name}.pdparams").is_file() for name in ("best_model", "last"))
 
 
 def need_run_dir(source: SourceModel, method: str) -> Path:

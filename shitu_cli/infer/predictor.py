@@ -55,9 +55,10 @@ class PaddlePredictor:
         # Never enable_memory_optim(): it raises on paddle-3 .json models.
         if options.mkldnn:
             config.enable_mkldnn()
-            if manifest.task == "det":
-                # Paddle 3.3 oneDNN crashes on PicoDet's upsample op; skipping the
-                # placement pass keeps oneDNN for the rest of the graph.
+            if manifest.task == "det" and not manifest.model_file.endswith(".pdmodel"):
+                # Paddle 3.3 oneDNN crashes on PicoDet's upsample op in PIR (.json) programs; skipping
+                # the placement pass keeps oneDNN for the rest of the graph. Old-IR programs (INT8
+                # detectors) run placed, and their INT8 convs need the placement.
                 config.delete_pass("onednn_placement_pass")
             if options.precision == "bf16":
                 config.enable_mkldnn_bfloat16()

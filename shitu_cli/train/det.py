@@ -29,6 +29,7 @@ DEFAULT_RECIPE = "pp-shituv2-mainbody"
 CHECKPOINTS = "checkpoints"  # ppdet's save_dir/filename: RUN_DIR/checkpoints/{best_model,last}.*
 EXPORT_DIR = "export"
 PPDET_CONFIG = "ppdet.yml"
+MODEL_SECTIONS = "ppdet_model.yml"  # beside an export: what rebuilds its network without the run dir
 TRAIN_LOG = "train.log"
 STATE_FILE = "train_state.yaml"
 MERGED_CLASS = "foreground"
@@ -141,8 +142,8 @@ def prepare_dataset(root: Path, work_dir: Path, merge_classes: bool = False) -> 
     if not root.is_dir():
         raise BadInput("dataset folder not found", path=root, hint="pass a folder made by `shitu split-dataset`")
     if (root / "train.json").is_file():
-        kind, train, val = "coco", _read_coco(root / "train.json"), _read_coco(_val_json(root))
-        image_dir = _coco_image_dir(root, train)
+        kind, train, val = "coco", read_coco(root / "train.json"), read_coco(_val_json(root))
+        image_dir = coco_image_dir(root, train)
     elif (root / "Annotations").is_dir():
         kind, (train, val), image_dir = "voc", _voc_splits(root), root
     else:
@@ -171,7 +172,7 @@ def _val_json(root: Path) -> Path:
     return path
 
 
-def _read_coco(path: Path) -> dict[str, Any]:
+def read_coco(path: Path) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -183,7 +184,7 @@ def _read_coco(path: Path) -> dict[str, Any]:
     return document
 
 
-def _coco_image_dir(root: Path, document: dict[str, Any]) -> Path:
+def coco_image_dir(root: Path, document: dict[str, Any]) -> Path:
     """file_name is relative to the dataset dir, or to its images/ folder."""
     first = next(iter(document["images"]), None)
     if first is not None and not (root / first["file_name"]).is_file() and (root / "images" / first["file_name"]).is_file():
@@ -353,17 +354,23 @@ def load_ppdet_config(path: Path):
 def ppdet_output_to(log_path: Path) -> Iterator[None]:
     """ppdet logs and pycocotools prints go to stdout; send both to RUN_DIR/train.log instead,
     so stdout stays free for results (`--json` must be the only thing there)."""
-    with open(log_path, "a", encoding="utf-8") as log:
-        try:
-            with contextlib.redirect_stdout(log):
-                importlib.import_module("ppdet")  # imported here because it prints a numba warning
+    with open(log_path, "a", encoding="utf-8") as log, ppdet_chatter_to(log):
+        yield
 
-                _point_ppdet_logs_at(log)
-                yield
-        finally:
-            # Outside a run ppdet's chatter goes to the process's stderr. Not sys.stdout: a
-            # caller (a test runner, a notebook) may have swapped it for a stream it later closes.
-            _point_ppdet_logs_at(sys.__stderr__)
+
+@contextlib.contextmanager
+def ppdet_chatter_to(stream) -> Iterator[None]:
+    """ppdet's import-time prints, its loggers and stdout prints go to `stream` while inside."""
+    try:
+        with contextlib.redirect_stdout(stream):
+            importlib.import_module("ppdet")  # imported here because it prints a numba warning
+
+            _point_ppdet_logs_at(stream)
+            yield
+    finally:
+        # Outside ppdet's chatter goes to the process's stderr. Not sys.stdout: a caller (a
+        # test runner, a notebook) may have swapped it for a stream it later closes.
+        _point_ppdet_logs_at(sys.__stderr__)
 
 
 def _point_ppdet_logs_at(stream) -> None:
@@ -604,8 +611,19 @@ def export_detector(run_dir: Path, recipe_name: str) -> Path:
         for path in produced.iterdir():
             path.replace(staging / path.name)
         produced.rmdir()
+        write_model_sections(read_yaml(Path(run_dir) / PPDET_CONFIG), staging / MODEL_SECTIONS)
         _write_manifest(staging, cfg, recipe_name, nms)
     return final
+
+
+def write_model_sections(config: dict[str, Any], path: Path) -> None:
+    """The network's part of a ppdet config (architecture, its components, num_classes): enough for
+    `shitu compress` to rebuild an export's PicoDet and read its weights back, with no run dir."""
+    architecture = config["architecture"]
+    components = [name for name in (config.get(architecture) or {}).values() if isinstance(name, str) and name in config]
+    sections = {key: config[key] for key in ("architecture", "num_classes", architecture, *components) if key in config}
+    atomic_write_text(path, "# the network of this export, in ppdet's config format (written by shitu train-det)\n"
+                      + dump_yaml(sections))
 
 
 def _write_manifest(export_dir: Path, cfg, recipe_name: str, nms) -> None:

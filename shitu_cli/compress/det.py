@@ -1,0 +1,259 @@
+"""Detector compression: the PicoDet behind a det model rebuilt in dygraph, exported in the old IR, and
+calibrated to INT8 on its conv layers (Paddle PTQ, run by oneDNN INT8).
+
+The dygraph model comes from a train-det run dir (ppdet.yml + best weights) or, for an export
+alone, from the ppdet model sections shitu writes beside it (`ppdet_model.yml`) with the weights
+read back from the export itself. Either way it must reproduce the export's boxes before any
+compression starts.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from shitu_cli.compress.images import ImageSet, iter_readable, readable_count
+from shitu_cli.compress.legacy import LEGACY_MODEL, LEGACY_PARAMS, old_ir_compat, quiet_stdout
+from shitu_cli.compress.pipeline import Candidate, Stage, derived_manifest, stage_manifest
+from shitu_cli.compress.source import SourceModel
+from shitu_cli.errors import BadInput, WorkFailed
+
+# The rebuilt detector must give the export's top boxes to within this many pixels (plus 1e-4 relative)
+# and score units.
+REBUILD_BOX_TOLERANCE = 0.05
+REBUILD_SCORE_TOLERANCE = 1e-3
+PROBE_ROWS = 10
+
+
+# ----------------------------------------------------------------------------- rebuilding the dygraph PicoDet
+
+
+def rebuild_detector(source: SourceModel) -> Any:
+    """The dygraph PicoDet of `source` in eval mode: from its run dir, else from the export's own weights."""
+    import sys
+
+    from shitu_cli.train.det import ppdet_chatter_to
+
+    with ppdet_chatter_to(sys.stderr):  # stdout is for results (--json)
+        return _rebuild(source)
+
+
+def _rebuild(source: SourceModel) -> Any:
+    if source.run_dir is not None and (source.run_dir / "ppdet.yml").is_file():
+        from shitu_cli.train.det import load_trained_model
+
+        return load_trained_model(source.run_dir)
+    from shitu_cli.train.det import MODEL_SECTIONS
+
+    sections = source.model_dir / MODEL_SECTIONS
+    if not sections.is_file():
+        raise BadInput(
+            "Paddle PTQ of a detector needs its architecture, and neither a train-det run dir (ppdet.yml) "
+            f"nor {MODEL_SECTIONS} is beside this export",
+            hint="pass the train-det run dir (or RUN_DIR/export); older exports: re-export with `shitu train-det --resume`",
+            path=source.model_dir,
+        )
+    return _detector_from_export(source.model_dir, sections)
+
+
+def _detector_from_export(export_dir: Path, sections: Path) -> Any:
+    import paddle
+    from ppdet.core.workspace import create
+
+    from shitu_cli.models import ppdet_compat
+    from shitu_cli.train.det import load_ppdet_config
+
+    ppdet_compat.apply()
+    paddle.set_device("cpu")
+    cfg = load_ppdet_config(sections)
+    model = create(cfg.architecture)
+    exported = {p.name: p.numpy() for p in paddle.jit.load(str(export_dir / Path(_model_stem(export_dir)))).parameters()}
+    model.set_state_dict(_weights_by_creation_order(model, exported, export_dir))
+    model.eval()
+    return model
+
+
+def _model_stem(export_dir: Path) -> str:
+    from shitu_cli.models.manifest import read_model_manifest
+
+    return Path(read_model_manifest(export_dir).model_file).stem
+
+
+def _weights_by_creation_order(model: Any, exported: dict[str, np.ndarray], export_dir: Path) -> dict[str, np.ndarray]:
+    """Map the export's parameters onto the model's structured names.
+
+    An export names each parameter after its layer type and creation count (conv2d_41.w_0), counted
+    from whatever the exporting process had built before; the same architecture creates its layers
+    in the same order, so the i-th conv2d weight here is the i-th one there. The caller then checks
+    that the result reproduces the export, which catches any mismatch this could hide.
+    """
+    ours = _group_by_kind({param.name: key for key, param in model.state_dict().items()})
+    theirs = _group_by_kind({re.sub(r"_0$", "", name): name for name in exported})
+    state: dict[str, np.ndarray] = {}
+    for kind, names in theirs.items():
+        if kind[0].startswith("eager_tmp"):
+            continue  # constants the net builds itself (the DFL projection), not weights
+        mine = ours.get(kind, [])
+        if len(mine) != len(names):
+            raise WorkFailed(f"the export has {len(names)} {kind[0]}.{kind[1]} weights, ppdet_model.yml builds {len(mine)}",
+                             hint="the architecture file does not match this export", path=export_dir)
+        for structured, name in zip(mine, names):
+            state[structured] = exported[name]
+    return state
+
+
+def _group_by_kind(names: dict[str, str]) -> dict[tuple[str, str], list[str]]:
+    """{(layer type, weight suffix): values of `names` ordered by creation count}, from unique names."""
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = collections.defaultdict(list)
+    for unique_name, value in names.items():
+        match = re.fullmatch(r"(.+?)_(\d+)\.(\w+)", unique_name)
+        kind, count = ((match.group(1), match.group(3)), int(match.group(2))) if match else ((unique_name, ""), 0)
+        groups[kind].append((count, value))
+    return {kind: [value for _, value in sorted(items)] for kind, items in groups.items()}
+
+
+# ----------------------------------------------------------------------------- old-IR export
+
+
+@contextmanager
+def _integral_without_matmul() -> Iterator[None]:
+    """Trace the DFL integral as multiply + sum instead of a matmul with its projection vector.
+
+    The projection is 0, 1, ..., reg_max: integer-valued, so oneDNN's INT8 pass takes it for an
+    already-quantized int8 weight of a matmul, finds no scale for it and aborts the predictor.
+    """
+    from paddle.base.layer_helper import LayerHelper
+    from ppdet.modeling.heads import gfl_head
+
+    import paddle
+    import paddle.nn.functional as F
+
+    original = gfl_head.Integral.forward
+
+    def forward(self, x):
+        probabilities = F.softmax(x.reshape([-1, self.reg_max + 1]), axis=1)
+        weighted = paddle.multiply(probabilities, self.project.reshape([1, -1]))
+        helper = LayerHelper("reduce_sum")
+        distance = helper.create_variable_for_type_inference(weighted.dtype)
+        helper.append_op(type="reduce_sum", inputs={"X": [weighted]}, outputs={"Out": [distance]},
+                         attrs={"dim": [1], "keep_dim": False, "reduce_all": False})
+        return distance
+
+    gfl_head.Integral.forward = forward
+    try:
+        yield
+    finally:
+        gfl_head.Integral.forward = original
+
+
+def export_legacy_detector(model: Any, out_dir: Path, input_size: tuple[int, int]) -> Path:
+    """out_dir/inference.pdmodel + .pdiparams: the detector with its NMS, inputs image and scale_factor."""
+    import paddle
+    from paddle.static import InputSpec
+
+    from shitu_cli.models import ppdet_compat
+
+    out_dir = Path(out_dir)
+    model.eval()
+    for flag in ("export_post_process", "export_nms"):
+        if hasattr(model, flag):
+            setattr(model, flag, True)
+    spec = [{"image": InputSpec([None, 3, *input_size], "float32", "image"),
+             "scale_factor": InputSpec([None, 2], "float32", "scale_factor")}]
+    with ppdet_compat.full_graph_export(), old_ir_compat(), _integral_without_matmul(), quiet_stdout():
+        paddle.jit.save(paddle.jit.to_static(model, input_spec=spec), str(out_dir / "inference"), input_spec=spec)
+    (out_dir / "inference.pdiparams.info").unlink(missing_ok=True)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- checks and calibration feeds
+
+
+def det_feeds(images: ImageSet, preprocess) -> Iterator[tuple[dict[str, np.ndarray], Any]]:
+    """({image, scale_factor}, sample) per readable image, preprocessed exactly as the Detector does."""
+    for rgb, sample in iter_readable(images):
+        image, scale_factor = preprocess(rgb)
+        yield {"image": image, "scale_factor": scale_factor}, sample
+
+
+def check_reproduces_detector(candidate_dir: Path, source: SourceModel, probes: list[dict[str, np.ndarray]]) -> None:
+    """Refuse a rebuilt detector whose top boxes differ from the export's on the probe images."""
+    from shitu_cli.infer.predictor import PredictorOptions, build_predictor
+
+    plain = PredictorOptions(mkldnn=False)
+    expected_model = build_predictor(source.model_dir, plain, task="det")
+    rebuilt_model = build_predictor(candidate_dir, plain, task="det")
+    for feeds in probes:
+        expected = _top_rows(expected_model.run(feeds))
+        got = _top_rows(rebuilt_model.run(feeds))
+        if expected.shape != got.shape or not _rows_close(expected, got):
+            raise WorkFailed(
+                "the detector rebuilt for compression does not reproduce its export's boxes",
+                hint="was the run dir changed after export? re-export it (train-det --resume) and try again",
+                path=source.run_dir or source.model_dir,
+            )
+
+
+def _top_rows(outputs: list[np.ndarray]) -> np.ndarray:
+    rows = np.asarray(outputs[0], np.float32).reshape(-1, 6)[: int(np.asarray(outputs[1]).reshape(-1)[0])]
+    return rows[np.argsort(-rows[:, 1], kind="stable")][:PROBE_ROWS]
+
+
+def _rows_close(expected: np.ndarray, got: np.ndarray) -> bool:
+    """Every expected row has a twin in `got` (order aside: near-tied scores may swap places)."""
+    def twin(row):
+        same_score = np.abs(got[:, :2] - row[:2]).max(axis=1) <= REBUILD_SCORE_TOLERANCE
+        same_box = np.abs(got[:, 2:] - row[2:]).max(axis=1) <= REBUILD_BOX_TOLERANCE + 1e-4 * np.abs(row[2:]).max()
+        return bool(np.any(same_score & same_box))
+
+    return all(twin(row) for row in expected)
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def detector_ptq(source: SourceModel, calib_set: ImageSet, work: Path, algo: str, stage: Stage) -> Candidate:
+    """Rebuild, export in the old IR, check it reproduces the export, then PTQ the convs to INT8."""
+    from shitu_cli.compress.ptq import check_algo, quantize_static
+    from shitu_cli.infer.detector import Detector
+
+    check_algo(algo)
+    preprocess = Detector(source.model_dir).preprocess
+    stage("rebuilding the detector and exporting an old-format static model")
+    fp32_dir = export_legacy_detector(rebuild_detector(source), work / "fp32", tuple(source.manifest.input_size))
+    _copy_infer_cfg(source, fp32_dir)
+    stage_manifest(fp32_dir, derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "fp32", "rebuilt"))
+    probes = [feeds for feeds, _ in _first(det_feeds(calib_set, preprocess), 2)]
+    if not probes:
+        raise BadInput("no calibration image could be read", hint="check the --calib images", path=calib_set.source)
+    check_reproduces_detector(fp32_dir, source, probes)
+    stage(f"calibrating INT8 ({algo}) on {readable_count(calib_set)} image(s)")
+    out_dir = quantize_static(fp32_dir, work / "int8", lambda: (feeds for feeds, _ in det_feeds(calib_set, preprocess)),
+                              algo=algo, batch_count=len(calib_set.samples), conv_only=True)
+    _copy_infer_cfg(source, out_dir)
+    method = f"ptq-{algo}"
+    details = {"quant": "ptq", "algo": algo, "calib_images": readable_count(calib_set),
+               "quantized": "conv2d and depthwise_conv2d (weights per channel, inputs per tensor); head post-processing and NMS stay fp32"}
+    manifest = derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "int8", method)
+    return Candidate(out_dir, stage_manifest(out_dir, manifest), method, details)
+
+
+def _copy_infer_cfg(source: SourceModel, target: Path) -> None:
+    name = str(source.manifest.extra.get("infer_cfg", "infer_cfg.yml"))
+    if (source.model_dir / name).is_file():
+        shutil.copy2(source.model_dir / name, target / name)
+
+
+def _first(items, count: int) -> list:
+    found = []
+    for item in items:
+        found.append(item)
+        if len(found) == count:
+            break
+    return found
