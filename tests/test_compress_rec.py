@@ -86,3 +86,20 @@ def test_qat_rec_runs_through_to_an_int8_recogniser(cli, rec_run, tmp_path):
     manifest = read_model_manifest(tmp_path / "qat")
     assert (manifest.precision, manifest.embedding_dim) == ("int8", read_model_manifest(run_dir / "export").embedding_dim)
     assert manifest.extra["compress"]["distill"] == "KL T=4"  # rec lists carry no class index for CE
+
+
+def test_rec_agreement_is_about_the_answer_a_search_gives():
+    from shitu_cli.compress.measure import agreement
+
+    def at(*degrees):
+        radians = np.deg2rad(degrees)
+        return np.stack([np.cos(radians), np.sin(radians)], axis=1).astype(np.float32)
+
+    # three views of a cup (0, 10, 25 degrees) and two of a cat (80, 90); the compressed model moves the
+    # first cup view to 20 degrees, so its nearest image becomes another cup view
+    before, after = at(0, 10, 25, 80, 90), at(20, 10, 25, 80, 90)
+    labels = ["cup", "cup", "cup", "cat", "cat"]
+    labelled, unlabelled = agreement("rec", before, after, labels), agreement("rec", before, after)
+    assert labelled["agreement"] == 1.0  # every image still finds a cup / a cat
+    assert unlabelled["agreement"] == pytest.approx(0.6)  # without labels, another nearest image is another answer
+    assert labelled["cosine"] == unlabelled["cosine"] < 1.0

@@ -9,14 +9,18 @@ import typer
 
 from shitu_cli import render
 
-MAX_SKIP_ROWS = 20
+REFUSAL_HINTS = {
+    "cls": "try another --algo, --quant qat, --prune R --quant ptq, or --onnx-int8; --force writes it anyway",
+    "rec": "try --algo avg (it kept rec embeddings closer than hist in our tests), --quant qat or --onnx-int8; --force writes it anyway",
+    "det": "try --algo avg or KL, or more --calib images; --force writes it anyway",
+}
 
 
 def command(
     model: str = typer.Argument(..., help="A train run dir (RUN_DIR), an exported model dir (RUN_DIR/export) or a model name."),
-    calib: Path = typer.Option(..., "--calib", help="Calibration / fine-tuning images: a list file (split-dataset formats) or a folder."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration / fine-tuning images: a list file (split-dataset formats), a COCO json or a folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Where the compressed model dir goes (written only if quality held)."),
-    eval_list: Optional[Path] = typer.Option(None, "--eval", help="Labelled images for the real metric (top-1 / recall@1); agreement is measured on them too."),
+    eval_list: Optional[Path] = typer.Option(None, "--eval", help="Labelled images for the real metric: a list file for top-1 / recall@1, a COCO json for det mAP; agreement is measured on them too."),
     quant: Optional[str] = typer.Option(None, "--quant", help="ptq (default); qat: fine-tune with fake INT8 (from a run dir, the original as teacher), then PTQ-calibrate; none (with --prune)."),
     algo: str = typer.Option("hist", "--algo", help="PTQ activation-range algorithm: hist, KL, avg, abs_max, mse, emd."),
     prune: Optional[float] = typer.Option(None, "--prune", help="Remove this share of conv filters (L1), then fine-tune with distillation."),
@@ -32,7 +36,7 @@ def command(
     seed: int = typer.Option(42, "--seed", help="Seed for fine-tuning; recorded in recipe.yaml."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
-    """Compress a trained cls/rec model (INT8, pruning, distillation) and prove it with before/after measurements."""
+    """Compress a trained det, rec or cls model (INT8; pruning and distillation for rec/cls) and prove it with before/after measurements."""
     from shitu_cli.compress.pipeline import compress
     from shitu_cli.errors import WorkFailed
     from shitu_cli.models.registry import resolve_model_dir
@@ -43,16 +47,16 @@ def command(
         threads=threads, max_drop=max_drop, force=force, calib_size=calib_size, batch_size=batch_size, runs=runs,
         epochs=epochs, lr=lr, seed=seed, on_stage=lambda name: render.info(f"compress: {name}"),
     )
-    for skip in result.skipped[:MAX_SKIP_ROWS]:
-        render.warn(f"skipped {skip.path}: {skip.reason}")
-    if len(result.skipped) > MAX_SKIP_ROWS:
-        render.warn(f"... and {len(result.skipped) - MAX_SKIP_ROWS} more skipped image(s) (all of them are in --json)")
     if json_output:
+        if result.skipped:
+            first = result.skipped[0]
+            render.warn(f"skipped {len(result.skipped)} unreadable image(s), e.g. {first.path}: {first.reason} (all in the JSON)")
         render.print_json(result_document(result))
     else:
         show_report(result)
+        render.file_problems(f"skipped {len(result.skipped)} image(s)", [(s.path, s.reason) for s in result.skipped])
     if not result.written:
-        raise WorkFailed(f"not written: {result.refused}", hint="try another --algo (avg kept rec embeddings closer than hist in our tests), --prune R --quant ptq, or --onnx-int8; --force writes it anyway", path=result.out)
+        raise WorkFailed(f"not written: {result.refused}", hint=REFUSAL_HINTS.get(result.task, REFUSAL_HINTS["cls"]), path=result.out)
 
 
 def result_document(result) -> dict:

@@ -56,7 +56,7 @@ def _rebuild(source: SourceModel) -> Any:
         raise BadInput(
             "Paddle PTQ of a detector needs its architecture, and neither a train-det run dir (ppdet.yml) "
             f"nor {MODEL_SECTIONS} is beside this export",
-            hint="pass the train-det run dir (or RUN_DIR/export); older exports: re-export with `shitu train-det --resume`",
+            hint="pass the train-det run dir (RUN_DIR, or RUN_DIR/export inside it)",
             path=source.model_dir,
         )
     return _detector_from_export(source.model_dir, sections)
@@ -74,7 +74,7 @@ def _detector_from_export(export_dir: Path, sections: Path) -> Any:
     cfg = load_ppdet_config(sections)
     model = create(cfg.architecture)
     exported = {p.name: p.numpy() for p in paddle.jit.load(str(export_dir / Path(_model_stem(export_dir)))).parameters()}
-    model.set_state_dict(_weights_by_creation_order(model, exported, export_dir))
+    model.set_state_dict(_weights_by_creation_order(model, exported, sections))
     model.eval()
     return model
 
@@ -85,7 +85,7 @@ def _model_stem(export_dir: Path) -> str:
     return Path(read_model_manifest(export_dir).model_file).stem
 
 
-def _weights_by_creation_order(model: Any, exported: dict[str, np.ndarray], export_dir: Path) -> dict[str, np.ndarray]:
+def _weights_by_creation_order(model: Any, exported: dict[str, np.ndarray], sections: Path) -> dict[str, np.ndarray]:
     """Map the export's parameters onto the model's structured names.
 
     An export names each parameter after its layer type and creation count (conv2d_41.w_0), counted
@@ -93,16 +93,20 @@ def _weights_by_creation_order(model: Any, exported: dict[str, np.ndarray], expo
     in the same order, so the i-th conv2d weight here is the i-th one there. The caller then checks
     that the result reproduces the export, which catches any mismatch this could hide.
     """
-    ours = _group_by_kind({param.name: key for key, param in model.state_dict().items()})
+    own_state = model.state_dict()
+    ours = _group_by_kind({param.name: key for key, param in own_state.items()})
     theirs = _group_by_kind({re.sub(r"_0$", "", name): name for name in exported})
-    state: dict[str, np.ndarray] = {}
+    # Start from the model's own values: training-only weights (PicoHead's scale_reg) and buffers the
+    # net fills itself are not in an export.
+    state: dict[str, np.ndarray] = {key: value.numpy() for key, value in own_state.items()}
     for kind, names in theirs.items():
         if kind[0].startswith("eager_tmp"):
             continue  # constants the net builds itself (the DFL projection), not weights
         mine = ours.get(kind, [])
         if len(mine) != len(names):
-            raise WorkFailed(f"the export has {len(names)} {kind[0]}.{kind[1]} weights, ppdet_model.yml builds {len(mine)}",
-                             hint="the architecture file does not match this export", path=export_dir)
+            raise BadInput(f"does not match the export beside it: it builds {len(mine)} {kind[0]}.{kind[1]} weights, "
+                           f"the export has {len(names)}", hint="restore the ppdet_model.yml written with this export",
+                           path=sections)
         for structured, name in zip(mine, names):
             state[structured] = exported[name]
     return state

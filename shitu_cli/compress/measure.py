@@ -49,17 +49,21 @@ def latency_p50_ms(predictor, sample: np.ndarray, runs: int, warmup: int = 3) ->
 # ----------------------------------------------------------------------------- agreement
 
 
-def agreement(task: str, before: np.ndarray, after: np.ndarray) -> dict[str, float]:
+def agreement(task: str, before: np.ndarray, after: np.ndarray, labels: list[str | None] | None = None) -> dict[str, float]:
     """How often the compressed model says what the original said.
 
     cls: share of images with the same top-1 class. rec: share of images whose nearest
-    neighbour among the other images is the same one, plus the mean cosine similarity of
+    neighbour among the other images carries the same label under both models (the answer a
+    search gives; with unlabelled images, the same image), plus the mean cosine similarity of
     each image's two embeddings.
     """
     if task == "cls":
         return {"agreement": float(np.mean(before.argmax(1) == after.argmax(1)))}
     cosine = float(np.mean(np.sum(_unit(before) * _unit(after), axis=1)))
-    return {"agreement": float(np.mean(_nearest_other(before) == _nearest_other(after))), "cosine": cosine}
+    answer = np.arange(len(before))
+    if labels and all(label is not None for label in labels):
+        answer = np.array([str(label) for label in labels])  # two views of one product are the same answer
+    return {"agreement": float(np.mean(answer[_nearest_other(before)] == answer[_nearest_other(after)])), "cosine": cosine}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

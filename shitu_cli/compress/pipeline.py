@@ -213,7 +213,7 @@ def _run_net(model_dir, manifest, original, eval_set, reference, threads, batch_
         raise BadInput("no readable image to measure on", hint="check the --calib / --eval images", path=eval_set.source)
     sample = next(iter_batches(ImageSet(eval_set.source, eval_set.samples[:batch_size]), manifest, 1))[0]
     metric = task_metric(manifest.task, outputs, list(original.labels))
-    agreed = {"agreement": 1.0} if reference is None else agreement(manifest.task, reference, outputs.values)
+    agreed = {"agreement": 1.0} if reference is None else agreement(manifest.task, reference, outputs.values, outputs.labels)
     return predictor, outputs.values, sample, metric, agreed
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -71,7 +74,8 @@ class PaddlePredictor:
             # oneDNN (and crashed PicoDet, whose placement pass was then left in).
             config.disable_mkldnn()
         try:
-            self._predictor = create_predictor(config)
+            with _native_stderr_silenced(config.mkldnn_int8_enabled()):
+                self._predictor = create_predictor(config)
         except Exception as exc:  # paddle raises bare RuntimeError/ValueError subclasses
             raise WorkFailed(f"Paddle Inference cannot load this model ({exc.__class__.__name__}: {exc})", path=model_dir) from None
         self.input_names = list(self._predictor.get_input_names())
@@ -84,6 +88,25 @@ class PaddlePredictor:
             self._predictor.get_input_handle(name).copy_from_cpu(np.ascontiguousarray(value))
         self._predictor.run()
         return [self._predictor.get_output_handle(name).copy_to_cpu() for name in self.output_names]
+
+
+@contextmanager
+def _native_stderr_silenced(silence: bool) -> Iterator[None]:
+    """oneDNN's INT8 passes write some thirty coloured "--- quantized N ops" lines straight to the C-level
+    stderr while a predictor is created; Python's sys.stderr cannot catch them, so fd 2 goes to a
+    scratch file meanwhile. Failures still surface as the exception create_predictor raises."""
+    if not silence:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as scratch:
+            os.dup2(scratch.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class OnnxRuntimePredictor:

@@ -1,0 +1,172 @@
+"""`shitu compress` on detectors: the shipped demo PicoDet (an export alone) and a tiny train-det run go
+through Paddle PTQ to INT8 models that keep their boxes, load in predict, and record their lineage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shitu_cli.compress.images import Sample
+from shitu_cli.compress.measure import Detections, box_agreement, detection_map
+from synth_scenes import make_coco_scenes
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DET = REPO / "assets" / "demo" / "models" / "det"
+QUERIES = REPO / "assets" / "demo" / "queries"
+
+
+def _rows(*rows):
+    return np.array(rows, np.float32).reshape(-1, 6)
+
+
+# ----------------------------------------------------------------------------- box agreement and mAP
+
+
+def test_identical_boxes_agree_fully():
+    boxes = [_rows([0, 0.9, 10, 10, 50, 50], [0, 0.8, 60, 60, 90, 90])]
+    assert box_agreement(boxes, boxes) == {"agreement": 1.0, "matched_iou": 1.0}
+
+
+def test_a_lost_box_and_a_moved_box_lower_agreement():
+    before = [_rows([0, 0.9, 10, 10, 50, 50], [0, 0.8, 60, 60, 90, 90])]
+    lost = [_rows([0, 0.9, 10, 10, 50, 50])]
+    assert box_agreement(before, lost)["agreement"] == pytest.approx(2 / 3)
+    moved = [_rows([0, 0.9, 10, 10, 50, 50], [0, 0.8, 80, 80, 110, 110])]  # IoU with its twin < 0.5
+    assert box_agreement(before, moved)["agreement"] == pytest.approx(0.5)
+
+
+def test_agreement_counts_only_boxes_the_pipeline_acts_on_and_needs_the_same_class():
+    before = [_rows([0, 0.9, 10, 10, 50, 50], [0, 0.3, 60, 60, 90, 90])]  # the 0.3 box is below predict's 0.5
+    after = [_rows([0, 0.7, 11, 11, 50, 50])]
+    assert box_agreement(before, after)["agreement"] == 1.0
+    assert box_agreement(before, [_rows([1, 0.7, 11, 11, 50, 50])])["agreement"] == 0.0
+    assert box_agreement([_rows()], [_rows()])["agreement"] == 1.0  # neither model finds anything
+
+
+def test_detection_map_is_one_for_exact_boxes_and_zero_for_none():
+    samples = [Sample(Path("a.jpg"), None, ((10, 10, 50, 50, "cup"),)), Sample(Path("b.jpg"), None, ((5, 5, 40, 30, "cat"),))]
+    exact = Detections([_rows([0, 0.9, 10, 10, 50, 50]), _rows([0, 0.8, 5, 5, 40, 30])], samples)
+    # a one-class (mainbody) detector is scored class-agnostic: "cup" and "cat" are both objects to find
+    assert detection_map(exact, ["foreground"]) == ("mAP", pytest.approx(1.0))
+    assert detection_map(Detections([_rows(), _rows()], samples), ["foreground"]) == ("mAP", 0.0)
+    assert detection_map(Detections(exact.per_image, [Sample(Path("a.jpg"), "x"), samples[1]]), ["foreground"]) is None
+
+
+# ----------------------------------------------------------------------------- the shipped demo detector
+
+
+@pytest.fixture(scope="module")
+def demo_int8(tmp_path_factory):
+    """The demo detector (an export with ppdet_model.yml, no run dir) compressed once, with the CLI's JSON."""
+    from typer.testing import CliRunner
+
+    from shitu_cli.cli import app
+
+    out = tmp_path_factory.mktemp("det-int8") / "int8"
+    result = CliRunner().invoke(app, ["compress", str(DEMO_DET), "--calib", str(QUERIES / "images"),
+                                      "--eval", str(QUERIES / "annotations.json"), "-o", str(out), "--runs", "5", "--json"])
+    assert result.exit_code == 0, result.stderr
+    return out, json.loads(result.stdout)
+
+
+def test_ptq_shrinks_the_demo_detector_and_keeps_its_boxes(demo_int8):
+    out, report = demo_int8
+    assert report["written"] and report["task"] == "det" and report["method"] == "ptq-hist"
+    assert report["after"]["precision"] == "int8"
+    assert report["after"]["size_bytes"] < 0.5 * report["before"]["size_bytes"]
+    assert report["after"]["agreement"]["agreement"] >= 0.9
+    # the demo detector scores about 0.72 COCO mAP on its 12 query scenes; INT8 must stay within --max-drop 1
+    assert report["before"]["metric"]["mAP"] > 0.6
+    assert report["quality_basis"] == "mAP on the --eval images" and report["quality_drop"] <= 1.0
+    assert (report["calib_images"], report["eval_images"]) == (12, 12)
+
+
+def test_the_int8_detector_is_a_normal_model_dir_with_its_lineage(demo_int8):
+    from shitu_cli.artifacts import read_yaml
+    from shitu_cli.models.manifest import read_model_manifest
+
+    out, _ = demo_int8
+    manifest, parent = read_model_manifest(out), read_model_manifest(DEMO_DET)
+    assert (manifest.task, manifest.precision, manifest.method) == ("det", "int8", "ptq-hist")
+    assert manifest.parent_model_hash == parent.model_hash and manifest.labels == parent.labels
+    assert (out / "infer_cfg.yml").read_text() == (DEMO_DET / "infer_cfg.yml").read_text()
+    recipe = read_yaml(out / "recipe.yaml")
+    assert recipe["command"] == "compress" and recipe["metrics"]["after"]["mAP"] > 0.6
+
+
+def test_predict_finds_the_query_objects_with_the_int8_detector(cli, demo_int8):
+    from shitu_cli.infer.pipeline import iou
+
+    out, _ = demo_int8
+    truth = json.loads((QUERIES / "ground_truth.json").read_text())
+    result = cli("predict", QUERIES / "images", "--det", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    found = {Path(r["path"]).name: [rec["box"] for rec in r["recognitions"]] for r in json.loads(result.stdout)["images"]}
+    hits = sum(any(iou(obj["box"], box) >= 0.5 for box in found[Path(name).name]) for name, objs in truth.items() for obj in objs)
+    assert hits >= 0.8 * sum(len(objs) for objs in truth.values())
+
+
+def test_an_export_without_its_architecture_is_refused(cli, tmp_path):
+    bare = tmp_path / "det"
+    shutil.copytree(DEMO_DET, bare, ignore=shutil.ignore_patterns("ppdet_model.yml"))
+    result = cli("compress", bare, "--calib", QUERIES / "images", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "ppdet_model.yml" in result.stderr and "train-det run dir" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_architecture_file_that_does_not_match_the_export_is_refused(cli, tmp_path):
+    edited = tmp_path / "det"
+    shutil.copytree(DEMO_DET, edited)
+    sections = edited / "ppdet_model.yml"
+    sections.write_text(sections.read_text().replace("num_convs: 2", "num_convs: 1"))
+    result = cli("compress", edited, "--calib", QUERIES / "images", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "ppdet_model.yml" in result.stderr and "does not match" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags", [["--prune", "0.3"], ["--quant", "qat"], ["--onnx-int8"]])
+def test_methods_built_for_cls_and_rec_are_refused_for_a_detector(cli, tmp_path, flags):
+    result = cli("compress", DEMO_DET, "--calib", QUERIES / "images", "-o", tmp_path / "out", *flags)
+    assert result.exit_code == 2 and "--quant ptq" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_broken_eval_json_is_a_one_line_error(cli, tmp_path):
+    broken = tmp_path / "val.json"
+    broken.write_text("{not json")
+    result = cli("compress", DEMO_DET, "--calib", QUERIES / "images", "--eval", broken, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "val.json" in result.stderr and "COCO" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- a train-det run dir
+
+
+@pytest.fixture(scope="module")
+def det_run(tmp_path_factory):
+    from shitu_cli.train.det import train_det
+
+    root = tmp_path_factory.mktemp("det-run")
+    make_coco_scenes(root / "scenes", n_train=12, n_val=4, n_classes=2, seed=3)
+    train_det(root / "scenes", root / "run", recipe="tiny", settings={"epochs": 1, "batch_size": 4}, merge_classes=True)
+    return root / "run", root / "scenes"
+
+
+def test_ptq_from_a_train_det_run_dir_and_from_its_export_alone(cli, det_run, tmp_path):
+    run_dir, scenes = det_run
+    assert (run_dir / "export" / "ppdet_model.yml").is_file()
+    args = ["--calib", scenes / "train.json", "--eval", scenes / "val.json", "--runs", "2", "--max-drop", "100", "--json"]
+    from_run = cli("compress", run_dir, "-o", tmp_path / "a", *args)
+    assert from_run.exit_code == 0, from_run.stderr
+    alone = tmp_path / "export"
+    shutil.copytree(run_dir / "export", alone)  # no run dir beside it: the weights come from the export
+    from_export = cli("compress", alone, "-o", tmp_path / "b", *args)
+    assert from_export.exit_code == 0, from_export.stderr
+    for result, out in ((from_run, tmp_path / "a"), (from_export, tmp_path / "b")):
+        report = json.loads(result.stdout)
+        assert report["written"] and report["after"]["precision"] == "int8" and "mAP" in report["after"]["metric"]
+        assert (out / "inference.pdmodel").is_file() and (out / "infer_cfg.yml").is_file()
