@@ -10,6 +10,7 @@ compression starts.
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 import shutil
 from contextlib import contextmanager
@@ -104,12 +105,18 @@ def _weights_by_creation_order(model: Any, exported: dict[str, np.ndarray], sect
             continue  # constants the net builds itself (the DFL projection), not weights
         mine = ours.get(kind, [])
         if len(mine) != len(names):
-            raise BadInput(f"does not match the export beside it: it builds {len(mine)} {kind[0]}.{kind[1]} weights, "
-                           f"the export has {len(names)}", hint="restore the ppdet_model.yml written with this export",
-                           path=sections)
+            _mismatch(sections, f"it builds {len(mine)} {kind[0]}.{kind[1]} weights, the export has {len(names)}")
         for structured, name in zip(mine, names):
+            if tuple(state[structured].shape) != tuple(exported[name].shape):
+                _mismatch(sections, f"{structured} is {list(state[structured].shape)} here, "
+                                    f"{list(exported[name].shape)} in the export")
             state[structured] = exported[name]
     return state
+
+
+def _mismatch(sections: Path, detail: str) -> None:
+    raise BadInput(f"does not match the export beside it: {detail}",
+                   hint="restore the ppdet_model.yml written with this export", path=sections)
 
 
 def _group_by_kind(names: dict[str, str]) -> dict[tuple[str, str], list[str]]:
@@ -132,28 +139,29 @@ def _integral_without_matmul() -> Iterator[None]:
     The projection is 0, 1, ..., reg_max: integer-valued, so oneDNN's INT8 pass takes it for an
     already-quantized int8 weight of a matmul, finds no scale for it and aborts the predictor.
     """
-    from paddle.base.layer_helper import LayerHelper
     from ppdet.modeling.heads import gfl_head
 
-    import paddle
-    import paddle.nn.functional as F
-
     original = gfl_head.Integral.forward
-
-    def forward(self, x):
-        probabilities = F.softmax(x.reshape([-1, self.reg_max + 1]), axis=1)
-        weighted = paddle.multiply(probabilities, self.project.reshape([1, -1]))
-        helper = LayerHelper("reduce_sum")
-        distance = helper.create_variable_for_type_inference(weighted.dtype)
-        helper.append_op(type="reduce_sum", inputs={"X": [weighted]}, outputs={"Out": [distance]},
-                         attrs={"dim": [1], "keep_dim": False, "reduce_all": False})
-        return distance
-
-    gfl_head.Integral.forward = forward
+    gfl_head.Integral.forward = _integral_as_sum
     try:
         yield
     finally:
         gfl_head.Integral.forward = original
+
+
+def _integral_as_sum(self, x):
+    """ppdet's Integral.forward in eval mode, summing instead of multiplying by a matrix (old-IR ops)."""
+    import paddle
+    import paddle.nn.functional as F
+    from paddle.base.layer_helper import LayerHelper
+
+    probabilities = F.softmax(x.reshape([-1, self.reg_max + 1]), axis=1)
+    weighted = paddle.multiply(probabilities, self.project.reshape([1, -1]))
+    helper = LayerHelper("reduce_sum")
+    distance = helper.create_variable_for_type_inference(weighted.dtype)
+    helper.append_op(type="reduce_sum", inputs={"X": [weighted]}, outputs={"Out": [distance]},
+                     attrs={"dim": [1], "keep_dim": False, "reduce_all": False})
+    return distance
 
 
 def export_legacy_detector(model: Any, out_dir: Path, input_size: tuple[int, int]) -> Path:
@@ -199,7 +207,7 @@ def check_reproduces_detector(candidate_dir: Path, source: SourceModel, probes: 
         if expected.shape != got.shape or not _rows_close(expected, got):
             raise WorkFailed(
                 "the detector rebuilt for compression does not reproduce its export's boxes",
-                hint="was the run dir changed after export? re-export it (train-det --resume) and try again",
+                hint="were the run dir's weights or ppdet_model.yml changed after this export? compress the run it came from",
                 path=source.run_dir or source.model_dir,
             )
 
@@ -233,7 +241,7 @@ def detector_ptq(source: SourceModel, calib_set: ImageSet, work: Path, algo: str
     fp32_dir = export_legacy_detector(rebuild_detector(source), work / "fp32", tuple(source.manifest.input_size))
     _copy_infer_cfg(source, fp32_dir)
     stage_manifest(fp32_dir, derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "fp32", "rebuilt"))
-    probes = [feeds for feeds, _ in _first(det_feeds(calib_set, preprocess), 2)]
+    probes = [feeds for feeds, _ in itertools.islice(det_feeds(calib_set, preprocess), 2)]
     if not probes:
         raise BadInput("no calibration image could be read", hint="check the --calib images", path=calib_set.source)
     check_reproduces_detector(fp32_dir, source, probes)
@@ -252,12 +260,3 @@ def _copy_infer_cfg(source: SourceModel, target: Path) -> None:
     name = str(source.manifest.extra.get("infer_cfg", "infer_cfg.yml"))
     if (source.model_dir / name).is_file():
         shutil.copy2(source.model_dir / name, target / name)
-
-
-def _first(items, count: int) -> list:
-    found = []
-    for item in items:
-        found.append(item)
-        if len(found) == count:
-            break
-    return found
