@@ -32,8 +32,9 @@ CLS_METHODS = {
     "prune 0.3 + distill + ptq": {"prune": 0.3, "epochs": 3, "quant": "ptq"},
 }
 # A child process that loads one model, runs it 20 times and reports its peak resident memory.
+# VmHWM, not getrusage: Linux carries ru_maxrss over from the forking parent into the exec'd child.
 PEAK_RSS_CHILD = """
-import json, resource, sys
+import json, sys
 import numpy as np
 from shitu_cli.infer.predictor import PredictorOptions, build_predictor
 from shitu_cli.models.manifest import read_model_manifest
@@ -45,7 +46,8 @@ image = np.random.rand(1, 3, height, width).astype(np.float32)
 feeds = {"image": image, "scale_factor": np.ones((1, 2), np.float32)} if manifest.task == "det" else image
 for _ in range(20):
     predictor.run(feeds)
-print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(json.dumps({"peak_mb": int(status.split()[0]) / 1024}))
 """
 
 
@@ -95,7 +97,7 @@ def run_section(model: Path, calib: Path, eval_list: Path, methods: dict, work: 
     for number, (name, options) in enumerate(methods.items()):
         result = compress(model, calib, work / f"{tag}{number}", eval_list=eval_list, threads=args.threads, runs=args.runs,
                           max_drop=100.0, calib_size=64, batch_size=8, **options)
-        memory = (peak_rss_mb(model), peak_rss_mb(result.after.model_dir))
+        memory = (peak_rss_mb(result.before.model_dir), peak_rss_mb(result.after.model_dir))
         rows.append((name, result, memory))
     return rows
 
