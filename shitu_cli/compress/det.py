@@ -15,7 +15,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -178,7 +178,8 @@ def export_legacy_detector(model: Any, out_dir: Path, input_size: tuple[int, int
             setattr(model, flag, True)
     spec = [{"image": InputSpec([None, 3, *input_size], "float32", "image"),
              "scale_factor": InputSpec([None, 2], "float32", "scale_factor")}]
-    with ppdet_compat.full_graph_export(), old_ir_compat(), _integral_without_matmul(), quiet_stdout():
+    with ppdet_compat.full_graph_export(), ppdet_compat.onnx_convertible_upsampling(model), old_ir_compat(), \
+            _integral_without_matmul(), quiet_stdout():
         paddle.jit.save(paddle.jit.to_static(model, input_spec=spec), str(out_dir / "inference"), input_spec=spec)
     (out_dir / "inference.pdiparams.info").unlink(missing_ok=True)
     return out_dir
@@ -239,16 +240,16 @@ def detector_ptq(source: SourceModel, calib_set: ImageSet, work: Path, algo: str
     preprocess = Detector(source.model_dir).preprocess
     stage("rebuilding the detector and exporting an old-format static model")
     fp32_dir = export_legacy_detector(rebuild_detector(source), work / "fp32", tuple(source.manifest.input_size))
-    _copy_infer_cfg(source, fp32_dir)
+    copy_infer_cfg(source, fp32_dir)
     stage_manifest(fp32_dir, derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "fp32", "rebuilt"))
     probes = [feeds for feeds, _ in itertools.islice(det_feeds(calib_set, preprocess), 2)]
     if not probes:
         raise BadInput("no calibration image could be read", hint="check the --calib images", path=calib_set.source)
     check_reproduces_detector(fp32_dir, source, probes)
     stage(f"calibrating INT8 ({algo}) on {readable_count(calib_set)} image(s)")
-    out_dir = quantize_static(fp32_dir, work / "int8", lambda: (feeds for feeds, _ in det_feeds(calib_set, preprocess)),
+    out_dir = quantize_static(fp32_dir, work / "int8", calibration_feeds(source, calib_set, preprocess),
                               algo=algo, batch_count=len(calib_set.samples), conv_only=True)
-    _copy_infer_cfg(source, out_dir)
+    copy_infer_cfg(source, out_dir)
     method = f"ptq-{algo}"
     details = {"quant": "ptq", "algo": algo, "calib_images": readable_count(calib_set),
                "quantized": "conv2d and depthwise_conv2d (weights per channel, inputs per tensor); head post-processing and NMS stay fp32"}
@@ -256,7 +257,18 @@ def detector_ptq(source: SourceModel, calib_set: ImageSet, work: Path, algo: str
     return Candidate(out_dir, stage_manifest(out_dir, manifest), method, details)
 
 
-def _copy_infer_cfg(source: SourceModel, target: Path) -> None:
+def calibration_feeds(source: SourceModel, calib_set: ImageSet, preprocess=None) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+    """A fresh iterator of the detector's {image, scale_factor} feeds over the calibration images, per call."""
+    if preprocess is None:
+        from shitu_cli.infer.detector import Detector
+
+        preprocess = Detector(source.model_dir).preprocess
+    return lambda: (feeds for feeds, _ in det_feeds(calib_set, preprocess))
+
+
+def copy_infer_cfg(source: SourceModel, target: Path) -> None:
+    """The detector's preprocessing as ppdet exported it travels with every compressed copy."""
     name = str(source.manifest.extra.get("infer_cfg", "infer_cfg.yml"))
     if (source.model_dir / name).is_file():
-        shutil.copy2(source.model_dir / name, target / name)
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source.model_dir / name, Path(target) / name)

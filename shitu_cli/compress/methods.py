@@ -215,14 +215,24 @@ def onnx_int8(source: SourceModel, calib_set: ImageSet, work: Path, batch_size: 
     fp32_onnx = onnx_model(source.model_dir, source.manifest)
     stage(f"calibrating ONNX INT8 on {readable_count(calib_set)} image(s)")
 
-    def batches():
-        return (batch for batch, _ in iter_batches(calib_set, source.manifest, batch_size))
-
     out_dir = work / "onnx-int8"
+    op_types = None
+    if source.task == "det":
+        from shitu_cli.compress.det import calibration_feeds, copy_infer_cfg
+
+        feeds, op_types = calibration_feeds(source, calib_set), ["Conv"]  # box decoding and NMS stay float
+        copy_infer_cfg(source, out_dir)
+    else:
+        input_name = source.manifest.input_names[0]
+
+        def feeds():
+            return ({input_name: batch} for batch, _ in iter_batches(calib_set, source.manifest, batch_size))
+
     with quiet_stdout():
-        quantize_onnx(fp32_onnx, out_dir / ONNX_INT8_FILE, batches, source.manifest.input_names[0])
+        quantize_onnx(fp32_onnx, out_dir / ONNX_INT8_FILE, feeds, op_types)
     method = "onnx-int8-minmax"
     manifest = derived_manifest(source, ONNX_INT8_FILE, ONNX_INT8_FILE, "int8", method, backend="onnxruntime")
     details = {"quant": "onnxruntime quantize_static", "format": "QDQ", "weights": "int8 per-channel",
-               "activations": "uint8 minmax", "calib_images": readable_count(calib_set)}
+               "activations": "uint8 minmax", "calib_images": readable_count(calib_set),
+               **({"quantized": "Conv only"} if op_types else {})}
     return Candidate(out_dir, stage_manifest(out_dir, manifest), method, details)

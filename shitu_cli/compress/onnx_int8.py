@@ -13,7 +13,10 @@ from shitu_cli.errors import WorkFailed
 ONNX_INT8_FILE = "model.onnx"
 
 
-def quantize_onnx(fp32_onnx: Path, out_file: Path, batches: Callable[[], Iterable[np.ndarray]], input_name: str) -> Path:
+def quantize_onnx(fp32_onnx: Path, out_file: Path, feeds: Callable[[], Iterable[dict[str, np.ndarray]]],
+                  op_types: list[str] | None = None) -> Path:
+    """`feeds` gives a fresh iterator of {input name: batch} dicts; `op_types` limits the quantized ONNX
+    ops (a detector keeps its box decoding and NMS in float: only its Conv ops are worth INT8)."""
     try:
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     except ImportError as exc:  # onnxruntime.quantization imports ml_dtypes (<0.5 with numpy 1.x) undeclared
@@ -21,11 +24,10 @@ def quantize_onnx(fp32_onnx: Path, out_file: Path, batches: Callable[[], Iterabl
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._batches = iter(batches())
+            self._feeds = iter(feeds())
 
         def get_next(self):
-            batch = next(self._batches, None)
-            return None if batch is None else {input_name: batch}
+            return next(self._feeds, None)
 
     import onnxruntime
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -43,7 +45,7 @@ def quantize_onnx(fp32_onnx: Path, out_file: Path, batches: Callable[[], Iterabl
             str(prepared), str(out_file), Reader(),
             quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=op_types,
         )
     except Exception as exc:  # onnxruntime raises assorted types for graphs it cannot quantize
         raise WorkFailed(f"onnxruntime quantize_static failed ({exc.__class__.__name__}: {str(exc)[:300]})", path=fp32_onnx) from None

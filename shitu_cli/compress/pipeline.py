@@ -118,6 +118,9 @@ def compress(
         stage("measuring the compressed model")
         after, _ = _measure(candidate.model_dir, candidate.manifest, source.manifest, eval_set, reference, threads, batch_size, runs)
         result = _judge(source, out, candidate, before, after, eval_list is not None, threads, max_drop, force)
+        if after.backend != before.backend:
+            stage(f"timing the original on {after.backend} too")
+            result.notes.append(_same_backend_note(source, eval_set, after, threads, batch_size, runs))
         result.calib_images = readable_count(calib_set)
         result.eval_images = readable_count(eval_set)
         result.skipped = _unique_skips(calib_set, eval_set)
@@ -136,7 +139,7 @@ def _check_options(source: SourceModel, out: Path, quant: str | None, prune: flo
     if quant not in QUANT_METHODS:
         raise BadInput(f"unknown --quant {quant!r}", hint=f"choose one of: {', '.join(QUANT_METHODS)}")
     if source.task == "det":
-        _check_det_method(quant, prune, onnx_int8, source.model_dir)
+        _check_det_method(quant, prune, source.model_dir)
     if quant == "qat" and prune is not None:
         # Pruning already fine-tunes with distillation; a second fine-tune on top is not built.
         raise BadInput("--quant qat cannot follow --prune", hint="use --prune R --quant ptq, or --quant qat alone")
@@ -156,14 +159,11 @@ def _check_options(source: SourceModel, out: Path, quant: str | None, prune: flo
     return quant
 
 
-def _check_det_method(quant: str, prune: float | None, onnx_int8: bool, model_dir: Path) -> None:
-    """Detectors get Paddle PTQ only; say why the others are not there rather than fail inside them."""
-    if onnx_int8:
-        raise BadInput("--onnx-int8 cannot compress a detector: paddle2onnx 2.1 cannot convert PicoDet's export",
-                       hint="use the default --quant ptq (Paddle INT8 on oneDNN)", path=model_dir)
+def _check_det_method(quant: str, prune: float | None, model_dir: Path) -> None:
+    """Detectors get PTQ (Paddle or ONNX); say why pruning and QAT are not there rather than fail inside them."""
     if prune is not None or quant == "qat":
         raise BadInput("--prune and --quant qat are built for cls and rec models, not for detectors yet",
-                       hint="use the default --quant ptq for a detector", path=model_dir)
+                       hint="use the default --quant ptq, or --onnx-int8, for a detector", path=model_dir)
 
 
 def _make_candidate(source: SourceModel, calib_set: ImageSet, work: Path, quant: str, algo: str,
@@ -171,7 +171,7 @@ def _make_candidate(source: SourceModel, calib_set: ImageSet, work: Path, quant:
                     stage: Stage) -> Candidate:
     from shitu_cli.compress import methods
 
-    if source.task == "det":
+    if source.task == "det" and not onnx_int8:
         from shitu_cli.compress.det import detector_ptq
 
         return detector_ptq(source, calib_set, work, algo, stage)
@@ -228,6 +228,33 @@ def _run_detector(model_dir, manifest, original, eval_set, reference, threads):
         raise BadInput("no readable image to measure on", hint="check the --calib / --eval images", path=eval_set.source)
     agreed = {"agreement": 1.0} if reference is None else box_agreement(reference, found.per_image)
     return detector.predictor, found.per_image, sample, detection_map(found, list(original.labels)), agreed
+
+
+def _same_backend_note(source: SourceModel, eval_set: ImageSet, after: ModelStats, threads: int, batch_size: int,
+                       runs: int) -> str:
+    """The original's latency on the compressed model's backend: what the precision alone changed."""
+    import dataclasses
+
+    from shitu_cli.compress.measure import latency_p50_ms
+
+    manifest = dataclasses.replace(source.manifest, extra={**source.manifest.extra, "backend": after.backend})
+    first = ImageSet(eval_set.source, eval_set.samples[:batch_size])
+    if source.task == "det":
+        from shitu_cli.compress.measure import detect_all
+        from shitu_cli.infer.detector import Detector
+
+        detector = Detector(source.model_dir, _predictor_options(manifest, threads))
+        predictor, sample = detector.predictor, detect_all(detector, first)[1]
+    else:
+        from shitu_cli.infer.predictor import build_predictor
+
+        predictor = build_predictor(source.model_dir, _predictor_options(manifest, threads))
+        sample = next(iter_batches(first, manifest, 1))[0]
+    original_ms = latency_p50_ms(predictor, sample, runs)
+    ratio = original_ms / max(after.latency_ms_p50, 1e-9)
+    verdict = f"{ratio:.2f}x faster" if ratio > 1 else "NOT faster"
+    return (f"on {after.backend} itself the original takes {original_ms:.2f} ms p50: the {after.precision} model is "
+            f"{verdict} than the original on the same backend")
 
 
 def _predictor_options(manifest: ModelManifest, threads: int):

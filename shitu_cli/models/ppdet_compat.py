@@ -87,6 +87,37 @@ def full_graph_export() -> Iterator[None]:
             os.environ["ENABLE_FALL_BACK"] = previous
 
 
+# --- 2b. nearest upsampling that paddle2onnx can read ------------------------------------
+# Upstream fault: paddle2onnx 2.1 refuses the `scale` attribute that `nn.Upsample(scale_factor=2)`
+# gives nearest_interp_v2 ("the 0th elementwise MUST be ir::FloatAttribute"), so no PicoDet
+# export (CSP-PAN upsamples) converts to ONNX. Asking for the doubled size instead is the same
+# nearest-neighbour result and converts. Scoped to an export: training keeps the layer as is.
+@contextmanager
+def onnx_convertible_upsampling(model: Any) -> Iterator[None]:
+    import paddle.nn as nn
+
+    swapped = []
+    for layer in model.sublayers():
+        factor = getattr(layer, "scale_factor", None)
+        if isinstance(layer, nn.Upsample) and layer.mode == "nearest" and isinstance(factor, (int, float)) \
+                and float(factor).is_integer():
+            layer.forward = functools.partial(_upsample_to_size, factor=int(factor))
+            swapped.append(layer)
+    try:
+        yield
+    finally:
+        for layer in swapped:
+            del layer.forward  # back to the class's own forward
+
+
+def _upsample_to_size(x, factor: int):
+    import paddle
+    import paddle.nn.functional as F
+
+    shape = paddle.shape(x)
+    return F.interpolate(x, size=[shape[2] * factor, shape[3] * factor], mode="nearest")
+
+
 # --- 3. Pillow 10 removed ImageDraw.textsize -----------------------------------------------
 # Upstream fault: ppdet.utils.visualizer.draw_bbox calls `draw.textsize(text)`, which
 # Pillow 10 removed; any prediction drawn by ppdet raises AttributeError. Re-add it on

@@ -605,7 +605,7 @@ def export_detector(run_dir: Path, recipe_name: str) -> Path:
     nms = trainer.model.head.nms
     final = Path(run_dir) / EXPORT_DIR
     with atomic_dir(final) as staging:
-        with ppdet_compat.full_graph_export(), fresh_name_scopes():
+        with ppdet_compat.full_graph_export(), ppdet_compat.onnx_convertible_upsampling(trainer.model), fresh_name_scopes():
             trainer.export(str(staging))
         produced = staging / CHECKPOINTS
         for path in produced.iterdir():
