@@ -77,7 +77,7 @@ def measure(models: dict[str, Path], images: Path, threads: list[int], warmup: i
         task_options = options if not own_int8 else BenchOptions(**{**vars(options), "precisions": ("fp32", "bf16", "int8")})
         reports[task] = benchmark({task: path}, images, task_options, int8_models=own_int8)
     if index is not None and {"det", "rec"} <= set(models):
-        pipeline = BenchOptions(backends=("paddle",), threads=threads, mkldnn=(True, False), precisions=("fp32",),
+        pipeline = BenchOptions(backends=("paddle", "onnxruntime"), threads=threads, mkldnn=(True, False), precisions=("fp32",),
                                 warmup=warmup, runs=runs)
         reports["pipeline"] = benchmark({"det": models["det"], "rec": models["rec"]}, images, pipeline, index=index)
     return reports, (load_before, os.getloadavg()[0])
@@ -126,8 +126,10 @@ def render_markdown(reports: dict[str, object], note: str, threads: list[int], l
         "`--backend auto` (predict, build-index) then uses it, else Paddle Inference.",
         "- bf16 only pays where the CPU has avx512_bf16 or AMX; onnxruntime's CPU provider has no bf16 mode at all "
         "(the failed rows say so). OpenVINO falls back to fp32 quietly on CPUs without bf16.",
-        "- paddle2onnx 2.1.0 cannot convert PicoDet as exported by paddle 3.3 (its reason is in the failed rows), so the detector runs "
-        "on Paddle Inference only (benchmark-cpu shows a `failed: det: ...` row for the others).",
+        "- PicoDet converts to ONNX because shitu exports its nearest upsampling by size: paddle2onnx 2.1.0 cannot read the "
+        "`scale` attribute Paddle writes otherwise.",
+        "- Paddle INT8 models (`shitu compress`) run on Paddle Inference only: paddle2onnx cannot convert their quantize ops "
+        "(the failed rows); `shitu compress --onnx-int8` makes an ONNX INT8 model instead.",
         "",
     ]
     return "\n".join(lines)
@@ -140,10 +142,10 @@ def _box_counts(report) -> str:
 
 
 def summary_lines(report, threads: list[int]) -> list[str]:
-    """Per thread count: each backend's fp32 inference time as a ratio to Paddle's."""
+    """Per thread count: each backend's fp32 inference time as a ratio to Paddle's (with oneDNN)."""
     inference = {}
     for r in report.results:
-        if r.status == "ok" and r.precision == "fp32":
+        if r.status == "ok" and r.precision == "fp32" and r.mkldnn is not False:
             inference[(r.backend, r.threads)] = next(s.p50 for s in r.stages if s.stage.endswith("inference"))
     lines = []
     for count in threads:

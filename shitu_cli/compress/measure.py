@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from shitu_cli.compress.images import ImageSet, Sample, iter_batches, iter_readable
+from shitu_cli.infer.pipeline import PipelineOptions
 from shitu_cli.models.manifest import MODEL_MANIFEST, ModelManifest
 
 
@@ -121,8 +122,8 @@ def _recall_at_1(outputs: Outputs) -> tuple[str, float] | None:
 # ----------------------------------------------------------------------------- detectors
 
 # What the pipeline acts on (predict's default --det-thresh and --max-boxes): agreement compares these boxes.
-DET_THRESH = 0.5
-DET_MAX_BOXES = 5
+DET_THRESH = PipelineOptions.det_thresh
+DET_MAX_BOXES = PipelineOptions.max_boxes
 # mAP ranks every box the detector returns above this score, as ppdet's evaluation does with its NMS.
 MAP_MIN_SCORE = 0.01
 MATCH_IOU = 0.5
@@ -145,7 +146,8 @@ def detect_all(detector, images: ImageSet) -> tuple[Detections, dict[str, np.nda
         boxes, count = detector.predictor.run(feeds)[:2]
         height, width = rgb.shape[:2]
         found = postprocess(boxes, int(np.asarray(count).reshape(-1)[0]), detector.labels, (width, height), MAP_MIN_SCORE, 100)
-        per_image.append(np.array([[detector.labels.index(d.label), d.score, *d.box] for d in found], np.float32).reshape(-1, 6))
+        class_index = {label: i for i, label in enumerate(detector.labels)}
+        per_image.append(np.array([[class_index.get(d.label, -1), d.score, *d.box] for d in found], np.float32).reshape(-1, 6))
         samples.append(sample)
     return Detections(per_image, samples), first
 
