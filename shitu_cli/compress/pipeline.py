@@ -233,24 +233,9 @@ def _run_detector(model_dir, manifest, original, eval_set, reference, threads):
 def _same_backend_note(source: SourceModel, eval_set: ImageSet, after: ModelStats, threads: int, batch_size: int,
                        runs: int) -> str:
     """The original's latency on the compressed model's backend: what the precision alone changed."""
-    import dataclasses
-
-    from shitu_cli.compress.measure import latency_p50_ms
-
     manifest = dataclasses.replace(source.manifest, extra={**source.manifest.extra, "backend": after.backend})
     first = ImageSet(eval_set.source, eval_set.samples[:batch_size])
-    if source.task == "det":
-        from shitu_cli.compress.measure import detect_all
-        from shitu_cli.infer.detector import Detector
-
-        detector = Detector(source.model_dir, _predictor_options(manifest, threads))
-        predictor, sample = detector.predictor, detect_all(detector, first)[1]
-    else:
-        from shitu_cli.infer.predictor import build_predictor
-
-        predictor = build_predictor(source.model_dir, _predictor_options(manifest, threads))
-        sample = next(iter_batches(first, manifest, 1))[0]
-    original_ms = latency_p50_ms(predictor, sample, runs)
+    original_ms = _measure(source.model_dir, manifest, source.manifest, first, None, threads, batch_size, runs)[0].latency_ms_p50
     ratio = original_ms / max(after.latency_ms_p50, 1e-9)
     verdict = f"{ratio:.2f}x faster" if ratio > 1 else "NOT faster"
     return (f"on {after.backend} itself the original takes {original_ms:.2f} ms p50: the {after.precision} model is "
