@@ -13,15 +13,18 @@ import argparse
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from shitu_cli.data.lists import image_list_text, labels_text
-from shitu_cli.train.cls import resolve_settings, train_cls
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shitu_cli.data.lists import image_list_text, labels_text  # noqa: E402
+from shitu_cli.train.cls import resolve_settings, train_cls  # noqa: E402
+from tests.synth import write_digits  # noqa: E402
 
 REPORT = Path(__file__).with_name("distill_report.md")
 SIZE = 32  # stored size; the nets read them at COMMON["input_size"], as recipes/cls/digits.yml does
@@ -29,19 +32,6 @@ TEACHER = {"model": "PPLCNet_x1_0", "epochs": 10}
 STUDENT = {"model": "PPLCNet_x0_25", "epochs": 6}
 COMMON = {"input_size": 48, "batch_size": 32, "lr": 0.1, "warmup_epochs": 1, "min_crop": 0.85, "flip": False,
           "ema": False, "label_smoothing": 0.0, "seed": 7}
-
-
-def write_digits(root: Path, size: int = SIZE) -> Path:
-    """sklearn's 8x8 digits as size x size PNGs in one folder per class."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
-        gray = cv2.resize((pixels * (255 / 16)).astype(np.uint8), (size, size), interpolation=cv2.INTER_CUBIC)
-        path = root / str(label) / f"{index:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(path), gray)
-    return root
 
 
 def fixed_split(images: Path, out: Path, labelled_share: float, seed: int = 0) -> tuple[Path, Path | None]:
@@ -90,7 +80,7 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, default=None, help="Reuse a teacher (run dir or export) instead of training one.")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="distill-report-"))
-    images = write_digits(work / "digits")
+    images = write_digits(work / "digits", SIZE)
     full, _ = fixed_split(images, work / "full", 1.0)
     quarter, extra = fixed_split(images, work / "quarter", 0.25)
     started = time.perf_counter()

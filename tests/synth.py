@@ -71,3 +71,16 @@ def make_class_tree(root: Path, n_classes: int, per_class: int, size: int = 64, 
         for i in range(per_class):
             write_rgb(Path(root) / name / f"{i:03d}{ext}", draw_object(name, size, rng))
     return names
+
+
+def write_digits(root: Path, size: int = 32) -> Path:
+    """scikit-learn's bundled 8x8 digits, upscaled to size px, one folder per class: a real small dataset."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        gray = cv2.resize((pixels * (255 / 16)).astype(np.uint8), (size, size), interpolation=cv2.INTER_CUBIC)
+        path = Path(root) / str(label) / f"{index:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), gray)
+    return Path(root)

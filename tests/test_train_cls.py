@@ -191,23 +191,11 @@ def test_mix_batch_keeps_targets_distributions():
         np.testing.assert_allclose(soft.sum(axis=1), 1.0, rtol=1e-6)
 
 
-def _write_digits(root: Path, size: int = 32) -> Path:
-    """scikit-learn's bundled 8x8 digits, upscaled to size px, one folder per class: a real small dataset."""
-    import cv2
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
-        gray = cv2.resize((pixels * (255 / 16)).astype(np.uint8), (size, size), interpolation=cv2.INTER_CUBIC)
-        path = root / str(label) / f"{index:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(path), gray)
-    return root
-
-
 def test_tiny_pplcnet_learns_the_digits_dataset(tmp_path, cli):
     """A real small dataset a dependency ships; about a minute on 2 cores, so it runs in CI."""
-    data = _write_digits(tmp_path / "digits")
+    from tests.synth import write_digits
+
+    data = write_digits(tmp_path / "digits")
     result = cli("train-cls", data, "-o", tmp_path / "run", "--recipe", "recipes/cls/digits.yml", "--json")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
