@@ -54,7 +54,6 @@ def command(
         render.print_json(result_document(result))
     else:
         show_report(result)
-        render.file_problems(f"skipped {len(result.skipped)} image(s)", [(s.path, s.reason) for s in result.skipped])
     if not result.written:
         raise WorkFailed(f"not written: {result.refused}", hint=REFUSAL_HINTS.get(result.task, REFUSAL_HINTS["cls"]), path=result.out)
 
@@ -89,5 +88,6 @@ def show_report(result) -> None:
     render.show(f"quality drop: {result.quality_drop:.2f} points ({result.quality_basis}); limit {result.max_drop:g}")
     for note in result.notes:
         render.show(f"note: {note}")
+    render.file_problems(f"skipped {len(result.skipped)} image(s)", [(s.path, s.reason) for s in result.skipped])
     if result.written:
         render.show(f"wrote {result.out} (shitu.yaml, recipe.yaml)")

@@ -41,7 +41,10 @@ def rebuild_detector(source: SourceModel) -> Any:
 
     from shitu_cli.train.det import ppdet_chatter_to
 
-    with ppdet_chatter_to(sys.stderr):  # stdout is for results (--json)
+    from paddle.utils import unique_name
+
+    # Fresh unique names: weight names (and so the INT8 files) must not depend on what this process built before.
+    with ppdet_chatter_to(sys.stderr), unique_name.guard():  # stdout is for results (--json)
         return _rebuild(source)
 
 
@@ -156,7 +159,10 @@ def _integral_as_sum(self, x):
     from paddle.base.layer_helper import LayerHelper
 
     probabilities = F.softmax(x.reshape([-1, self.reg_max + 1]), axis=1)
-    weighted = paddle.multiply(probabilities, self.project.reshape([1, -1]))
+    # The projection 0..reg_max as a constant of the program: the `project` buffer's name comes from a
+    # process-wide eager counter, and would make each run's INT8 file different.
+    projection = paddle.assign(np.arange(self.reg_max + 1, dtype="float32").reshape(1, -1))
+    weighted = paddle.multiply(probabilities, projection)
     helper = LayerHelper("reduce_sum")
     distance = helper.create_variable_for_type_inference(weighted.dtype)
     helper.append_op(type="reduce_sum", inputs={"X": [weighted]}, outputs={"Out": [distance]},
@@ -178,8 +184,10 @@ def export_legacy_detector(model: Any, out_dir: Path, input_size: tuple[int, int
             setattr(model, flag, True)
     spec = [{"image": InputSpec([None, 3, *input_size], "float32", "image"),
              "scale_factor": InputSpec([None, 2], "float32", "scale_factor")}]
+    from shitu_cli.models.export import fresh_name_scopes
+
     with ppdet_compat.full_graph_export(), ppdet_compat.onnx_convertible_upsampling(model), old_ir_compat(), \
-            _integral_without_matmul(), quiet_stdout():
+            _integral_without_matmul(), fresh_name_scopes(), quiet_stdout():
         paddle.jit.save(paddle.jit.to_static(model, input_spec=spec), str(out_dir / "inference"), input_spec=spec)
     (out_dir / "inference.pdiparams.info").unlink(missing_ok=True)
     return out_dir

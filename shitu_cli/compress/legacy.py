@@ -87,7 +87,87 @@ def export_legacy(layer, out_dir: Path, input_size: tuple[int, int], input_name:
     out_dir = Path(out_dir)
     layer.eval()
     spec = [InputSpec([None, 3, *input_size], "float32", input_name)]
-    with old_ir_compat(), quiet_stdout():
+    from shitu_cli.models.export import fresh_name_scopes
+
+    with old_ir_compat(), fresh_name_scopes(), quiet_stdout():
         paddle.jit.save(layer, str(out_dir / "inference"), input_spec=spec)
     (out_dir / "inference.pdiparams.info").unlink(missing_ok=True)  # training-only metadata
     return out_dir
+
+
+# ----------------------------------------------------------------------------- a canonical program file
+
+
+def canonical_program(data: bytes) -> bytes:
+    """The same old-format program with its ops in one deterministic dependency order, its variables sorted
+    by name and the op_callstack debug attribute dropped, so the same model is the same bytes.
+
+    Paddle's quantization passes walk graph nodes from unordered sets, so two PTQ runs of one model
+    write the same ops in different orders (and each op's Python call stack besides); `shitu
+    reproduce` would then call identical INT8 models different.
+    """
+    from paddle.base.proto import framework_pb2
+
+    program = framework_pb2.ProgramDesc()
+    program.ParseFromString(data)
+    for block in program.blocks:
+        ops = [_without_callstack(block.ops[i], framework_pb2) for i in _dependency_order(list(block.ops))]
+        variables = sorted(block.vars, key=lambda var: var.name)
+        variables = [_copy(var, framework_pb2.VarDesc) for var in variables]
+        del block.ops[:]
+        block.ops.extend(ops)
+        del block.vars[:]
+        block.vars.extend(variables)
+    return program.SerializeToString(deterministic=True)
+
+
+def _arguments(slots) -> list[str]:
+    return [name for slot in slots for name in slot.arguments]
+
+
+def _dependency_order(ops: list) -> list[int]:
+    """Kahn's topological order of the ops (each depends on the last earlier writer of each input), ties
+    broken by what an op writes, its type and what it reads: names that do not depend on set order."""
+    import heapq
+
+    last_writer: dict[str, int] = {}
+    waits_for = [set() for _ in ops]
+    for index, op in enumerate(ops):
+        waits_for[index] = {last_writer[name] for name in _arguments(op.inputs) if name in last_writer}
+        for name in _arguments(op.outputs):
+            last_writer[name] = index
+    unlocks = [[] for _ in ops]
+    for index, needed in enumerate(waits_for):
+        for earlier in needed:
+            unlocks[earlier].append(index)
+
+    def key(index: int):
+        op = ops[index]
+        return (op.type == "fetch", sorted(_arguments(op.outputs)), op.type, sorted(_arguments(op.inputs)), index)
+
+    pending = [len(needed) for needed in waits_for]
+    ready = [key(i) for i in range(len(ops)) if not pending[i]]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        index = heapq.heappop(ready)[-1]
+        order.append(index)
+        for later in unlocks[index]:
+            pending[later] -= 1
+            if not pending[later]:
+                heapq.heappush(ready, key(later))
+    return order
+
+
+def _without_callstack(op, framework_pb2):
+    copy = _copy(op, framework_pb2.OpDesc)
+    kept = [_copy(attr, framework_pb2.OpDesc.Attr) for attr in copy.attrs if attr.name != "op_callstack"]
+    del copy.attrs[:]
+    copy.attrs.extend(kept)
+    return copy
+
+
+def _copy(message, kind):
+    copy = kind()
+    copy.CopyFrom(message)
+    return copy

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from shitu_cli.compress.legacy import LEGACY_MODEL, LEGACY_PARAMS, quiet_stdout
+from shitu_cli.compress.legacy import LEGACY_MODEL, LEGACY_PARAMS, canonical_program
 from shitu_cli.errors import BadInput, WorkFailed
 
 ALGOS = ("hist", "KL", "avg", "abs_max", "mse", "emd")
@@ -26,6 +30,24 @@ def _conv_only_quantizer():
             return []
 
     return ConvOnlyQuantizer(quantizable_op_type=list(CONV_OPS))
+
+
+@contextmanager
+def _ptq_chatter_hidden() -> Iterator[None]:
+    """Paddle's PTQ draws a progress bar per phase and logs each step; the stage lines of `shitu compress`
+    already say what runs, and stdout must stay free for --json. Failures still raise."""
+    # paddle.static.io also warns that PTQ loads the model "the old way", which is the point here.
+    loggers = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+               if name.startswith(("paddle.static.quantization", "paddle.static.io"))]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def check_algo(algo: str) -> str:
@@ -49,7 +71,7 @@ def quantize_static(fp32_dir: Path, out_dir: Path, feeds: Callable[[], Iterable[
 
     paddle.enable_static()
     try:
-        with paddle.pir_utils.OldIrGuard(), quiet_stdout():
+        with paddle.pir_utils.OldIrGuard(), _ptq_chatter_hidden():
             executor = paddle.static.Executor(paddle.CPUPlace())
             ptq = PostTrainingQuantization(
                 executor=executor,
@@ -68,6 +90,8 @@ def quantize_static(fp32_dir: Path, out_dir: Path, feeds: Callable[[], Iterable[
                 ptq.quant_config = _conv_only_quantizer()  # PTQ's constructor offers no way to pass one
             ptq.quantize()
             ptq.save_quantized_model(str(out_dir), model_filename=LEGACY_MODEL, params_filename=LEGACY_PARAMS)
+        program_file = Path(out_dir) / LEGACY_MODEL
+        program_file.write_bytes(canonical_program(program_file.read_bytes()))
     except (RuntimeError, ValueError, AssertionError) as exc:
         raise WorkFailed(f"post-training quantization failed ({exc.__class__.__name__}: {str(exc)[:300]})", path=fp32_dir) from None
     finally:

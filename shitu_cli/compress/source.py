@@ -122,13 +122,16 @@ def build_model_from_recipe(run_dir: Path, manifest: ModelManifest) -> Trainable
 
     from shitu_cli.recipes import read_recipe
 
+    from paddle.utils import unique_name
+
     run_dir = Path(run_dir)
     recipe = read_recipe(run_dir)
     state = paddle.load(str(run_dir / CHECKPOINT))
-    if recipe.command == "train-cls":
-        model = _build_classifier(recipe.options, state, run_dir)
-    elif recipe.command == "train-rec":
-        model = _build_recogniser(recipe.options, state, run_dir)
+    builders = {"train-cls": _build_classifier, "train-rec": _build_recogniser}
+    if recipe.command in builders:
+        # Fresh unique names: weight names (and so the compressed files) must not depend on what this process built before.
+        with unique_name.guard():
+            model = builders[recipe.command](recipe.options, state, run_dir)
     else:
         raise WorkFailed(
             f"cannot rebuild a model from a {recipe.command!r} run",
