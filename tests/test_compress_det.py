@@ -216,3 +216,26 @@ def test_an_int8_detector_reproduces_byte_for_byte(cli, demo_int8, tmp_path):
     report = json.loads(result.stdout)
     statuses = {entry["path"]: entry["status"] for entry in report["files"]}
     assert statuses["inference.pdmodel"] == statuses["inference.pdiparams"] == "identical" and report["identical"]
+
+
+def test_an_old_format_detector_without_its_architecture_is_quantized_as_is(cli, tmp_path):
+    """The official PP-ShiTuV2 detector ships as inference.pdmodel with nothing to rebuild it from; here the
+    demo detector exported the same way (its DFL as a matmul by 0..7) stands in for it."""
+    import dataclasses
+
+    from shitu_cli.compress.det import export_legacy_detector, rebuild_detector
+    from shitu_cli.compress.source import resolve_source
+    from shitu_cli.models.manifest import write_model_manifest
+
+    source = resolve_source(DEMO_DET)
+    legacy = tmp_path / "official-like"
+    export_legacy_detector(rebuild_detector(source), legacy, tuple(source.manifest.input_size), dfl_as_sum=False)
+    shutil.copy2(DEMO_DET / "infer_cfg.yml", legacy / "infer_cfg.yml")
+    write_model_manifest(legacy, dataclasses.replace(source.manifest, model_file="inference.pdmodel",
+                                                      params_file="inference.pdiparams"))
+    result = cli("compress", legacy, "--calib", QUERIES / "images", "--eval", QUERIES / "annotations.json",
+                 "-o", tmp_path / "int8", "--runs", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["written"] and report["after"]["precision"] == "int8"
+    assert report["after"]["agreement"]["agreement"] >= 0.9 and report["quality_drop"] <= 1.0

@@ -10,6 +10,7 @@ compression starts.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import re
 import shutil
@@ -170,8 +171,9 @@ def _integral_as_sum(self, x):
     return distance
 
 
-def export_legacy_detector(model: Any, out_dir: Path, input_size: tuple[int, int]) -> Path:
-    """out_dir/inference.pdmodel + .pdiparams: the detector with its NMS, inputs image and scale_factor."""
+def export_legacy_detector(model: Any, out_dir: Path, input_size: tuple[int, int], dfl_as_sum: bool = True) -> Path:
+    """out_dir/inference.pdmodel + .pdiparams: the detector with its NMS, inputs image and scale_factor.
+    `dfl_as_sum=False` keeps the DFL matmul as ppdet's own (and the official) exports have it."""
     import paddle
     from paddle.static import InputSpec
 
@@ -186,11 +188,69 @@ def export_legacy_detector(model: Any, out_dir: Path, input_size: tuple[int, int
              "scale_factor": InputSpec([None, 2], "float32", "scale_factor")}]
     from shitu_cli.models.export import fresh_name_scopes
 
+    integral = _integral_without_matmul() if dfl_as_sum else contextlib.nullcontext()
     with ppdet_compat.full_graph_export(), ppdet_compat.onnx_convertible_upsampling(model), old_ir_compat(), \
-            _integral_without_matmul(), fresh_name_scopes(), quiet_stdout():
+            integral, fresh_name_scopes(), quiet_stdout():
         paddle.jit.save(paddle.jit.to_static(model, input_spec=spec), str(out_dir / "inference"), input_spec=spec)
     (out_dir / "inference.pdiparams.info").unlink(missing_ok=True)
     return out_dir
+
+
+def _rebuildable(source: SourceModel) -> bool:
+    from shitu_cli.train.det import MODEL_SECTIONS
+
+    return (source.run_dir is not None and (source.run_dir / "ppdet.yml").is_file()) or (source.model_dir / MODEL_SECTIONS).is_file()
+
+
+def legacy_copy_without_integer_matmuls(source: SourceModel, out_dir: Path) -> Path:
+    """An old-format detector (an official inference.pdmodel) copied to out_dir with every matmul by an
+    integer-valued constant vector (PicoDet's DFL projection 0..reg_max) rewritten as multiply + sum.
+
+    oneDNN's INT8 pass takes such a vector for an int8 weight without a scale and aborts; the two
+    ops compute the same numbers. Paddle PTQ then runs on this copy: no rebuild is needed.
+    """
+    import paddle
+
+    out_dir = Path(out_dir)
+    paddle.enable_static()
+    try:
+        with paddle.pir_utils.OldIrGuard(), quiet_stdout():
+            scope = paddle.static.Scope()
+            with paddle.static.scope_guard(scope):
+                executor = paddle.static.Executor(paddle.CPUPlace())
+                program, feed_names, fetch_vars = paddle.static.load_inference_model(
+                    str(source.model_dir / Path(source.manifest.model_file).stem), executor)
+                for index in reversed(range(len(program.global_block().ops))):
+                    _rewrite_integer_matmul(program.global_block(), index, scope)
+                block = program.global_block()
+                paddle.static.save_inference_model(str(out_dir / "inference"), [block.var(n) for n in feed_names],
+                                                   fetch_vars, executor, program=program)
+    except (RuntimeError, ValueError) as exc:
+        raise WorkFailed(f"cannot read or rewrite the old-format program ({exc.__class__.__name__}: {str(exc)[:200]})",
+                         path=source.model_dir) from None
+    finally:
+        paddle.disable_static()
+    return out_dir
+
+
+def _rewrite_integer_matmul(block, index: int, scope) -> None:
+    op = block.ops[index]
+    if op.type not in ("matmul_v2", "matmul") or op.attr("trans_x" if op.type == "matmul_v2" else "transpose_X") \
+            or op.attr("trans_y" if op.type == "matmul_v2" else "transpose_Y"):
+        return
+    x_name, y_name, out_name = op.input("X")[0], op.input("Y")[0], op.output("Out")[0]
+    weight = scope.find_var(y_name)
+    if weight is None or not block.var(y_name).persistable:
+        return
+    values = np.array(weight.get_tensor())
+    if values.ndim != 1 or not np.all(values == np.round(values)):
+        return
+    product = block.create_var(name=f"{out_name}.weighted", dtype=block.var(x_name).dtype, shape=block.var(x_name).shape)
+    block._remove_op(index)
+    block._insert_op(index, type="elementwise_mul", inputs={"X": [x_name], "Y": [y_name]}, outputs={"Out": [product]},
+                     attrs={"axis": -1})
+    block._insert_op(index + 1, type="reduce_sum", inputs={"X": [product]}, outputs={"Out": [out_name]},
+                     attrs={"dim": [-1], "keep_dim": False, "reduce_all": False})
 
 
 # ----------------------------------------------------------------------------- checks and calibration feeds
@@ -246,8 +306,12 @@ def detector_ptq(source: SourceModel, calib_set: ImageSet, work: Path, algo: str
 
     check_algo(algo)
     preprocess = Detector(source.model_dir).preprocess
-    stage("rebuilding the detector and exporting an old-format static model")
-    fp32_dir = export_legacy_detector(rebuild_detector(source), work / "fp32", tuple(source.manifest.input_size))
+    if source.is_legacy and not _rebuildable(source):
+        stage("rewriting the old-format program for oneDNN INT8")
+        fp32_dir = legacy_copy_without_integer_matmuls(source, work / "fp32")
+    else:
+        stage("rebuilding the detector and exporting an old-format static model")
+        fp32_dir = export_legacy_detector(rebuild_detector(source), work / "fp32", tuple(source.manifest.input_size))
     copy_infer_cfg(source, fp32_dir)
     stage_manifest(fp32_dir, derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "fp32", "rebuilt"))
     probes = [feeds for feeds, _ in itertools.islice(det_feeds(calib_set, preprocess), 2)]
