@@ -85,6 +85,13 @@ def test_onnx_conversion_is_cached_by_model_hash(tmp_path):
     assert json.loads((model_dir / ".onnx" / "source.json").read_text(encoding="utf-8"))["model_hash"] != stamp["model_hash"]
     np.testing.assert_allclose(fresh, build_predictor(model_dir).run(x)[0], atol=1e-4)
 
+    # same weights, another program file (a re-export): the conversion must be made again too
+    converted = onnx_file.stat().st_mtime_ns
+    program = model_dir / "inference.json"
+    program.write_text(program.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    build_predictor(model_dir, PredictorOptions(backend=backend))
+    assert onnx_file.stat().st_mtime_ns != converted
+
 
 @pytest.mark.skipif(not OTHER_BACKENDS, reason="no ONNX backend installed")
 def test_unconvertible_model_is_work_failed_with_the_reason(tiny_models, tmp_path):

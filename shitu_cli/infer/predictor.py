@@ -262,16 +262,26 @@ def onnx_model(model_dir: Path, manifest: ModelManifest) -> Path:
 
     if manifest.model_file.endswith(".onnx"):
         return Path(model_dir) / manifest.model_file  # already ONNX (e.g. an ONNX int8 model): nothing to convert
-    model_hash = model_hash_of(manifest, model_dir)
-    for cache in _onnx_cache_dirs(model_dir, model_hash):
+    source = _conversion_source(model_dir, manifest)
+    for cache in _onnx_cache_dirs(model_dir, source["model_hash"]):
         onnx_path, stamp = cache / ONNX_FILE, cache / ONNX_STAMP
         try:
-            if onnx_path.is_file() and json.loads(stamp.read_text(encoding="utf-8")).get("model_hash") == model_hash:
+            stamped = json.loads(stamp.read_text(encoding="utf-8"))
+            if onnx_path.is_file() and all(stamped.get(key) == value for key, value in source.items()):
                 return onnx_path
         except (OSError, ValueError):
             pass  # a missing or damaged stamp means: convert again
     data = _convert_to_onnx(model_dir, manifest)
-    return _store_onnx(model_dir, model_hash, data)
+    return _store_onnx(model_dir, source, data)
+
+
+def _conversion_source(model_dir: Path, manifest: ModelManifest) -> dict[str, str]:
+    """What an ONNX file is made from: the weights (the model hash) and the program, which a re-export
+    can change while the weights stay the same (as the demo detector's ONNX-friendly re-export did)."""
+    from shitu_cli.artifacts import sha256_file
+
+    return {"model_hash": model_hash_of(manifest, model_dir),
+            "program_hash": sha256_file(Path(model_dir) / manifest.model_file)}
 
 
 def _onnx_cache_dirs(model_dir: Path, model_hash: str) -> list[Path]:
@@ -280,14 +290,14 @@ def _onnx_cache_dirs(model_dir: Path, model_hash: str) -> list[Path]:
     return [Path(model_dir) / ONNX_DIR, shitu_home() / "onnx" / model_hash[:16]]
 
 
-def _store_onnx(model_dir: Path, model_hash: str, data: bytes) -> Path:
+def _store_onnx(model_dir: Path, source: dict[str, str], data: bytes) -> Path:
     import importlib.metadata
     import json
 
     from shitu_cli.artifacts import atomic_write_bytes, atomic_write_text
 
-    stamp = {"model_hash": model_hash, "paddle2onnx": importlib.metadata.version("paddle2onnx"), "opset": ONNX_OPSET}
-    for cache in _onnx_cache_dirs(model_dir, model_hash):
+    stamp = {**source, "paddle2onnx": importlib.metadata.version("paddle2onnx"), "opset": ONNX_OPSET}
+    for cache in _onnx_cache_dirs(model_dir, source["model_hash"]):
         try:
             atomic_write_bytes(cache / ONNX_FILE, data)
             atomic_write_text(cache / ONNX_STAMP, json.dumps(stamp, indent=2) + "\n")
