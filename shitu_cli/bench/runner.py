@@ -396,17 +396,12 @@ def agreement(task: str, reference: Any, other: Any) -> tuple[str, float] | None
 
 def box_match(reference: Sequence[np.ndarray], other: Sequence[np.ndarray], iou_thresh: float = 0.5) -> float:
     """F1 of boxes matched one-to-one (greedy, IoU >= thresh) per image; 1.0 when neither found any."""
-    from shitu_cli.infer.pipeline import iou
+    from shitu_cli.infer.pipeline import greedy_matches
 
     matched = total = 0
     for ref_boxes, boxes in zip(reference, other):
         total += len(ref_boxes) + len(boxes)
-        free = list(range(len(boxes)))
-        for ref in ref_boxes:
-            best = max(free, key=lambda j: iou(ref, boxes[j]), default=None)
-            if best is not None and iou(ref, boxes[best]) >= iou_thresh:
-                free.remove(best)
-                matched += 2
+        matched += 2 * len(greedy_matches(ref_boxes, boxes, iou_thresh))
     return matched / total if total else 1.0
 
 

@@ -49,8 +49,14 @@ def rebuild_detector(source: SourceModel) -> Any:
         return _rebuild(source)
 
 
+def _has_run(source: SourceModel) -> bool:
+    from shitu_cli.train.det import PPDET_CONFIG
+
+    return source.run_dir is not None and (source.run_dir / PPDET_CONFIG).is_file()
+
+
 def _rebuild(source: SourceModel) -> Any:
-    if source.run_dir is not None and (source.run_dir / "ppdet.yml").is_file():
+    if _has_run(source):
         from shitu_cli.train.det import load_trained_model
 
         return load_trained_model(source.run_dir)
@@ -199,7 +205,7 @@ def export_legacy_detector(model: Any, out_dir: Path, input_size: tuple[int, int
 def _rebuildable(source: SourceModel) -> bool:
     from shitu_cli.train.det import MODEL_SECTIONS
 
-    return (source.run_dir is not None and (source.run_dir / "ppdet.yml").is_file()) or (source.model_dir / MODEL_SECTIONS).is_file()
+    return _has_run(source) or (source.model_dir / MODEL_SECTIONS).is_file()
 
 
 def legacy_copy_without_integer_matmuls(source: SourceModel, out_dir: Path) -> Path:

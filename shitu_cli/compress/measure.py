@@ -126,6 +126,7 @@ DET_THRESH = PipelineOptions.det_thresh
 DET_MAX_BOXES = PipelineOptions.max_boxes
 # mAP ranks every box the detector returns above this score, as ppdet's evaluation does with its NMS.
 MAP_MIN_SCORE = 0.01
+MAP_MAX_BOXES = 100  # COCO's maxDets
 MATCH_IOU = 0.5
 
 
@@ -139,14 +140,15 @@ def detect_all(detector, images: ImageSet) -> tuple[Detections, dict[str, np.nda
     """Every readable image through `detector`; also the first image's feeds, for timing."""
     from shitu_cli.infer.detector import postprocess
 
+    class_index = {label: i for i, label in enumerate(detector.labels)}
     per_image, samples, first = [], [], None
     for rgb, sample in iter_readable(images):
         feeds = dict(zip(("image", "scale_factor"), detector.preprocess(rgb)))
         first = first or feeds
         boxes, count = detector.predictor.run(feeds)[:2]
         height, width = rgb.shape[:2]
-        found = postprocess(boxes, int(np.asarray(count).reshape(-1)[0]), detector.labels, (width, height), MAP_MIN_SCORE, 100)
-        class_index = {label: i for i, label in enumerate(detector.labels)}
+        found = postprocess(boxes, int(np.asarray(count).reshape(-1)[0]), detector.labels, (width, height), MAP_MIN_SCORE,
+                            MAP_MAX_BOXES)
         per_image.append(np.array([[class_index.get(d.label, -1), d.score, *d.box] for d in found], np.float32).reshape(-1, 6))
         samples.append(sample)
     return Detections(per_image, samples), first
@@ -156,21 +158,15 @@ def box_agreement(before: list[np.ndarray], after: list[np.ndarray]) -> dict[str
     """How far the compressed detector finds the original's boxes: F1 of same-class IoU >= 0.5 matches
     between the two models' boxes above the pipeline's threshold (1.0 when neither finds any), and the
     mean IoU of the matched pairs."""
-    from shitu_cli.infer.pipeline import iou
+    from shitu_cli.infer.pipeline import greedy_matches
 
-    matched, total, overlaps = 0, 0, []
+    total, overlaps = 0, []
     for rows_before, rows_after in zip(before, after):
         kept_before, kept_after = _acted_on(rows_before), _acted_on(rows_after)
         total += len(kept_before) + len(kept_after)
-        free = list(range(len(kept_after)))
-        for row in kept_before:
-            scored = [(iou(row[2:], kept_after[j][2:]), j) for j in free if kept_after[j][0] == row[0]]
-            best, j = max(scored, default=(0.0, None))
-            if j is not None and best >= MATCH_IOU:
-                matched += 1
-                overlaps.append(best)
-                free.remove(j)
-    agreement = 1.0 if total == 0 else 2.0 * matched / total
+        for cls in np.unique(kept_before[:, 0]):  # a box only matches a box of its own class
+            overlaps += greedy_matches(kept_before[kept_before[:, 0] == cls, 2:], kept_after[kept_after[:, 0] == cls, 2:], MATCH_IOU)
+    agreement = 1.0 if total == 0 else 2.0 * len(overlaps) / total
     return {"agreement": agreement, "matched_iou": float(np.mean(overlaps)) if overlaps else 1.0 if total == 0 else 0.0}
 
 

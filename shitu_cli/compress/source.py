@@ -64,11 +64,15 @@ def resolve_source(path: Path | str) -> SourceModel:
 
 
 def _has_weights(run_dir: Path) -> bool:
-    """cls/rec runs keep checkpoints/best.pdparams; det runs ppdet.yml plus ppdet's best_model (or last)."""
+    """cls/rec runs keep checkpoints/best.pdparams; det runs ppdet.yml plus ppdet's best (or last) checkpoint."""
     if (run_dir / CHECKPOINT).is_file():
         return True
-    checkpoints = run_dir / CHECKPOINT.parent
-    return (run_dir / "ppdet.yml").is_file() and any((checkpoints / f"{name}.pdparams").is_file() for name in ("best_model", "last"))
+    from shitu_cli.train.det import PPDET_CONFIG, best_weights
+
+    try:
+        return (run_dir / PPDET_CONFIG).is_file() and bool(best_weights(run_dir))
+    except BadInput:
+        return False
 
 
 def need_run_dir(source: SourceModel, method: str) -> Path:

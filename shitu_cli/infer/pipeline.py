@@ -80,6 +80,19 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
+def greedy_matches(reference: Sequence[Sequence[float]], candidates: Sequence[Sequence[float]], iou_thresh: float) -> list[float]:
+    """IoUs of the one-to-one matches: each reference box, in order, takes the free candidate it overlaps
+    most, when that overlap reaches iou_thresh. How two detectors' outputs are compared."""
+    free = list(range(len(candidates)))
+    overlaps = []
+    for box in reference:
+        best = max(free, key=lambda j: iou(box, candidates[j]), default=None)
+        if best is not None and iou(box, candidates[best]) >= iou_thresh:
+            free.remove(best)
+            overlaps.append(iou(box, candidates[best]))
+    return overlaps
+
+
 def nms_per_label(recognitions: Sequence[Recognition], iou_thresh: float) -> list[Recognition]:
     """Greedy NMS within each label only, best score first; returns survivors in score order.
 
