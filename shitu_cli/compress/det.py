@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,11 +39,9 @@ PROBE_ROWS = 10
 
 def rebuild_detector(source: SourceModel) -> Any:
     """The dygraph PicoDet of `source` in eval mode: from its run dir, else from the export's own weights."""
-    import sys
+    from paddle.utils import unique_name
 
     from shitu_cli.train.det import ppdet_chatter_to
-
-    from paddle.utils import unique_name
 
     # Fresh unique names: weight names (and so the INT8 files) must not depend on what this process built before.
     with ppdet_chatter_to(sys.stderr), unique_name.guard():  # stdout is for results (--json)
@@ -241,8 +240,7 @@ def legacy_copy_without_integer_matmuls(source: SourceModel, out_dir: Path) -> P
 
 def _rewrite_integer_matmul(block, index: int, scope) -> None:
     op = block.ops[index]
-    if op.type not in ("matmul_v2", "matmul") or op.attr("trans_x" if op.type == "matmul_v2" else "transpose_X") \
-            or op.attr("trans_y" if op.type == "matmul_v2" else "transpose_Y"):
+    if op.type != "matmul_v2" or op.attr("trans_x") or op.attr("trans_y"):
         return
     x_name, y_name, out_name = op.input("X")[0], op.input("Y")[0], op.output("Out")[0]
     weight = scope.find_var(y_name)
