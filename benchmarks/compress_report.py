@@ -24,7 +24,12 @@ sys.path.insert(0, str(ROOT))
 DEMO_MODELS = ROOT / "assets" / "demo" / "models"
 EPOCHS = 8
 DET_METHODS = {"ptq hist (default)": {"algo": "hist"}, "ptq avg": {"algo": "avg"}, "ptq KL": {"algo": "KL"},
-               "onnx-int8 (onnxruntime)": {"onnx_int8": True}}
+               "onnx-int8 (onnxruntime)": {"onnx_int8": True},
+               # Pruning fine-tunes on the images it gets: it is given 200 scenes and 10 epochs.
+               "prune 0.3 + distill (200 scenes)": {"prune": 0.3, "quant": "none", "epochs": 10, "lr": 0.01,
+                                                    "calib": "large", "calib_size": 200},
+               "prune 0.3 + distill + ptq (200 scenes)": {"prune": 0.3, "quant": "ptq", "epochs": 10, "lr": 0.01,
+                                                          "calib": "large", "calib_size": 200}}
 REC_METHODS = {"onnx-int8 (onnxruntime)": {"onnx_int8": True}}
 CLS_METHODS = {
     "ptq (Paddle, oneDNN INT8)": {"quant": "ptq"},
@@ -67,16 +72,18 @@ def peak_rss_mb(model_dir: Path, backend: str = "paddle") -> float:
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
-def det_data(work: Path) -> tuple[Path, Path]:
-    """32 calibration scenes and 40 held-out scenes (COCO boxes), generated like the demo's training scenes."""
+def det_data(work: Path) -> tuple[dict[str, Path], Path]:
+    """Calibration scenes (32, and 200 for fine-tuning) and 40 held-out scenes with COCO boxes, generated like
+    the demo's training scenes."""
     from shitu_cli.demo_data import load_sources, write_scenes
 
     sources = load_sources()
-    calib, held_out = work / "det_calib", work / "det_eval"
+    calib, large, held_out = work / "det_calib", work / "det_calib200", work / "det_eval"
     if not (held_out / "annotations.json").is_file():
         write_scenes(sources, calib, 32, seed=31)
+        write_scenes(sources, large, 200, seed=77)
         write_scenes(sources, held_out, 40, seed=41)
-    return calib / "images", held_out / "annotations.json"
+    return {"default": calib / "images", "large": large / "images"}, held_out / "annotations.json"
 
 
 def cls_run(work: Path) -> Path:
@@ -91,13 +98,16 @@ def cls_run(work: Path) -> Path:
     return run
 
 
-def run_section(model: Path, calib: Path, eval_list: Path, methods: dict, work: Path, args, tag: str) -> list:
+def run_section(model: Path, calib: Path | dict[str, Path], eval_list: Path, methods: dict, work: Path, args, tag: str) -> list:
     from shitu_cli.compress.pipeline import compress
 
+    calib_sets = calib if isinstance(calib, dict) else {"default": calib}
     rows = []
     for number, (name, options) in enumerate(methods.items()):
-        result = compress(model, calib, work / f"{tag}{number}", eval_list=eval_list, threads=args.threads, runs=args.runs,
-                          max_drop=100.0, calib_size=64, batch_size=8, **options)
+        options = {"calib_size": 64, **options}
+        chosen = calib_sets[options.pop("calib", "default")]
+        result = compress(model, chosen, work / f"{tag}{number}", eval_list=eval_list, threads=args.threads, runs=args.runs,
+                          max_drop=100.0, batch_size=8, **options)
         memory = (peak_rss_mb(result.before.model_dir), peak_rss_mb(result.after.model_dir))
         rows.append((name, result, memory))
     return rows
@@ -133,7 +143,7 @@ SECTION_TEXT = {
     "det": ("The default detector: assets/demo/models/det",
             "PicoDet LCNet x0.75 at 256 px (the mainbody detector `shitu predict` uses by default), compressed "
             "from its export alone (its `ppdet_model.yml` rebuilds the network, the weights come from the export). "
-            "Calibration: 32 generated scenes; quality: 40 other generated scenes with their boxes (COCO mAP, "
+            "Calibration: 32 generated scenes (pruning: 200); quality: 40 other generated scenes with their boxes (COCO mAP, "
             "class-agnostic) and box agreement (F1 of IoU >= 0.5 matches between the two models' boxes above "
             "predict's 0.5 threshold).", "box agreement", "mAP"),
     "rec": ("The default recogniser: assets/demo/models/rec",

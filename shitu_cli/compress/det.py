@@ -180,19 +180,13 @@ def export_legacy_detector(model: Any, out_dir: Path, input_size: tuple[int, int
     """out_dir/inference.pdmodel + .pdiparams: the detector with its NMS, inputs image and scale_factor.
     `dfl_as_sum=False` keeps the DFL matmul as ppdet's own (and the official) exports have it."""
     import paddle
-    from paddle.static import InputSpec
 
     from shitu_cli.models import ppdet_compat
-
-    out_dir = Path(out_dir)
-    model.eval()
-    for flag in ("export_post_process", "export_nms"):
-        if hasattr(model, flag):
-            setattr(model, flag, True)
-    spec = [{"image": InputSpec([None, 3, *input_size], "float32", "image"),
-             "scale_factor": InputSpec([None, 2], "float32", "scale_factor")}]
     from shitu_cli.models.export import fresh_name_scopes
 
+    out_dir = Path(out_dir)
+    _ready_for_export(model)
+    spec = _input_spec(input_size)
     integral = _integral_without_matmul() if dfl_as_sum else contextlib.nullcontext()
     with ppdet_compat.full_graph_export(), ppdet_compat.onnx_convertible_upsampling(model), old_ir_compat(), \
             integral, fresh_name_scopes(), quiet_stdout():
@@ -303,34 +297,153 @@ def _rows_close(expected: np.ndarray, got: np.ndarray) -> bool:
 # ----------------------------------------------------------------------------- the method
 
 
-def detector_ptq(source: SourceModel, calib_set: ImageSet, work: Path, algo: str, stage: Stage) -> Candidate:
-    """Rebuild, export in the old IR, check it reproduces the export, then PTQ the convs to INT8."""
+def detector_ptq(source: SourceModel, calib_set: ImageSet, work: Path, algo: str, stage: Stage,
+                 base: Candidate | None = None) -> Candidate:
+    """Rebuild, export in the old IR, check it reproduces the export, then PTQ the convs to INT8.
+    With `base` (a pruned detector), its layer is exported instead: it differs from the export by design."""
     from shitu_cli.compress.ptq import check_algo, quantize_static
     from shitu_cli.infer.detector import Detector
 
     check_algo(algo)
     preprocess = Detector(source.model_dir).preprocess
-    if source.is_legacy and not _rebuildable(source):
-        stage("rewriting the old-format program for oneDNN INT8")
-        fp32_dir = legacy_copy_without_integer_matmuls(source, work / "fp32")
-    else:
-        stage("rebuilding the detector and exporting an old-format static model")
-        fp32_dir = export_legacy_detector(rebuild_detector(source), work / "fp32", tuple(source.manifest.input_size))
-    copy_infer_cfg(source, fp32_dir)
-    stage_manifest(fp32_dir, derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "fp32", "rebuilt"))
-    probes = [feeds for feeds, _ in itertools.islice(det_feeds(calib_set, preprocess), 2)]
-    if not probes:
-        raise BadInput("no calibration image could be read", hint="check the --calib images", path=calib_set.source)
-    check_reproduces_detector(fp32_dir, source, probes)
+    fp32_dir = _legacy_fp32(source, calib_set, work, preprocess, stage, base)
     stage(f"calibrating INT8 ({algo}) on {readable_count(calib_set)} image(s)")
     out_dir = quantize_static(fp32_dir, work / "int8", calibration_feeds(source, calib_set, preprocess),
                               algo=algo, batch_count=len(calib_set.samples), conv_only=True)
     copy_infer_cfg(source, out_dir)
-    method = f"ptq-{algo}"
-    details = {"quant": "ptq", "algo": algo, "calib_images": readable_count(calib_set),
+    method = f"ptq-{algo}" if base is None else f"{base.method}+ptq-{algo}"
+    details = {**(base.details if base else {}), "quant": "ptq", "algo": algo, "calib_images": readable_count(calib_set),
                "quantized": "conv2d and depthwise_conv2d (weights per channel, inputs per tensor); head post-processing and NMS stay fp32"}
     manifest = derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "int8", method)
     return Candidate(out_dir, stage_manifest(out_dir, manifest), method, details)
+
+
+def _legacy_fp32(source: SourceModel, calib_set: ImageSet, work: Path, preprocess, stage: Stage,
+                 base: Candidate | None) -> Path:
+    """The old-format fp32 detector PTQ reads: the pruned layer, the source program rewritten, or a rebuild
+    checked against the export."""
+    fp32_dir = work / "fp32"
+    if base is not None:
+        stage("exporting the pruned detector as an old-format static model")
+        export_legacy_detector(base.layer, fp32_dir, tuple(source.manifest.input_size))
+    elif source.is_legacy and not _rebuildable(source):
+        stage("rewriting the old-format program for oneDNN INT8")
+        legacy_copy_without_integer_matmuls(source, fp32_dir)
+    else:
+        stage("rebuilding the detector and exporting an old-format static model")
+        export_legacy_detector(rebuild_detector(source), fp32_dir, tuple(source.manifest.input_size))
+    copy_infer_cfg(source, fp32_dir)
+    stage_manifest(fp32_dir, derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "fp32", "rebuilt"))
+    if base is None:
+        probes = [feeds for feeds, _ in itertools.islice(det_feeds(calib_set, preprocess), 2)]
+        if not probes:
+            raise BadInput("no calibration image could be read", hint="check the --calib images", path=calib_set.source)
+        check_reproduces_detector(fp32_dir, source, probes)
+    return fp32_dir
+
+
+def detector_prune(source: SourceModel, calib_set: ImageSet, work: Path, ratio: float, epochs: int, lr: float,
+                   seed: int, batch_size: int, stage: Stage) -> Candidate:
+    """L1-prune `ratio` of the backbone's inner filters, then fine-tune with the unpruned detector as teacher:
+    the pruned net learns to give the neck's feature maps the teacher gives (MSE), on the calibration
+    images, no boxes needed. Neck and head keep their shapes and weights' meaning."""
+    import copy
+
+    from shitu_cli.compress.prune import prune_lcnet_backbone
+    from shitu_cli.infer.detector import Detector
+
+    preprocess = Detector(source.model_dir).preprocess
+    stage("rebuilding the detector")
+    teacher = rebuild_detector(source)
+    student = copy.deepcopy(teacher)
+    stage(f"pruning {ratio:.0%} of the backbone's inner filters (L1)")
+    summary = prune_lcnet_backbone(student, ratio)
+    images = np.concatenate([feeds["image"] for feeds, _ in det_feeds(calib_set, preprocess)] or [np.zeros((0, 3, 1, 1), np.float32)])
+    if not len(images):
+        raise BadInput("no calibration image could be read", hint="check the --calib images", path=calib_set.source)
+    stage(f"fine-tuning with feature distillation: {epochs} epoch(s) on {len(images)} image(s)")
+    _distill_features(teacher, student, images, epochs, lr, seed, batch_size, work / "finetune")
+    method = f"prune-l1-{ratio:g}+distill"
+    out_dir = export_detector(student, work / "pruned", tuple(source.manifest.input_size))
+    copy_infer_cfg(source, out_dir)
+    details = {"prune": "l1-filter (backbone, inner layers)", "ratio": ratio, "params_before": summary.params_before,
+               "params_after": summary.params_after, "finetune_epochs": epochs, "finetune_images": len(images),
+               "distill": "MSE of the neck's feature maps"}
+    manifest = derived_manifest(source, DET_MODEL, DET_PARAMS, "fp32", method)
+    return Candidate(out_dir, stage_manifest(out_dir, manifest), method, details, layer=student)
+
+
+def _distill_features(teacher: Any, student: Any, images: np.ndarray, epochs: int, lr: float, seed: int,
+                      batch_size: int, run_dir: Path) -> None:
+    import paddle
+    import paddle.nn.functional as F
+
+    from shitu_cli.train.loop import LoopConfig, fit
+
+    teacher.eval()
+    for param in student.head.parameters():
+        param.stop_gradient = True  # the loss never reaches the head
+
+    def features(net, x):
+        fpn = net.neck(net.backbone({"image": x}))
+        scores, boxes = net.head.forward_eval(fpn, export_post_process=True)
+        return fpn, scores, boxes
+
+    def make_loader(epoch):
+        order = np.random.permutation(len(images))
+        for start in range(0, len(order), batch_size):
+            yield paddle.to_tensor(np.ascontiguousarray(images[order[start:start + batch_size]]))
+
+    def loss_fn(model, x):
+        with paddle.no_grad():
+            fpn_t, scores_t, boxes_t = features(teacher, x)
+        fpn_s, scores_s, boxes_s = features(model, x)
+        feature_loss = sum(F.mse_loss(got, target) for got, target in zip(fpn_s, fpn_t)) / len(fpn_t)
+        score_loss = F.binary_cross_entropy(scores_s.clip(1e-6, 1 - 1e-6), scores_t)
+        # where the teacher sees an object, the student's box should be the teacher's (pixels / input size)
+        weight = scores_t.max(axis=1).unsqueeze(-1)
+        box_loss = (weight * (boxes_s - boxes_t).abs()).sum() / (weight.sum() * 4 + 1e-6) / float(x.shape[-1])
+        loss = feature_loss + score_loss + box_loss
+        return loss, {"feat": round(float(feature_loss), 5), "score": round(float(score_loss), 5), "box": round(float(box_loss), 5)}
+
+    config = LoopConfig(epochs=epochs, lr=lr, warmup_epochs=0.0, ema_decay=None, seed=seed, weight_decay=1e-5)
+    fit(student, make_loader, -(-len(images) // batch_size), loss_fn, None, config, run_dir, batch_size=batch_size)
+    student.eval()
+
+
+DET_MODEL, DET_PARAMS = "model.json", "model.pdiparams"
+
+
+def export_detector(model: Any, out_dir: Path, input_size: tuple[int, int]) -> Path:
+    """out_dir/model.json + model.pdiparams: a dygraph PicoDet exported as train-det exports (PIR, with NMS)."""
+    import paddle
+
+    from shitu_cli.models import ppdet_compat
+    from shitu_cli.models.export import fresh_name_scopes
+
+    out_dir = Path(out_dir)
+    _ready_for_export(model)
+    with ppdet_compat.full_graph_export(), ppdet_compat.onnx_convertible_upsampling(model), fresh_name_scopes(), \
+            quiet_stdout():
+        paddle.jit.save(paddle.jit.to_static(model, input_spec=_input_spec(input_size)), str(out_dir / "model"),
+                        input_spec=_input_spec(input_size))
+    (out_dir / "model.pdiparams.info").unlink(missing_ok=True)
+    return out_dir
+
+
+def _ready_for_export(model: Any) -> None:
+    """Eval mode, with the box decoding and NMS inside the exported program (what the Detector reads)."""
+    model.eval()
+    for flag in ("export_post_process", "export_nms"):
+        if hasattr(model, flag):
+            setattr(model, flag, True)
+
+
+def _input_spec(input_size: tuple[int, int]) -> list[dict[str, Any]]:
+    from paddle.static import InputSpec
+
+    return [{"image": InputSpec([None, 3, *input_size], "float32", "image"),
+             "scale_factor": InputSpec([None, 2], "float32", "scale_factor")}]
 
 
 def calibration_feeds(source: SourceModel, calib_set: ImageSet, preprocess=None) -> Callable[[], Iterator[dict[str, np.ndarray]]]:

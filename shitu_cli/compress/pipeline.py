@@ -139,7 +139,7 @@ def _check_options(source: SourceModel, out: Path, quant: str | None, prune: flo
     if quant not in QUANT_METHODS:
         raise BadInput(f"unknown --quant {quant!r}", hint=f"choose one of: {', '.join(QUANT_METHODS)}")
     if source.task == "det":
-        _check_det_method(quant, prune, source.model_dir)
+        _check_det_method(quant, source.model_dir)
     if quant == "qat" and prune is not None:
         # Pruning already fine-tunes with distillation; a second fine-tune on top is not built.
         raise BadInput("--quant qat cannot follow --prune", hint="use --prune R --quant ptq, or --quant qat alone")
@@ -159,11 +159,11 @@ def _check_options(source: SourceModel, out: Path, quant: str | None, prune: flo
     return quant
 
 
-def _check_det_method(quant: str, prune: float | None, model_dir: Path) -> None:
-    """Detectors get PTQ (Paddle or ONNX); say why pruning and QAT are not there rather than fail inside them."""
-    if prune is not None or quant == "qat":
-        raise BadInput("--prune and --quant qat are built for cls and rec models, not for detectors yet",
-                       hint="use the default --quant ptq, or --onnx-int8, for a detector", path=model_dir)
+def _check_det_method(quant: str, model_dir: Path) -> None:
+    """Detectors get PTQ (Paddle or ONNX) and pruning; say why QAT is not there rather than fail inside it."""
+    if quant == "qat":
+        raise BadInput("--quant qat is built for cls and rec models, not for detectors yet",
+                       hint="use the default --quant ptq, --prune R, or --onnx-int8 for a detector", path=model_dir)
 
 
 def _make_candidate(source: SourceModel, calib_set: ImageSet, work: Path, quant: str, algo: str,
@@ -172,9 +172,10 @@ def _make_candidate(source: SourceModel, calib_set: ImageSet, work: Path, quant:
     from shitu_cli.compress import methods
 
     if source.task == "det" and not onnx_int8:
-        from shitu_cli.compress.det import detector_ptq
+        from shitu_cli.compress.det import detector_prune, detector_ptq
 
-        return detector_ptq(source, calib_set, work, algo, stage)
+        base = detector_prune(source, calib_set, work, prune, epochs, lr, seed, batch_size, stage) if prune is not None else None
+        return detector_ptq(source, calib_set, work, algo, stage, base=base) if quant == "ptq" else base
     if onnx_int8:
         return methods.onnx_int8(source, calib_set, work, batch_size, stage)
     base = None

@@ -1,4 +1,4 @@
-"""Structured L1 filter pruning of PP-LCNet (the cls net, or the backbone of a rec net), done by hand on
+"""Structured L1 filter pruning of PP-LCNet (the cls net, the backbone of a rec net or of a PicoDet), done by hand on
 the dygraph model: paddleslim 2.6's pruner cannot trace models on paddle 3.3 (it calls removed
 `paddle.base.dygraph.base._to_static_mode_guard_`), and PP-LCNet's channel chain is simple enough.
 
@@ -43,8 +43,7 @@ def prune_pplcnet(model: Any, ratio: float) -> PruneSummary:
     """Prune `ratio` of each producer conv's filters (L1, smallest first) in place; returns what changed."""
     net = find_pplcnet(model)
     before = count_params(model)
-    blocks = [block for name in ("blocks2", "blocks3", "blocks4", "blocks5", "blocks6") for block in getattr(net, name)]
-    producers = [net.conv1] + [block.pw_conv for block in blocks]
+    blocks, producers = _chain(net)
     for index, producer in enumerate(producers):
         keep = _strongest_filters(producer.conv.weight.numpy(), ratio)
         _cut_outputs(producer, keep)
@@ -53,6 +52,34 @@ def prune_pplcnet(model: Any, ratio: float) -> PruneSummary:
         else:
             _cut_tail_inputs(net, keep)
     return PruneSummary(ratio, before, count_params(model), len(producers))
+
+
+def prune_lcnet_backbone(detector: Any, ratio: float) -> PruneSummary:
+    """The same L1 pruning for a PicoDet's LCNet backbone (ppdet's LCNet has PP-LCNet's layout), except
+    that the outputs the neck reads (the last pointwise conv of each feature stage) keep every channel,
+    so the neck and head stay as trained."""
+    net = getattr(detector, "backbone", None)
+    if type(net).__name__ != "LCNet":
+        raise BadInput(f"--prune supports detectors with an LCNet backbone, this one has {type(net).__name__}",
+                       hint="use --quant ptq for this detector")
+    before = count_params(detector)
+    blocks, producers = _chain(net)
+    read_by_neck = {id(getattr(net, f"blocks{stage + 1}")[-1].pw_conv) for stage in net.feature_maps}
+    pruned = 0
+    for index, producer in enumerate(producers[:-1]):  # the last one always feeds the neck
+        if id(producer) in read_by_neck:
+            continue
+        keep = _strongest_filters(producer.conv.weight.numpy(), ratio)
+        _cut_outputs(producer, keep)
+        _cut_block_inputs(blocks[index], keep)
+        pruned += 1
+    return PruneSummary(ratio, before, count_params(detector), pruned)
+
+
+def _chain(net: Any) -> tuple[list[Any], list[Any]]:
+    """The depthwise-separable blocks in order, and the producer convs: the stem, then each block's pointwise conv."""
+    blocks = [block for name in ("blocks2", "blocks3", "blocks4", "blocks5", "blocks6") for block in getattr(net, name)]
+    return blocks, [net.conv1] + [block.pw_conv for block in blocks]
 
 
 CHANNEL_MULTIPLE = 8  # oneDNN's blocked layouts run fastest on channel counts that are multiples of 8
