@@ -344,9 +344,9 @@ def _legacy_fp32(source: SourceModel, calib_set: ImageSet, work: Path, preproces
 
 def detector_prune(source: SourceModel, calib_set: ImageSet, work: Path, ratio: float, epochs: int, lr: float,
                    seed: int, batch_size: int, stage: Stage) -> Candidate:
-    """L1-prune `ratio` of the backbone's inner filters, then fine-tune with the unpruned detector as teacher:
-    the pruned net learns to give the neck's feature maps the teacher gives (MSE), on the calibration
-    images, no boxes needed. Neck and head keep their shapes and weights' meaning."""
+    """L1-prune `ratio` of the backbone's inner filters, then fine-tune with the unpruned detector as teacher
+    on the calibration images, no boxes needed: the student learns the teacher's neck feature maps (MSE),
+    scores (BCE) and, where the teacher sees an object, boxes (L1). Neck and head keep their shapes."""
     import copy
 
     from shitu_cli.compress.prune import prune_lcnet_backbone
@@ -358,9 +358,10 @@ def detector_prune(source: SourceModel, calib_set: ImageSet, work: Path, ratio: 
     student = copy.deepcopy(teacher)
     stage(f"pruning {ratio:.0%} of the backbone's inner filters (L1)")
     summary = prune_lcnet_backbone(student, ratio)
-    images = np.concatenate([feeds["image"] for feeds, _ in det_feeds(calib_set, preprocess)] or [np.zeros((0, 3, 1, 1), np.float32)])
-    if not len(images):
+    arrays = [feeds["image"] for feeds, _ in det_feeds(calib_set, preprocess)]
+    if not arrays:
         raise BadInput("no calibration image could be read", hint="check the --calib images", path=calib_set.source)
+    images = np.concatenate(arrays)
     stage(f"fine-tuning with feature distillation: {epochs} epoch(s) on {len(images)} image(s)")
     _distill_features(teacher, student, images, epochs, lr, seed, batch_size, work / "finetune")
     method = f"prune-l1-{ratio:g}+distill"
@@ -382,7 +383,7 @@ def _distill_features(teacher: Any, student: Any, images: np.ndarray, epochs: in
 
     teacher.eval()
     for param in student.head.parameters():
-        param.stop_gradient = True  # the loss never reaches the head
+        param.stop_gradient = True  # the head stays as trained: the thinner backbone (and the neck) adapt to it
 
     def features(net, x):
         fpn = net.neck(net.backbone({"image": x}))
