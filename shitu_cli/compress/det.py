@@ -23,7 +23,7 @@ import numpy as np
 
 from shitu_cli.compress.images import ImageSet, iter_readable, readable_count
 from shitu_cli.compress.legacy import LEGACY_MODEL, LEGACY_PARAMS, old_ir_compat, quiet_stdout
-from shitu_cli.compress.pipeline import Candidate, Stage, derived_manifest, stage_manifest
+from shitu_cli.compress.pipeline import Candidate, Stage, derived_manifest, ptq_lineage, stage_manifest
 from shitu_cli.compress.source import SourceModel
 from shitu_cli.errors import BadInput, WorkFailed
 
@@ -311,9 +311,8 @@ def detector_ptq(source: SourceModel, calib_set: ImageSet, work: Path, algo: str
     out_dir = quantize_static(fp32_dir, work / "int8", calibration_feeds(source, calib_set, preprocess),
                               algo=algo, batch_count=len(calib_set.samples), conv_only=True)
     copy_infer_cfg(source, out_dir)
-    method = f"ptq-{algo}" if base is None else f"{base.method}+ptq-{algo}"
-    details = {**(base.details if base else {}), "quant": "ptq", "algo": algo, "calib_images": readable_count(calib_set),
-               "quantized": "conv2d and depthwise_conv2d (weights per channel, inputs per tensor); head post-processing and NMS stay fp32"}
+    method, details = ptq_lineage(base, algo, readable_count(calib_set))
+    details["quantized"] = "conv2d and depthwise_conv2d (weights per channel, inputs per tensor); head post-processing and NMS stay fp32"
     manifest = derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "int8", method)
     return Candidate(out_dir, stage_manifest(out_dir, manifest), method, details)
 
@@ -365,7 +364,7 @@ def detector_prune(source: SourceModel, calib_set: ImageSet, work: Path, ratio: 
     stage(f"fine-tuning with feature distillation: {epochs} epoch(s) on {len(images)} image(s)")
     _distill_features(teacher, student, images, epochs, lr, seed, batch_size, work / "finetune")
     method = f"prune-l1-{ratio:g}+distill"
-    out_dir = export_detector(student, work / "pruned", tuple(source.manifest.input_size))
+    out_dir = export_pir_detector(student, work / "pruned", tuple(source.manifest.input_size))
     copy_infer_cfg(source, out_dir)
     details = {"prune": "l1-filter (backbone, inner layers)", "ratio": ratio, "params_before": summary.params_before,
                "params_after": summary.params_after, "finetune_epochs": epochs, "finetune_images": len(images),
@@ -415,7 +414,7 @@ def _distill_features(teacher: Any, student: Any, images: np.ndarray, epochs: in
 DET_MODEL, DET_PARAMS = "model.json", "model.pdiparams"
 
 
-def export_detector(model: Any, out_dir: Path, input_size: tuple[int, int]) -> Path:
+def export_pir_detector(model: Any, out_dir: Path, input_size: tuple[int, int]) -> Path:
     """out_dir/model.json + model.pdiparams: a dygraph PicoDet exported as train-det exports (PIR, with NMS)."""
     import paddle
 

@@ -138,17 +138,12 @@ class Detections:
 
 def detect_all(detector, images: ImageSet) -> tuple[Detections, dict[str, np.ndarray] | None]:
     """Every readable image through `detector`; also the first image's feeds, for timing."""
-    from shitu_cli.infer.detector import postprocess
-
     class_index = {label: i for i, label in enumerate(detector.labels)}
     per_image, samples, first = [], [], None
     for rgb, sample in iter_readable(images):
-        feeds = dict(zip(("image", "scale_factor"), detector.preprocess(rgb)))
-        first = first or feeds
-        boxes, count = detector.predictor.run(feeds)[:2]
-        height, width = rgb.shape[:2]
-        found = postprocess(boxes, int(np.asarray(count).reshape(-1)[0]), detector.labels, (width, height), MAP_MIN_SCORE,
-                            MAP_MAX_BOXES)
+        if first is None:
+            first = dict(zip(("image", "scale_factor"), detector.preprocess(rgb)))
+        found = detector.detect(rgb, MAP_MIN_SCORE, MAP_MAX_BOXES)
         per_image.append(np.array([[class_index.get(d.label, -1), d.score, *d.box] for d in found], np.float32).reshape(-1, 6))
         samples.append(sample)
     return Detections(per_image, samples), first

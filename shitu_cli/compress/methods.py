@@ -7,7 +7,7 @@ from typing import Any
 
 from shitu_cli.compress.images import ImageSet, iter_batches, readable_count
 from shitu_cli.compress.legacy import LEGACY_MODEL, LEGACY_PARAMS, export_legacy
-from shitu_cli.compress.pipeline import Candidate, Stage, derived_manifest, first_batch, stage_manifest
+from shitu_cli.compress.pipeline import Candidate, Stage, derived_manifest, first_batch, ptq_lineage, stage_manifest
 from shitu_cli.compress.source import SourceModel, Trainable, build_model_from_recipe, check_reproduces_export, need_run_dir
 
 
@@ -47,8 +47,7 @@ def ptq(source: SourceModel, calib_set: ImageSet, work: Path, algo: str, batch_s
 
     batch_count = -(-len(calib_set.samples) // batch_size)  # an upper bound: unreadable images shorten it
     out_dir = quantize_static(fp32_dir, work / "int8", feeds, algo, batch_count)
-    method = f"ptq-{algo}" if base is None else f"{base.method}+ptq-{algo}"
-    details = {**(base.details if base else {}), "quant": "ptq", "algo": algo, "calib_images": readable_count(calib_set)}
+    method, details = ptq_lineage(base, algo, readable_count(calib_set))
     manifest = derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "int8", method)
     return Candidate(out_dir, stage_manifest(out_dir, manifest), method, details)
 

@@ -339,6 +339,12 @@ def derived_manifest(source: SourceModel, model_file: str, params_file: str, pre
     return manifest
 
 
+def ptq_lineage(base: Candidate | None, algo: str, calib_images: int) -> tuple[str, dict[str, Any]]:
+    """Method name and shitu.yaml details of a PTQ model, on top of what `base` (a pruned model) did."""
+    method = f"ptq-{algo}" if base is None else f"{base.method}+ptq-{algo}"
+    return method, {**(base.details if base else {}), "quant": "ptq", "algo": algo, "calib_images": calib_images}
+
+
 def stage_manifest(model_dir: Path, manifest: ModelManifest) -> ModelManifest:
     """Write the staged model's shitu.yaml (build_predictor needs it) and read it back as loaded."""
     write_model_manifest(model_dir, manifest)
