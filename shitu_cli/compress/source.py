@@ -122,15 +122,14 @@ def build_model_from_recipe(run_dir: Path, manifest: ModelManifest) -> Trainable
     TODO(move): a public `build_model_from_recipe(run_dir)` belongs in shitu_cli/train; it lives
     here until the trainers export one.
     """
-    import paddle
-
-    from shitu_cli.recipes import read_recipe
-
     from paddle.utils import unique_name
+
+    from shitu_cli.models.legacy import load_weights
+    from shitu_cli.recipes import read_recipe
 
     run_dir = Path(run_dir)
     recipe = read_recipe(run_dir)
-    state = paddle.load(str(run_dir / CHECKPOINT))
+    state = load_weights(run_dir / CHECKPOINT)  # arrays only: a swapped checkpoint never runs code
     builders = {"train-cls": _build_classifier, "train-rec": _build_recogniser}
     if recipe.command in builders:
         # Fresh unique names: weight names (and so the compressed files) must not depend on what this process built before.

@@ -42,20 +42,44 @@ class _WeightsUnpickler(pickle.Unpickler):
 def load_weights(path: Path | str) -> dict[str, np.ndarray]:
     """A .pdparams state dict as {name: ndarray}, for `layer.set_state_dict(...)`; code in the file is refused."""
     path = Path(path)
+    return _arrays_of(_unpickle(path), path)
+
+
+def load_state(path: Path | str) -> Any:
+    """Any paddle.save file (optimiser state, ppdet's .pdopt) as plain containers, numbers and ndarrays.
+
+    The same array-only unpickler as `load_weights`; paddle's (name, ndarray) tensor tuples become
+    the ndarray, which `optimizer.set_state_dict` takes as it takes a tensor.
+    """
+    return _plain(_unpickle(Path(path)))
+
+
+def _unpickle(path: Path) -> Any:
     try:
         with open(path, "rb") as handle:
-            state = _WeightsUnpickler(handle).load()
+            return _WeightsUnpickler(handle).load()
     except pickle.UnpicklingError as exc:
         if str(exc).startswith("refused"):
             raise BadInput(f"weights file holds more than arrays ({exc}); refusing to load it", path=path,
                            hint="use weights from a source you trust, saved with paddle.save(state_dict)") from None
         raise BadInput(f"not a readable .pdparams file ({exc})", path=path) from None
-    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, MemoryError) as exc:
+    except FileNotFoundError:
+        raise BadInput("weights file not found", path=path) from None
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError, MemoryError) as exc:
         raise BadInput(f"not a readable .pdparams file ({exc.__class__.__name__})", path=path,
                        hint="a truncated download? pull it again") from None
     except OSError as exc:
         raise BadInput(f"cannot read weights ({exc.strerror or exc})", path=path) from None
-    return _arrays_of(state, path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], np.ndarray):
+        return value[1]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    return value
 
 
 def _arrays_of(state: Any, path: Path) -> dict[str, np.ndarray]:

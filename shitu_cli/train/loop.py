@@ -17,10 +17,11 @@ from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
-from shitu_cli.artifacts import atomic_write_text, read_yaml, write_yaml
+from shitu_cli.artifacts import atomic_write_text
 from shitu_cli.errors import BadInput
+from shitu_cli.train.stop import Interrupted, StopRequest
+from shitu_cli.train.checkpoints import CHECKPOINT_DIR, Checkpoints, load_into, param_names, rename_accumulators  # noqa: F401  (re-exported)
 
-CHECKPOINT_DIR = "checkpoints"
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"
 
@@ -61,6 +62,8 @@ class FitResult:
     history: list[dict[str, float]]
     best_checkpoint: Path
     seconds: float
+    stopped_by: str | None = None  # SIGINT / SIGTERM when a signal ended the run early
+    epochs_done: int = 0
 
 
 StepCallback = Callable[..., None]  # called as on_step(advance=1, **live_fields)
@@ -107,67 +110,6 @@ def build_optimizer(model, config: LoopConfig, steps_per_epoch: int):
     return optimizer, schedule
 
 
-class Checkpoints:
-    """last.* for resume, best.pdparams for export; each file written atomically."""
-
-    def __init__(self, run_dir: Path):
-        self.dir = Path(run_dir) / CHECKPOINT_DIR
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def best(self) -> Path:
-        return self.dir / "best.pdparams"
-
-    def save(self, name: str, state: dict[str, Any]) -> None:
-        import paddle
-
-        tmp = self.dir / f".{name}.tmp"
-        paddle.save(state, str(tmp))
-        tmp.replace(self.dir / name)
-
-    def save_last(self, model, optimizer, schedule, ema, state: dict[str, Any]) -> None:
-        self.save("last.pdparams", model.state_dict())
-        optimizer_state = rename_accumulators(optimizer.state_dict(), param_names(model), to_structured=True)
-        self.save("last.pdopt", {"optimizer": optimizer_state, "schedule": schedule.state_dict()})
-        if ema is not None:
-            self.save("last.ema.pdparams", ema.module.state_dict())
-        # The state file goes last: a kill before it leaves the previous epoch's resume point.
-        write_yaml(self.dir / "last_state.yaml", state)
-
-    def load_last(self, model, optimizer, schedule, ema) -> dict[str, Any] | None:
-        import paddle
-
-        state_file = self.dir / "last_state.yaml"
-        if not state_file.is_file():
-            return None
-        model.set_state_dict(paddle.load(str(self.dir / "last.pdparams")))
-        opt = paddle.load(str(self.dir / "last.pdopt"))
-        optimizer.set_state_dict(rename_accumulators(opt["optimizer"], param_names(model), to_structured=False))
-        schedule.set_state_dict(opt["schedule"])
-        if ema is not None and (self.dir / "last.ema.pdparams").is_file():
-            ema.module.set_state_dict(paddle.load(str(self.dir / "last.ema.pdparams")))
-        return read_yaml(state_file)
-
-
-def param_names(model) -> dict[str, str]:
-    return {param.name: structured for structured, param in model.named_parameters()}
-
-
-def rename_accumulators(state: dict[str, Any], names: dict[str, str], to_structured: bool) -> dict[str, Any]:
-    """Key optimiser state by structured names: paddle's own names (conv2d_64.w_0) depend on how
-    many layers the process built before, so a resumed process would not find them."""
-    mapping = names if to_structured else {v: k for k, v in names.items()}
-    renamed = {}
-    for key, value in state.items():
-        new_key = key
-        for old, new in mapping.items():
-            if key.startswith(old + "_"):
-                new_key = new + key[len(old):]
-                break
-        renamed[new_key] = value
-    return renamed
-
-
 def fit(
     model,
     make_loader: Callable[[int], Iterable[Any]],
@@ -179,10 +121,13 @@ def fit(
     resume: bool = False,
     on_step: StepCallback | None = None,
     batch_size: int = 1,
+    stop: StopRequest | None = None,
 ) -> FitResult:
-    """Train `model` in place; the best weights (EMA ones when EMA is on) land in checkpoints/best.pdparams."""
-    import paddle
+    """Train `model` in place; the best weights (EMA ones when EMA is on) land in checkpoints/best.pdparams.
 
+    When `stop` is set (a signal), the loop leaves after the current step: the last epoch's checkpoint
+    stays as it is (resume goes on from there) and the model gets the best weights so far.
+    """
     run_dir = Path(run_dir)
     started = time.perf_counter()
     optimizer, schedule = build_optimizer(model, config, steps_per_epoch)
@@ -191,10 +136,12 @@ def fit(
     state = {"epoch": 0, "best_value": None, "best_epoch": None, "history": []}
     if resume:
         state = checkpoints.load_last(model, optimizer, schedule, ema) or state
-    elif (checkpoints.dir / "last_state.yaml").exists():
-        (checkpoints.dir / "last_state.yaml").unlink()
+    elif checkpoints.state_file.exists():
+        checkpoints.state_file.unlink()
 
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        if stop:
+            break
         # Seeding per epoch is what makes a resumed run land on the same result.
         seed_everything(config.seed * 1000 + epoch)
         model.train()
@@ -213,6 +160,10 @@ def fit(
             if on_step is not None:
                 ips = batch_size / max(time.perf_counter() - tick, 1e-9)
                 on_step(advance=1, epoch=epoch, loss=round(float(loss), 4), ips=round(ips, 1), **logs)
+            if stop:
+                break
+        if stop:
+            break  # a part-trained epoch is dropped: resume restarts it from the last checkpoint
         row = {"epoch": epoch, "lr": float(optimizer.get_lr()), "loss": float(np.mean(losses)) if losses else float("nan")}
         if evaluate is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
             eval_model = ema.module if ema is not None else model
@@ -227,9 +178,11 @@ def fit(
         checkpoints.save_last(model, optimizer, schedule, ema, state)
         write_metrics(run_dir, state["history"])
 
-    if state["best_epoch"] is None:  # no evaluation ran: the final weights are the best we know
+    if stop:
+        _best_so_far(checkpoints, state, stop)
+    elif state["best_epoch"] is None:  # no evaluation ran: the final weights are the best we know
         checkpoints.save("best.pdparams", (ema.module if ema is not None else model).state_dict())
-    model.set_state_dict(paddle.load(str(checkpoints.best)))
+    load_into(model, checkpoints.best)
     history = state["history"]
     return FitResult(
         best_metric=config.best_metric,
@@ -239,7 +192,26 @@ def fit(
         history=history,
         best_checkpoint=checkpoints.best,
         seconds=time.perf_counter() - started,
+        stopped_by=stop.signal_name if stop else None,
+        epochs_done=state["epoch"],
     )
+
+
+def _best_so_far(checkpoints: Checkpoints, state: dict[str, Any], stop: StopRequest) -> None:
+    """After a stop: best.pdparams of this run, else the last finished epoch's weights, else nothing to export."""
+    if state["best_epoch"] is not None and checkpoints.best.is_file():
+        return
+    for name in ("last.ema.pdparams", "last.pdparams"):
+        if state["epoch"] > 0 and (checkpoints.dir / name).is_file():
+            _copy(checkpoints.dir / name, checkpoints.best)
+            return
+    raise Interrupted(stop, "before the first epoch ended: nothing to export", path=checkpoints.dir.parent)
+
+
+def _copy(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(source.read_bytes())
+    tmp.replace(target)
 
 
 def ema_decay_at(decay: float, step: int) -> float:
