@@ -85,7 +85,7 @@ def test_lists_stay_relative_to_the_dataset_and_use_forward_slashes(cli, tmp_pat
     report, _ = run_json(cli, root, "--out", tmp_path / "elsewhere")
 
     text = "".join((tmp_path / "elsewhere" / f"{p}_list.txt").read_text(encoding="utf-8") for p in ("train", "val", "test"))
-    assert "shoes/left side/0.jpg 1\n" in text
+    assert "shoes/left side/0.jpg\t1\n" in text  # a path with a space: TAB-separated, as PaddleClas can be told to read
     assert "\\" not in text and str(tmp_path) not in text
 
 

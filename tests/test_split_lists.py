@@ -63,3 +63,25 @@ def test_blank_label_line_is_refused_but_a_trailing_newline_is_fine(tmp_path):
 def test_missing_list_is_bad_input(tmp_path):
     with pytest.raises(BadInput, match="not found"):
         read_rec_list(tmp_path / "nope.txt")
+
+
+def test_labelled_list_reads_both_dialects_and_names_ids_through_labels_txt(tmp_path):
+    from shitu_cli.data.lists import read_labelled_list
+
+    (tmp_path / "labels.txt").write_text("cola\ncoffee cup\n", encoding="utf-8")
+    space = write(tmp_path, "cola/1.jpg 0\n", name="space.txt")
+    tabbed = write(tmp_path, "coffee cup/2.jpg\tcoffee cup\n", name="tab.txt")
+
+    [by_id] = read_labelled_list(space)
+    [by_name] = read_labelled_list(tabbed)
+
+    assert (by_id.path, by_id.label, by_id.label_id) == (tmp_path / "cola/1.jpg", "cola", 0)
+    assert (by_name.path, by_name.label, by_name.label_id) == (tmp_path / "coffee cup/2.jpg", "coffee cup", None)
+
+
+def test_labelled_list_refuses_an_id_that_labels_txt_does_not_name(tmp_path):
+    from shitu_cli.data.lists import read_labelled_list
+
+    (tmp_path / "labels.txt").write_text("cola\n", encoding="utf-8")
+    with pytest.raises(BadInput, match="class id 3"):
+        read_labelled_list(write(tmp_path, "cola/1.jpg 3\n"))

@@ -15,7 +15,9 @@ MAX_CLASS_ROWS = 20  # beyond this many classes a per-class table is noise
 
 
 def command(
-    dataset_dir: Path = typer.Argument(..., help="The dataset folder: class folders, COCO json, or VOC JPEGImages/+Annotations/."),
+    dataset_dir: Path = typer.Argument(Path("."), show_default=False,
+                                       help="The dataset folder: class folders, COCO json, or VOC JPEGImages/+Annotations/ "
+                                            "(default: the current folder)."),
     val: float = typer.Option(0.2, "--val", help="Validation fraction (rec: fraction of classes held out for gallery/query)."),
     test: float = typer.Option(0.1, "--test", help="Test fraction (rec: query fraction of each held-out class, at least one image)."),
     seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Shuffle seed; recorded in recipe.yaml."),
@@ -67,3 +69,6 @@ def _show_summary(result) -> None:
     names = ", ".join(p.name for p in result.files)
     render.show(f"wrote {names} and {result.recipe.name}")
     render.show(f"  to {result.out_dir}, with paths relative to {result.dataset_dir}")
+    dialect = result.extra.get("list_dialect")
+    if dialect:
+        render.show(f"  list lines: `{dialect}`" + (" (class names in labels.txt)" if "class_id" in dialect else ""))

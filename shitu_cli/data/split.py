@@ -14,7 +14,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from shitu_cli.data.lists import image_list_text, labels_text, pair_list_text, rec_list_text
+from shitu_cli.data.lists import TAB, image_list_text, labels_text, list_delimiter, pair_list_text, rec_list_text
 from shitu_cli.errors import BadInput
 
 DEFAULT_SEED = 42
@@ -354,6 +354,7 @@ def _build_class_folders(root: Path, out_dir: Path, val: float, test: float, see
         plan = split_classes(groups, val, test, seed)
         label_of = {rel: name for name, items in groups.items() for rel in items}
         files = {f"{part}_list.txt": _rec_list(plan.parts[part], label_of) for part in REC_PARTS}
+        dialect = "path<TAB>label"
         warnings += _small_class_warnings(plan.kept_in_train, groups, "a single image cannot be held out (needs one gallery and one query image)")
         if val > 0 and not plan.parts["query"]:
             warnings.append("no class could be held out; gallery and query lists are empty")
@@ -361,17 +362,20 @@ def _build_class_folders(root: Path, out_dir: Path, val: float, test: float, see
         plan = split_groups(groups, val, test, seed)
         label_id = {name: i for i, name in enumerate(labels)}
         id_of = {rel: label_id[name] for name, items in groups.items() for rel in items}
-        files = {f"{part}_list.txt": _image_list(plan.parts[part], id_of) for part in PARTS}
+        delimiter = list_delimiter(rel for items in groups.values() for rel in items)
+        files = {f"{part}_list.txt": _image_list(plan.parts[part], id_of, delimiter) for part in PARTS}
+        dialect = "path<TAB>class_id" if delimiter == TAB else "path class_id"
         warnings += _small_class_warnings(plan.kept_in_train, groups, "too few to split")
-        if any(" " in rel for items in groups.values() for rel in items):
-            warnings.append("some paths hold spaces: shitu reads these lists, but PaddleClas's own reader splits lines at spaces")
+        if delimiter == TAB:
+            warnings.append('some paths hold spaces, so the lists separate path and class id with a TAB: '
+                            'in a PaddleClas dataset config set `delimiter: "\\t"`')
     files["labels.txt"] = labels_text(labels).encode("utf-8")
     inputs = {"images_found": len(all_paths), "images_used": len(good), "files_skipped": len(skipped) + len(bad), "classes": len(labels)}
-    return _Built(files, plan, _sorted_skips(skipped + bad), warnings, inputs)
+    return _Built(files, plan, _sorted_skips(skipped + bad), warnings, inputs, {"list_dialect": dialect})
 
 
-def _image_list(rels: list[str], id_of: dict[str, int]) -> bytes:
-    return image_list_text((rel, id_of[rel]) for rel in rels).encode("utf-8")
+def _image_list(rels: list[str], id_of: dict[str, int], delimiter: str) -> bytes:
+    return image_list_text(((rel, id_of[rel]) for rel in rels), delimiter).encode("utf-8")
 
 
 def _rec_list(rels: list[str], label_of: dict[str, str]) -> bytes:
