@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 class ShituError(Exception):
@@ -40,3 +42,29 @@ class WorkFailed(ShituError):
     """The input was fine but the work itself failed (a model diverged, a backend crashed)."""
 
     exit_code = 1
+
+
+def write_error(exc: OSError, path: Path | str | None = None) -> ShituError:
+    """An OS refusal to write, as one line naming the path: a full disk failed the job (exit 1),
+    a read-only or forbidden place is the user's choice of output (exit 2)."""
+    import errno
+
+    where = path if path is not None else exc.filename
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return WorkFailed("no space left on the device", hint="free some space or write elsewhere", path=where)
+    if exc.errno == errno.EROFS:
+        return BadInput("cannot write here: read-only file system", hint="choose a writable output folder", path=where)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return BadInput("cannot write here: permission denied", hint="choose a writable output folder", path=where)
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return BadInput(f"cannot write here: {exc.strerror.lower()}", hint="a file is in the way of a folder, or the other way round", path=where)
+    return WorkFailed(f"cannot write: {exc.strerror or exc.__class__.__name__}", path=where)
+
+
+@contextmanager
+def writing_to(path: Path | str) -> Iterator[None]:
+    """Turn an OSError raised while writing under `path` into `write_error`, naming the file it hit."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(exc, exc.filename if exc.filename is not None else path) from None
