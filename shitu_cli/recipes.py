@@ -54,7 +54,9 @@ class Recipe:
 def write_recipe(out_dir: Path, recipe: Recipe, written: list[Path]) -> Path:
     """Hash every written file (relative to out_dir) into the recipe and save it beside them."""
     out_dir = Path(out_dir)
-    recipe.outputs = {p.relative_to(out_dir).as_posix(): sha256_file(p) for p in sorted(written)}
+    # Resolved on both sides: a relative -o (runs/x) and the absolute paths a core collected must meet.
+    root = out_dir.resolve()
+    recipe.outputs = {Path(p).resolve().relative_to(root).as_posix(): sha256_file(p) for p in sorted(written)}
     fields = asdict(recipe)
     fields.pop("format_version")
     path = out_dir / RECIPE_FILE

@@ -11,8 +11,8 @@ from shitu_cli import render
 
 
 def command(
-    dataset: Path = typer.Argument(..., help="Folder with train_list.txt, val_list.txt and labels.txt, or a folder of class folders (split here)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run dir: checkpoints, metrics, confusion matrix, export/ and recipe.yaml."),
+    dataset: Optional[Path] = typer.Argument(None, help="Folder with train_list.txt, val_list.txt and labels.txt, or a folder of class folders (split here). Not needed with --resume."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run dir: checkpoints, metrics, confusion matrix, export/ and recipe.yaml. A folder holding an earlier run is refused (use --resume, or a new folder)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="PPLCNet_x0_25 ... PPLCNet_x2_5 or PPLCNetV2_base. [default: PPLCNet_x1_0]"),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size in pixels. [default: 224]"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs. [default: 20]"),
@@ -37,12 +37,16 @@ def command(
     val: Optional[float] = typer.Option(None, "--val", help="Validation share when DATASET is class folders to split. [default: 0.2]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, split, shuffling and augmentation. [default: 42]"),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Image decoding threads. [default: 2]"),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Settings file (recipes/cls/*.yml or a run's recipe.yaml); flags override it."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its last epoch."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Base settings: a shipped name (pplcnet, tiny, digits), a .yml path, or a run's recipe.yaml; flags override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch, with its own settings; only --epochs (more or fewer) and --num-workers may change."),
     json_output: bool = typer.Option(False, "--json", help="Print the run summary as one JSON document."),
 ) -> None:
-    """Train a PP-LCNet image classifier, keep the best epoch by val top-1, and export it for `shitu predict`."""
-    from shitu_cli.train.cls import resolve_settings, train_cls
+    """Train a PP-LCNet image classifier, keep the best epoch by val top-1, and export it for `shitu predict`.
+
+    Ctrl-C (or SIGTERM) stops after the current step, keeps the last epoch's checkpoint and exports the best epoch so far.
+    """
+    from shitu_cli.train.cls import requested_settings, resolve_settings, train_cls
+    from shitu_cli.train.stop import exit_code_for
 
     flags = {
         "model": model, "input_size": input_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -52,21 +56,29 @@ def command(
         "distill_temperature": distill_temperature, "distill_weight": distill_weight, "val": val, "seed": seed,
         "num_workers": num_workers,
     }
-    settings = resolve_settings(recipe, flags)
-    with render.progress(f"training {settings['model']}", total=None, unit="step") as bar:
+    # A resumed run takes its settings from its own recipe.yaml: pass on only what was asked for.
+    settings = requested_settings(recipe, flags) if resume else resolve_settings(recipe, flags)
+    with render.progress(f"training {settings.get('model', 'the run')}", total=None, unit="step") as bar:
         summary = train_cls(dataset, out, resume=resume, progress=bar, **settings)
     for note in summary.notes + (summary.split or {}).get("warnings", []):
         render.info(note)
     if json_output:
         render.print_json(summary)
-        return
-    _show(summary)
+    else:
+        render.file_problems("skipped images (left out of training)", [(s.path, s.reason) for s in summary.skipped])
+        _show(summary)
+    if summary.stopped_by:
+        render.warn(f"stopped by {summary.stopped_by} after {summary.epochs_done} of {summary.epochs} epochs; "
+                    f"exported the best epoch so far ({summary.best_epoch}); continue with "
+                    f"`shitu train-cls -o {summary.run_dir} --resume`")
+        raise typer.Exit(exit_code_for(summary.stopped_by))
 
 
 def _show(summary) -> None:
     rows = [
         ("model", f"{summary.model} @ {summary.input_size}px, {summary.classes} classes"),
-        ("images", f"{summary.train_images} train, {summary.val_images} val" + (f", {summary.unlabeled_images} unlabelled" if summary.unlabeled_images else "")),
+        ("images", f"{summary.train_images} train, {summary.val_images} val" + (f", {summary.unlabeled_images} unlabelled" if summary.unlabeled_images else "")
+         + (f", {len(summary.skipped)} skipped" if summary.skipped else "")),
         ("best epoch", f"{summary.best_epoch} of {summary.epochs}"),
         ("top-1", f"{summary.best_top1:.2%}"),
         ("top-5", f"{summary.best_top5:.2%}"),

@@ -25,6 +25,7 @@ def apply() -> None:
     _patch_pil_textsize()
     _patch_v2_assigner_labels()
     _patch_csppan_scales()
+    _patch_checkpoint_loading()
     _APPLIED = True
 
 
@@ -195,3 +196,39 @@ def _patch_csppan_scales() -> None:
         original(*bound.args, **bound.kwargs)
 
     CSPPAN.__init__ = _mark(__init__, original)
+
+
+# --- 6. ppdet unpickles weights with paddle.load -------------------------------------------
+# Upstream fault (a safety one): ppdet.utils.checkpoint reads --pretrained, resume and export
+# weights with `paddle.load`, an unrestricted unpickle: a crafted .pdparams runs code. Its module
+# sees paddle through one global name; give it a paddle whose `load` is the array-only reader
+# (tensors back, as paddle.load returns), everything else untouched.
+class _ArrayOnlyPaddle:
+    def __init__(self, paddle_module: Any):
+        self._paddle = paddle_module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._paddle, name)
+
+    def load(self, path: str, **_ignored: Any) -> Any:
+        from shitu_cli.models.legacy import load_state
+
+        return _to_tensors(load_state(path), self._paddle)
+
+
+def _to_tensors(value: Any, paddle: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {key: _to_tensors(item, paddle) for key, item in value.items()}
+    if isinstance(value, np.ndarray):
+        return paddle.to_tensor(value)
+    return value
+
+
+def _patch_checkpoint_loading() -> None:
+    import paddle
+    from ppdet.utils import checkpoint
+
+    if not isinstance(checkpoint.paddle, _ArrayOnlyPaddle):
+        checkpoint.paddle = _ArrayOnlyPaddle(paddle)

@@ -64,6 +64,12 @@ class Checkpoints:
 
 def load_into(model, path: Path) -> None:
     """Set every weight of `model` from `path` (arrays only); a missing or misshapen weight is an error."""
+    model.set_state_dict(fitting_weights(model, path))
+
+
+def fitting_weights(model, path: Path) -> dict[str, Any]:
+    """`path`'s arrays for every weight of `model`, read without running code; BadInput naming the file
+    when one is missing or of another shape (paddle itself would only warn and skip it)."""
     from shitu_cli.models.legacy import load_weights
 
     state = load_weights(path)
@@ -76,7 +82,7 @@ def load_into(model, path: Path) -> None:
         raise BadInput(f"checkpoint does not fit this run's model: {len(missing) + len(wrong)} of {len(own)} "
                        f"weights missing or of another shape (e.g. {example})", path=path,
                        hint="it was replaced or belongs to another run; train into a new run dir")
-    model.set_state_dict({k: state[k] for k in own})
+    return {k: state[k] for k in own}
 
 
 def param_names(model) -> dict[str, str]:

@@ -438,9 +438,12 @@ def _translate_optimizer_state(model, source: Path, target: Path, to_structured:
     layers the process built before; store structured names so a resume in any process finds them."""
     import paddle
 
-    from shitu_cli.train.loop import param_names, rename_accumulators
+    from shitu_cli.models.legacy import load_state
+    from shitu_cli.train.checkpoints import param_names, rename_accumulators
 
-    state = paddle.load(str(source))
+    state = load_state(source)  # arrays only: a swapped last.pdopt never runs code
+    if not isinstance(state, dict):
+        raise BadInput("not an optimiser checkpoint", path=source, hint="restore the run's own checkpoints")
     extras = {k: state.pop(k) for k in ("last_epoch", "LR_Scheduler") if k in state}
     renamed = rename_accumulators(state, param_names(model), to_structured=to_structured)
     tmp = target.with_name(f".{target.name}.tmp")
@@ -450,6 +453,11 @@ def _translate_optimizer_state(model, source: Path, target: Path, to_structured:
 
 def _resume(trainer, checkpoints: Path) -> None:
     """Resume from last.*: translate the optimiser keys back to this process's names first."""
+    from shitu_cli.train.checkpoints import fitting_weights
+
+    for suffix in (".pdparams", ".pdema"):
+        if (checkpoints / f"last{suffix}").is_file():
+            fitting_weights(trainer.model, checkpoints / f"last{suffix}")  # refuse, not skip, what does not fit
     staging = checkpoints / ".resume"
     for suffix in (".pdparams", ".pdema"):
         if (checkpoints / f"last{suffix}").is_file():
@@ -542,7 +550,7 @@ def _train(run_dir: Path, settings: DetSettings, resume: bool, history: list, st
         state.update({k: saved.get(k) for k in state})
         _restore_best(trainer, state)
     elif settings.pretrained:
-        trainer.load_weights(str(Path(settings.pretrained).with_suffix("")))
+        _load_pretrained(trainer, Path(settings.pretrained).with_suffix(".pdparams"))
     trainer.register_callbacks([_progress_callback(trainer, on_step, history, state, run_dir)])
     if on_total is not None:
         on_total(len(trainer.loader) * (settings.epochs - trainer.start_epoch))
@@ -551,6 +559,19 @@ def _train(run_dir: Path, settings: DetSettings, resume: bool, history: list, st
     except (ValueError, RuntimeError, MemoryError) as exc:
         raise WorkFailed(f"training failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})",
                          path=run_dir / TRAIN_LOG) from exc
+
+
+def _load_pretrained(trainer, path: Path) -> None:
+    """ppdet's own name matching (backbone-only weights fit too; misshapen layers start fresh), over
+    the array-only reader; a file of which nothing fits is refused rather than silently ignored."""
+    from ppdet.utils.checkpoint import match_state_dict
+
+    from shitu_cli.models.legacy import load_weights
+
+    if not match_state_dict(trainer.model.state_dict(), load_weights(path)):
+        raise BadInput("no weight in this file fits the detector", path=path,
+                       hint="pass PicoDet / LCNet weights (.pdparams)")
+    trainer.load_weights(str(path.with_suffix("")))
 
 
 def _restore_best(trainer, state: dict[str, Any]) -> None:
@@ -586,9 +607,16 @@ def load_trained_model(run_dir: Path):
     cfg = load_ppdet_config(Path(run_dir) / PPDET_CONFIG)
     model = create(cfg.architecture)
     model.load_meanstd(cfg["TestReader"]["sample_transforms"])
+    _check_fits(model, best_weights(run_dir))
     load_weight(model, str(best_weights(run_dir)))
     model.eval()
     return model
+
+
+def _check_fits(model, weights: Path) -> None:
+    from shitu_cli.train.checkpoints import fitting_weights
+
+    fitting_weights(model, weights.with_suffix(".pdparams"))
 
 
 def export_detector(run_dir: Path, recipe_name: str) -> Path:
@@ -601,6 +629,7 @@ def export_detector(run_dir: Path, recipe_name: str) -> Path:
     ppdet_compat.apply()
     cfg = load_ppdet_config(Path(run_dir) / PPDET_CONFIG)
     trainer = Trainer(cfg, mode="test")
+    _check_fits(trainer.model, best_weights(run_dir))
     trainer.load_weights(str(best_weights(run_dir)))
     nms = trainer.model.head.nms
     final = Path(run_dir) / EXPORT_DIR

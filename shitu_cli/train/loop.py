@@ -20,7 +20,7 @@ import numpy as np
 from shitu_cli.artifacts import atomic_write_text
 from shitu_cli.errors import BadInput
 from shitu_cli.train.stop import Interrupted, StopRequest
-from shitu_cli.train.checkpoints import CHECKPOINT_DIR, Checkpoints, load_into, param_names, rename_accumulators  # noqa: F401  (re-exported)
+from shitu_cli.train.checkpoints import Checkpoints, load_into
 
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "curves.png"

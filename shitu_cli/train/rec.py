@@ -544,7 +544,7 @@ def _loop_config(settings: RecSettings):
 
 
 def _saved_settings(run_dir: Path, resume: bool) -> dict[str, Any] | None:
-    from shitu_cli.train.loop import CHECKPOINT_DIR
+    from shitu_cli.train.checkpoints import CHECKPOINT_DIR
 
     state = run_dir / CHECKPOINT_DIR / "last_state.yaml"
     if not resume:
@@ -569,7 +569,8 @@ def train_rec(dataset: Path | str, out: Path | str, recipe: str | None = None, p
     """Train a recogniser on `dataset` into the run dir `out`; see the module docstring for the outputs."""
     import time
 
-    from shitu_cli.train.loop import CHECKPOINT_DIR, Checkpoints, seed_everything
+    from shitu_cli.train.checkpoints import CHECKPOINT_DIR, Checkpoints
+    from shitu_cli.train.loop import seed_everything
 
     started = time.perf_counter()
     run_dir = Path(out)

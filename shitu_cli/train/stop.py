@@ -43,6 +43,11 @@ class StopRequest:
         self.signal_number, self.signal_name = number, signal.Signals(number).name
 
 
+def exit_code_for(signal_name: str) -> int:
+    """128 + the signal's number, the shell's convention for a process a signal ended (130 for Ctrl-C)."""
+    return 128 + int(signal.Signals[signal_name])
+
+
 class StopTraining(Exception):
     """Raised inside a third-party loop (ppdet's) to leave it at a step boundary after a stop request."""
 
