@@ -21,7 +21,7 @@ CONFIG_FILE = "config.yaml"
 @dataclass(frozen=True)
 class Setting:
     key: str
-    kind: str  # "path" (stored absolute) or "url"
+    kind: str  # "path" (stored absolute), "model" (a path, stored absolute, or a model name) or "url"
     help: str
 
     @property
@@ -33,6 +33,7 @@ SETTINGS = {
     s.key: s
     for s in (
         Setting("index", "path", "gallery index `shitu predict` uses when --index is not given"),
+        Setting("rec", "model", "rec model `shitu build-index` embeds with when --rec is not given (a dir or a model name)"),
         Setting("model_base_url", "url", "mirror serving the official model files (same paths as the official host)"),
     )
 }
@@ -102,6 +103,8 @@ def set_setting(key: str, value: str) -> SettingValue:
         value = str(path)
         if not path.exists():
             note = f"{path} does not exist yet"
+    elif setting.kind == "model" and Path(value).expanduser().exists():
+        value = str(Path(value).expanduser().absolute())
     elif setting.kind == "url" and not value.startswith(("http://", "https://")):
         raise BadInput(f"{key} must be an http(s) URL, got {value!r}", hint="e.g. https://mirror.example.com/paddle")
     data = read_config()

@@ -11,9 +11,13 @@ from shitu_cli import render
 
 
 def command(
-    gallery: Optional[Path] = typer.Argument(None, help="Folder with one subfolder per label, or a `path<TAB>label` list file."),
-    out: Path = typer.Option(..., "--out", "-o", help="The index folder to create or update."),
-    rec: Optional[str] = typer.Option(None, "--rec", help="Exported rec model dir or model name (default: the model the index was built with)."),
+    gallery: Optional[Path] = typer.Argument(None, help="Folder with one subfolder per label, or a list file "
+                                             "(`path<TAB>label`, or split-dataset's `path class_id` with labels.txt)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The index folder to create or update "
+                                       "(default: ./index, where `shitu predict` looks)."),
+    rec: Optional[str] = typer.Option(None, "--rec", help="Exported rec model dir or model name (default: the index's own "
+                                      "model; for a new index `shitu config get rec`, else the official PP-ShiTuV2-rec "
+                                      "if pulled, else the built-in demo recogniser)."),
     det: Optional[str] = typer.Option(None, "--det", help="Mainbody detector dir or name: index each image's main-object crop, not the whole image."),
     det_thresh: float = typer.Option(0.3, "--det-thresh", help="With --det: the score the main box needs; below it the whole image is used."),
     index_type: str = typer.Option("auto", "--index-type", help="auto, flat, hnsw or ivf (inner product on L2-normalised features)."),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -12,10 +12,11 @@ from shitu_cli.errors import BadInput
 
 
 def command(
-    images: Optional[str] = typer.Argument(None, help="An image, a folder (searched recursively) or a quoted glob like "
-                                           "'shots/*.jpg'. Not needed with --eval."),
-    index: Optional[Path] = typer.Option(None, "--index", help="An index folder from `shitu build-index` "
-                                         "(default: `shitu config set index`, $SHITU_INDEX, else the built-in demo gallery)."),
+    images: Optional[List[str]] = typer.Argument(None, help="Images, folders (searched recursively) or globs like "
+                                                 "shots/*.jpg (quoted or expanded by the shell). Not needed with --eval."),
+    index: Optional[Path] = typer.Option(None, "--index", help="An index folder from `shitu build-index` (default: "
+                                         "$SHITU_INDEX or `shitu config set index`, else ./index when it holds one, "
+                                         "else the built-in demo gallery)."),
     rec: Optional[str] = typer.Option(None, "--rec", help="Rec model dir or name (default: the one recorded in the index)."),
     model: Optional[str] = typer.Option(None, "--model", help="A classifier (`shitu train-cls` export or a model name): "
                                         "print its top-k classes instead of searching an index."),
@@ -38,11 +39,15 @@ def command(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
 ) -> None:
     """Recognise what is in each image: top-k labels with scores and the nearest gallery image."""
-    from shitu_cli.infer.pipeline import PipelineOptions, expand_inputs
+    from shitu_cli.infer.pipeline import PipelineOptions, expand_all
     from shitu_cli.infer.predictor import PredictorOptions
 
-    if images is None and eval_list is None:
+    if not images and eval_list is None:
         raise BadInput("nothing to predict", hint="pass an image, a folder or a glob, or --eval LIST")
+    if save_vis is not None:
+        from shitu_cli.infer.draw import check_output_folder
+
+        check_output_folder(save_vis, "--save-vis")
     predictor_options = PredictorOptions(backend=backend, threads=threads, mkldnn=mkldnn)
     if model is not None:
         _predict_classes(images, model, predictor_options, topk, save_vis, batch_size, json_output)
@@ -53,7 +58,7 @@ def command(
 
         paths, truths = map(list, zip(*read_eval_list(eval_list)))
     else:
-        paths = expand_inputs(images)
+        paths = expand_all(images)
     options = PipelineOptions(topk=topk, rec_thresh=rec_thresh, nms_thresh=nms_thresh, det_thresh=det_thresh,
                               max_boxes=max_boxes, whole_image=whole_image)
     runner, det_dir = _open_runner(index, rec, det, options, predictor_options, batch_size)
@@ -91,20 +96,36 @@ def _report(runner, results, model_dirs, json_output: bool) -> None:
 
 
 def _report_eval(runner, results, truths, json_output: bool) -> None:
+    from shitu_cli.errors import WorkFailed
     from shitu_cli.infer.evaluate import OUTCOMES, evaluate_results
 
     known = {item.label for item in runner.index.items.values()}
     evaluation = evaluate_results(results, truths, known)
+    unreadable = evaluation.unreadable
     if json_output:
         render.print_json({"index": runner.index_dir.resolve(), "queries": len(evaluation.outcomes),
                            "accuracy": round(evaluation.accuracy, 4), "counts": evaluation.counts,
+                           "nearest_label_right": round(evaluation.nearest_accuracy, 4),
+                           "label_in_topk": round(evaluation.topk_accuracy, 4),
+                           "unreadable": [{"path": o.path, "reason": o.error} for o in unreadable],
                            "outcomes": evaluation.outcomes})
-        return
-    total = max(1, len(evaluation.outcomes))
-    rows = [(name, evaluation.counts[name], f"{evaluation.counts[name] / total:.1%}") for name in OUTCOMES if evaluation.counts[name]]
-    render.show(render.table(f"{len(evaluation.outcomes)} labelled queries", ["outcome", "count", "share"], rows))
-    render.show(f"best box right: [bold]{evaluation.accuracy:.1%}[/bold] (a query whose label is not in the gallery "
-                "counts as right when it comes back 'unknown')")
+    else:
+        total = max(1, len(evaluation.outcomes))
+        rows = [(name, evaluation.counts[name], f"{evaluation.counts[name] / total:.1%}") for name in OUTCOMES if evaluation.counts[name]]
+        render.show(render.table(f"{len(evaluation.outcomes)} labelled queries", ["outcome", "count", "share"], rows))
+        render.show(f"best box right: [bold]{evaluation.accuracy:.1%}[/bold] (a query whose label is not in the gallery "
+                    "counts as right when it comes back 'unknown')")
+        if evaluation.answerable:
+            render.show(f"nearest gallery label right, --rec-thresh ignored: {evaluation.nearest_accuracy:.1%}; "
+                        f"right label among the top {runner.options.topk}: {evaluation.topk_accuracy:.1%} "
+                        f"(of {len(evaluation.answerable)} readable queries whose label is in the gallery; "
+                        "recall@k and mAP: `shitu eval QUERY_LIST --index INDEX`)")
+        render.file_problems(f"could not read {len(unreadable)} query file(s)", [(o.path, o.error) for o in unreadable])
+    if unreadable and len(unreadable) == len(evaluation.outcomes):
+        first = unreadable[0]
+        raise WorkFailed(f"none of the {len(unreadable)} queries could be read (first: {first.path}: {first.error})")
+    if unreadable:
+        render.warn(f"{len(unreadable)} of {len(evaluation.outcomes)} queries could not be read; they count as wrong")
 
 
 def _open_runner(index: Optional[Path], rec: Optional[str], det: Optional[str], options, predictor_options, batch_size: int):
@@ -133,6 +154,12 @@ def _index_or_default(index: Optional[Path], threads: int) -> tuple[Path, Option
     configured = default_index()
     if configured is not None:
         return configured, None
+    from shitu_cli.index.build import DEFAULT_INDEX_DIR
+    from shitu_cli.index.store import index_exists
+
+    if index_exists(DEFAULT_INDEX_DIR):  # where a bare `shitu build-index GALLERY` put it
+        render.info(f"no --index given and none configured: using {DEFAULT_INDEX_DIR.resolve()}")
+        return DEFAULT_INDEX_DIR, None
     from shitu_cli import demo
 
     index_dir, models, _ = demo.ensure_demo_index(threads=threads)
@@ -142,21 +169,23 @@ def _index_or_default(index: Optional[Path], threads: int) -> tuple[Path, Option
 
 def _draw(results, folder: Path) -> None:
     from shitu_cli.data.images import read_image
-    from shitu_cli.infer.draw import draw_recognitions, unique_names, write_image
+    from shitu_cli.infer.draw import draw_recognitions, font_notes, unique_names, write_image
 
     names = unique_names([Path(r.path) for r in results])
     for result, name in zip(results, names):
         if result.error is None:
             write_image(folder / name, draw_recognitions(read_image(result.path), result.recognitions))
+    for note in font_notes():
+        render.warn(note)
     render.info(f"drawn images: {folder}")
 
 
-def _predict_classes(images: str, model: str, predictor_options, topk: int, save_vis, batch_size: int, json_output: bool) -> None:
+def _predict_classes(images: list[str], model: str, predictor_options, topk: int, save_vis, batch_size: int, json_output: bool) -> None:
     from shitu_cli.infer.classifier import predict_cls
-    from shitu_cli.infer.pipeline import expand_inputs
+    from shitu_cli.infer.pipeline import expand_all
     from shitu_cli.models.registry import resolve_model_dir
 
-    paths = expand_inputs(images)
+    paths = expand_all(images)
     model_dir = resolve_model_dir(model)
     results = list(predict_cls(paths, model_dir, predictor_options, topk, save_vis, batch_size))
     failed = [r for r in results if not r.ok]

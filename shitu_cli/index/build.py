@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from shitu_cli.errors import BadInput
+from shitu_cli.errors import BadInput, writing_to
 from shitu_cli.index import backend
 from shitu_cli.index.backend import IndexChoice
 from shitu_cli.index.items import GalleryItem, Skipped, hash_entries, plan_update, read_gallery, select_for_removal
@@ -17,6 +17,7 @@ from shitu_cli.infer.predictor import PredictorOptions
 from shitu_cli.index.store import ModelRef, StoredIndex, check_writable, commit, index_exists, load_index, write_lock
 
 CORE = "shitu_cli.index.build:build_index"
+DEFAULT_INDEX_DIR = Path("index")  # in the current folder, where a bare `shitu predict` looks for it
 # An IVF quantizer trained on n vectors still partitions well up to a few times n; past
 # that the lists grow long and uneven, so the index is retrained from stored vectors.
 IVF_RETRAIN_GROWTH = 4
@@ -54,7 +55,7 @@ class IndexState:
 
 def build_index(
     gallery: Path | str | None,
-    out: Path | str,
+    out: Path | str | None = None,
     rec: Path | str | None = None,
     index_type: str = "auto",
     append: bool = False,
@@ -74,26 +75,60 @@ def build_index(
     added, deleted removed, changed re-embedded), or with `append` only adds content not
     indexed yet. `remove` (a list file of paths, or a label) drops items instead. With `det`
     (a mainbody detector), each image's main-object crop is embedded instead of the whole image.
+    Without `out`, the index is ./index; without `rec`, the index's own model, else
+    `default_rec_model()`. The report's notes say which were used.
     """
     started = time.perf_counter()
-    out = Path(out)
     _check_arguments(gallery, remove, append)
+    notes: list[str] = []
+    out = _output_dir(out, gallery, notes)
     check_writable(out)
     with write_lock(out):
         current = load_index(out) if index_exists(out) else None
         if remove is not None:
             report, result = _remove(current, out, remove)
         else:
+            rec = _rec_model(rec, current, notes)
             report, result = _update(current, Path(gallery), out, rec, index_type, append, removals_expected,
                                      batch_size, PredictorOptions(predictor_backend, threads, mkldnn), progress, det, det_thresh)
-        report.files = commit_state(out, result, gallery, removals_expected, current)
+        with writing_to(out):
+            report.files = commit_state(out, result, gallery, removals_expected, current)
         report.count, report.index = result.index.ntotal, result.choice
+    report.notes[:0] = notes
     report.seconds = time.perf_counter() - started
-    report.recipe = write_build_recipe(report, _recipe_options(gallery, out, rec, index_type, append, remove,
-                                                             removals_expected, batch_size, threads, mkldnn)
-                                | {"det": None if det is None else Path(det).resolve().as_posix(), "det_thresh": det_thresh,
-                                   "predictor_backend": predictor_backend})
+    with writing_to(out):
+        report.recipe = write_build_recipe(report, _recipe_options(gallery, out, rec, index_type, append, remove,
+                                                                 removals_expected, batch_size, threads, mkldnn)
+                                    | {"det": None if det is None else Path(det).resolve().as_posix(), "det_thresh": det_thresh,
+                                       "predictor_backend": predictor_backend})
     return report
+
+
+def _output_dir(out: Path | str | None, gallery, notes: list[str]) -> Path:
+    """`out`, else ./index; a defaulted ./index that holds another gallery's index is not silently re-synced."""
+    if out is not None:
+        return Path(out)
+    out = DEFAULT_INDEX_DIR
+    if gallery is not None and index_exists(out):
+        from shitu_cli.index.store import read_index_manifest
+
+        indexed = read_index_manifest(out).gallery
+        if indexed and indexed != Path(gallery).resolve().as_posix():
+            raise BadInput(f"./index already holds the index of another gallery ({indexed})",
+                           hint="pass -o NEW_FOLDER, or -o index to re-sync it to this gallery", path=out.resolve())
+    notes.append(f"no -o given: the index is {out.resolve()} (`shitu predict` run here finds it)")
+    return out
+
+
+def _rec_model(rec: Path | str | None, current: StoredIndex | None, notes: list[str]) -> Path | str | None:
+    """The rec model to embed with: `rec`, else the index's own (resolved later), else the default one."""
+    if rec is not None or current is not None:
+        return rec
+    from shitu_cli.models.registry import default_rec_model
+
+    chosen, why = default_rec_model()
+    notes.append(f"no --rec given: embedding with {why}: {chosen}")
+    return chosen
 
 
 def _recipe_options(gallery, out, rec, index_type, append, remove, removals_expected, batch_size, threads, mkldnn) -> dict[str, Any]:

@@ -75,6 +75,10 @@ def read_gallery(gallery: Path) -> tuple[list[tuple[Path, str]], list[Skipped]]:
     if not gallery.exists():
         raise BadInput("gallery not found", hint="pass a folder with one subfolder per label, or a path<TAB>label list", path=gallery)
     pairs, skipped = _from_list(gallery) if gallery.is_file() else _from_folders(gallery)
+    if not pairs and gallery.is_file():
+        raise BadInput(f"none of the {len(skipped)} listed images exists" if skipped else "the list names no images",
+                       hint="list paths are relative to the list's folder, or to the dataset dir of the split-dataset "
+                            "recipe.yaml beside it", path=gallery)
     if not pairs:
         raise BadInput("gallery has no images", hint="put images in one subfolder per label, e.g. gallery/cola/1.jpg", path=gallery)
     return pairs, skipped
@@ -96,14 +100,14 @@ def _from_folders(root: Path) -> tuple[list[tuple[Path, str]], list[Skipped]]:
 
 
 def _from_list(list_file: Path) -> tuple[list[tuple[Path, str]], list[Skipped]]:
-    from shitu_cli.data.lists import read_rec_list
+    """Either list dialect; paths start where split-dataset's recipe beside the list says the dataset is."""
+    from shitu_cli.data.lists import read_labelled_list
 
-    base = list_file.resolve().parent
     pairs, skipped = [], []
-    for rel, label in read_rec_list(list_file):
-        path = (base / rel).resolve()
+    for entry in read_labelled_list(list_file):
+        path = entry.path.resolve()
         if path.is_file():
-            pairs.append((path, label))
+            pairs.append((path, entry.label))
         else:
             skipped.append(Skipped(path.as_posix(), f"listed in {list_file.name} but not found"))
     return pairs, skipped

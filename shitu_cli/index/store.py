@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from shitu_cli.artifacts import FORMAT_VERSION, atomic_write_bytes, dump_yaml, read_manifest, sha256_bytes
-from shitu_cli.errors import BadInput, ManifestError
+from shitu_cli.errors import BadInput, ManifestError, write_error, writing_to
 from shitu_cli.index.backend import METRIC, IndexChoice
 from shitu_cli.index.items import GalleryItem, id_map_text, parse_id_map
 
@@ -97,18 +97,39 @@ def write_lock(index_dir: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[Non
 
     index_dir = Path(index_dir)
     created = not index_dir.exists()
-    index_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = index_dir / LOCK_FILE
+    lock_existed = lock_path.exists()
+    lock = FileLock(str(lock_path), timeout=timeout)
     try:
-        with FileLock(str(index_dir / LOCK_FILE), timeout=timeout):
-            yield
-    except Timeout:
-        raise BadInput(f"another process has been writing this index for over {timeout:.0f} s",
-                       hint="wait for the other build-index to finish", path=index_dir) from None
+        with writing_to(index_dir):
+            index_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()
+        except Timeout:  # a TimeoutError, hence an OSError: caught before the next clause
+            raise BadInput(f"another process has been writing this index for over {timeout:.0f} s",
+                           hint="wait for the other build-index to finish", path=index_dir) from None
+        except OSError as exc:
+            raise write_error(exc, index_dir) from None
     except BaseException:
-        # A first build that failed leaves no folder behind, only the error.
-        if created and all(p.name == LOCK_FILE for p in index_dir.iterdir()):
-            shutil.rmtree(index_dir, ignore_errors=True)
+        _forget_failed_first_build(index_dir, created, lock_existed)
         raise
+    try:
+        yield
+    except BaseException:
+        lock.release()
+        _forget_failed_first_build(index_dir, created, lock_existed)
+        raise
+    lock.release()
+
+
+def _forget_failed_first_build(index_dir: Path, created: bool, lock_existed: bool) -> None:
+    """A first build that failed leaves no folder (or, in a folder that was there, no lock) behind, only the error."""
+    if index_exists(index_dir) or not index_dir.is_dir():
+        return
+    if created:
+        shutil.rmtree(index_dir, ignore_errors=True)
+    elif not lock_existed:
+        (index_dir / LOCK_FILE).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -187,17 +208,21 @@ def commit(index_dir: Path, index: Any, items: Mapping[int, GalleryItem], fields
     generation = max([previous, *_generation_numbers(index_dir)]) + 1
     gen_dir = index_dir / f"gen-{generation:06d}"
     payloads = {VECTOR_FILE: backend.to_bytes(index), ID_MAP_FILE: id_map_text(items).encode("utf-8")}
-    gen_dir.mkdir(parents=True)
     files = {}
-    for name, data in payloads.items():
-        _write_synced(gen_dir / name, data)
-        files[name] = {"path": f"{gen_dir.name}/{name}", "sha256": sha256_bytes(data), "bytes": len(data)}
-        _stall_for_tests(name)
-    _fsync_dir(gen_dir)
-    manifest = IndexManifest(generation=generation, dim=index.d, count=index.ntotal, files=files, **fields)
-    manifest_fields = {"kind": INDEX_KIND, "format_version": FORMAT_VERSION, **asdict(manifest)}
-    _stall_for_tests("before-commit")
-    atomic_write_bytes(index_dir / MANIFEST, dump_yaml(manifest_fields).encode("utf-8"))  # the commit
+    try:
+        gen_dir.mkdir(parents=True)
+        for name, data in payloads.items():
+            _write_synced(gen_dir / name, data)
+            files[name] = {"path": f"{gen_dir.name}/{name}", "sha256": sha256_bytes(data), "bytes": len(data)}
+            _stall_for_tests(name)
+        _fsync_dir(gen_dir)
+        manifest = IndexManifest(generation=generation, dim=index.d, count=index.ntotal, files=files, **fields)
+        manifest_fields = {"kind": INDEX_KIND, "format_version": FORMAT_VERSION, **asdict(manifest)}
+        _stall_for_tests("before-commit")
+        atomic_write_bytes(index_dir / MANIFEST, dump_yaml(manifest_fields).encode("utf-8"))  # the commit
+    except BaseException:
+        shutil.rmtree(gen_dir, ignore_errors=True)  # never committed: a half-written generation is only clutter
+        raise
     _fsync_dir(index_dir)
     _stall_for_tests("after-commit")
     _retire_old_generations(index_dir, keep={generation, previous})

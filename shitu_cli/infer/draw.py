@@ -43,10 +43,28 @@ def draw_recognitions(rgb: np.ndarray, recognitions: Sequence[Any]) -> np.ndarra
 def write_image(path: Path, rgb: np.ndarray) -> Path:
     """Write an RGB image atomically; JPEG for .jpg/.jpeg names, PNG otherwise."""
     from shitu_cli.artifacts import atomic_write_bytes
+    from shitu_cli.errors import writing_to
 
     path = Path(path)
-    atomic_write_bytes(path, encode_image(rgb, path.suffix))
+    data = encode_image(rgb, path.suffix)
+    with writing_to(path):
+        atomic_write_bytes(path, data)
     return path
+
+
+def check_output_folder(folder: Path, option: str) -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be created or written."""
+    import os
+
+    from shitu_cli.errors import BadInput, writing_to
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BadInput(f"{option} names a file, not a folder", hint="pass a folder for the drawn images", path=folder)
+    with writing_to(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput("cannot write here: permission denied", hint="choose a writable output folder", path=folder)
 
 
 def unique_names(paths: list[Path]) -> list[str]:
@@ -88,19 +106,49 @@ def draw_labels(rgb: np.ndarray, lines: Sequence[str]) -> np.ndarray:
     return np.asarray(image)
 
 
-def label_font(text: str, size: int):
-    """The first installed TrueType font that has a glyph for every character of `text`.
+FONT_HELP = ("install a font with these glyphs, e.g. `sudo apt install fonts-noto-cjk` (Debian/Ubuntu; "
+             "fonts-wqy-microhei is smaller), `sudo dnf install google-noto-sans-cjk-fonts` (Fedora), "
+             "or copy a .ttf/.otf file into ~/.local/share/fonts")
+_missing_glyphs: dict[str, None] = {}  # characters no installed font covers, in the order met
+_warned = False
 
-    DejaVu Sans (shipped with matplotlib) covers Latin, Greek, Cyrillic and more; for other
-    scripts (CJK) any system font with the glyphs is used when one is installed.
-    """
+
+def label_font(text: str, size: int):
+    """A TrueType font of `size` px that has a glyph for every character of `text` (see `font_path_for`)."""
     from PIL import ImageFont
 
+    return ImageFont.truetype(font_path_for(text), size)
+
+
+def font_path_for(text: str) -> str:
+    """The first installed font file that has a glyph for every character of `text`.
+
+    DejaVu Sans (shipped with matplotlib) covers Latin, Greek, Cyrillic and more; for other
+    scripts (CJK) any system font with the glyphs is used. When none has them all, the one
+    that covers most is returned and the missing characters are kept for `font_notes`.
+    """
     needed = {ord(ch) for ch in text if not ch.isspace()}
-    for path in _font_candidates():
-        if needed <= _font_codepoints(path):
-            return ImageFont.truetype(path, size)
-    return ImageFont.truetype(_font_candidates()[0], size)  # best effort: missing glyphs show as boxes
+    candidates = _font_candidates()
+    best, best_missing = candidates[0], None
+    for path in candidates:
+        missing = needed - _font_codepoints(path)
+        if not missing:
+            return path
+        if best_missing is None or len(missing) < len(best_missing):
+            best, best_missing = path, missing
+    for code in sorted(best_missing or ()):
+        _missing_glyphs.setdefault(chr(code))
+    return best
+
+
+def font_notes() -> list[str]:
+    """Once per process: a warning naming the characters drawn as boxes, and how to get a font for them."""
+    global _warned
+    if _warned or not _missing_glyphs:
+        return []
+    _warned = True
+    sample = "".join(list(_missing_glyphs)[:10])
+    return [f"no installed font has glyphs for {sample!r}, so labels with them are drawn as boxes: {FONT_HELP}"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,10 +156,10 @@ def _font_candidates() -> list[str]:
     from matplotlib import font_manager
 
     dejavu = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"), fallback_to_default=True)
-    others = sorted(
-        {f.fname for f in font_manager.fontManager.ttflist if f.fname.lower().endswith((".ttf", ".otf", ".ttc"))}
-        - {dejavu}
-    )
+    # The system folders are listed afresh, not taken from matplotlib's font cache, which
+    # would not know a font installed after it was built.
+    system = font_manager.findSystemFonts(fontext="ttf") + font_manager.findSystemFonts(fontext="otf")
+    others = sorted({f for f in system if f.lower().endswith((".ttf", ".otf", ".ttc"))} - {dejavu})
     # "Last resort" fonts map every code point to a placeholder box: they would always "cover" the text.
     others = [f for f in others if "lastresort" not in Path(f).name.lower()]
     return [dejavu, *others]

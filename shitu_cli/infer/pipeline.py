@@ -256,6 +256,15 @@ def _check_options(options: PipelineOptions) -> None:
         raise BadInput(f"--max-boxes must not be negative, got {options.max_boxes}")
 
 
+def expand_all(targets: list[str]) -> list[Path]:
+    """Several IMAGE / DIR / GLOB arguments (a glob the shell expanded arrives as many paths) -> image paths,
+    in the order given, each file once."""
+    paths: dict[Path, None] = {}
+    for target in targets:
+        paths.update(dict.fromkeys(expand_inputs(target)))
+    return list(paths)
+
+
 def expand_inputs(target: str) -> list[Path]:
     """IMAGE, DIR (recursively, image files only) or GLOB -> sorted image paths."""
     import glob

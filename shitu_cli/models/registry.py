@@ -241,6 +241,33 @@ def resolve_weights(name_or_path: str | os.PathLike) -> Path:
     raise BadInput("weights file not found", path=path, hint="pass a .pdparams file or a name from `shitu models list`")
 
 
+OFFICIAL_REC = "PP-ShiTuV2-rec"
+
+
+def default_rec_model() -> tuple[Path, str]:
+    """The rec model to use when none is named, and a few words saying which it is.
+
+    `shitu config set rec ...` (or $SHITU_REC) first, then the official PP-ShiTuV2 recogniser
+    if `shitu models pull` has cached it, then the small built-in demo recogniser.
+    """
+    from shitu_cli.settings import get_setting
+
+    configured = get_setting("rec")
+    if configured.value:
+        return resolve_model_dir(configured.value), f"the configured rec model ({configured.source})"
+    entry = read_registry().get(OFFICIAL_REC)
+    if is_cached(entry):
+        return entry.location(), f"the official {OFFICIAL_REC} (cached)"
+    from shitu_cli.demo import DEMO_MODELS
+
+    built_in = DEMO_MODELS / "rec"
+    if (built_in / "shitu.yaml").is_file():
+        return built_in, (f"the built-in demo recogniser (a small model trained on the demo objects; "
+                          f"`shitu models pull {OFFICIAL_REC}` or `shitu config set rec DIR` for a real one)")
+    raise BadInput("no --rec given and no default rec model is available",
+                   hint=f"pass --rec DIR, run `shitu models pull {OFFICIAL_REC}`, or `shitu config set rec DIR`")
+
+
 def _unknown(text: str, kind: str) -> Path:
     names = [m.name for m in OFFICIAL_MODELS.values() if m.kind == kind]
     close = difflib.get_close_matches(text, names, n=1)

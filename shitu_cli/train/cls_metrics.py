@@ -95,8 +95,14 @@ def save_confusion_png(path: Path, matrix: np.ndarray, labels: Sequence[str], ti
     image = axis.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
     if n <= MAX_TICK_LABELS:
-        axis.set_xticks(range(n), labels=list(labels), rotation=90, fontsize=7)
-        axis.set_yticks(range(n), labels=list(labels), fontsize=7)
+        from matplotlib.font_manager import FontProperties
+
+        from shitu_cli.infer.draw import font_path_for
+
+        # A font that has the labels' glyphs (CJK names would otherwise be boxes); infer.draw.font_notes says when none does.
+        font = FontProperties(fname=font_path_for("".join(labels)), size=7)
+        axis.set_xticks(range(n), labels=list(labels), rotation=90, fontproperties=font)
+        axis.set_yticks(range(n), labels=list(labels), fontproperties=font)
     if n <= 20:
         for row in range(n):
             for col in range(n):
