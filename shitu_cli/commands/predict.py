@@ -96,20 +96,36 @@ def _report(runner, results, model_dirs, json_output: bool) -> None:
 
 
 def _report_eval(runner, results, truths, json_output: bool) -> None:
+    from shitu_cli.errors import WorkFailed
     from shitu_cli.infer.evaluate import OUTCOMES, evaluate_results
 
     known = {item.label for item in runner.index.items.values()}
     evaluation = evaluate_results(results, truths, known)
+    unreadable = evaluation.unreadable
     if json_output:
         render.print_json({"index": runner.index_dir.resolve(), "queries": len(evaluation.outcomes),
                            "accuracy": round(evaluation.accuracy, 4), "counts": evaluation.counts,
+                           "nearest_label_right": round(evaluation.nearest_accuracy, 4),
+                           "label_in_topk": round(evaluation.topk_accuracy, 4),
+                           "unreadable": [{"path": o.path, "reason": o.error} for o in unreadable],
                            "outcomes": evaluation.outcomes})
-        return
-    total = max(1, len(evaluation.outcomes))
-    rows = [(name, evaluation.counts[name], f"{evaluation.counts[name] / total:.1%}") for name in OUTCOMES if evaluation.counts[name]]
-    render.show(render.table(f"{len(evaluation.outcomes)} labelled queries", ["outcome", "count", "share"], rows))
-    render.show(f"best box right: [bold]{evaluation.accuracy:.1%}[/bold] (a query whose label is not in the gallery "
-                "counts as right when it comes back 'unknown')")
+    else:
+        total = max(1, len(evaluation.outcomes))
+        rows = [(name, evaluation.counts[name], f"{evaluation.counts[name] / total:.1%}") for name in OUTCOMES if evaluation.counts[name]]
+        render.show(render.table(f"{len(evaluation.outcomes)} labelled queries", ["outcome", "count", "share"], rows))
+        render.show(f"best box right: [bold]{evaluation.accuracy:.1%}[/bold] (a query whose label is not in the gallery "
+                    "counts as right when it comes back 'unknown')")
+        if evaluation.answerable:
+            render.show(f"nearest gallery label right, --rec-thresh ignored: {evaluation.nearest_accuracy:.1%}; "
+                        f"right label among the top {runner.options.topk}: {evaluation.topk_accuracy:.1%} "
+                        f"(of {len(evaluation.answerable)} readable queries whose label is in the gallery; "
+                        "recall@k and mAP: `shitu eval QUERY_LIST --index INDEX`)")
+        render.file_problems(f"could not read {len(unreadable)} query file(s)", [(o.path, o.error) for o in unreadable])
+    if unreadable and len(unreadable) == len(evaluation.outcomes):
+        first = unreadable[0]
+        raise WorkFailed(f"none of the {len(unreadable)} queries could be read (first: {first.path}: {first.error})")
+    if unreadable:
+        render.warn(f"{len(unreadable)} of {len(evaluation.outcomes)} queries could not be read; they count as wrong")
 
 
 def _open_runner(index: Optional[Path], rec: Optional[str], det: Optional[str], options, predictor_options, batch_size: int):

@@ -1,5 +1,6 @@
 """`predict --eval LIST`: how often the best box of a labelled query carries the right label, and
-how the misses split between "unknown" (a safe miss) and a wrong label (a confusion)."""
+how the misses split between "unknown" (a safe miss) and a wrong label (a confusion). Its nearest
+label, --rec-thresh ignored, is counted too; `shitu eval` (retrieval_eval.py) gives recall@k and mAP."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ class QueryOutcome:
     predicted: str | None  # label of the best-scoring recognition; None when there was none
     score: float | None
     outcome: str  # one of OUTCOMES
+    nearest: str | None = None  # the nearest gallery label, whatever its score (rec_thresh ignored)
+    in_topk: bool = False  # the true label is among the top-k labels of the best box
+    error: str | None = None  # why the query could not be read
 
 
 @dataclass
@@ -32,6 +36,27 @@ class PipelineEval:
         """Share of queries answered right: the gallery label, or "unknown" for a label not in the gallery."""
         right = self.counts.get("correct", 0) + self.counts.get("rejected", 0)
         return right / max(1, len(self.outcomes))
+
+    @property
+    def answerable(self) -> list[QueryOutcome]:
+        """Readable queries whose label the gallery holds: the ones nearest-neighbour metrics score."""
+        return [o for o in self.outcomes if o.outcome in ("correct", "wrong label", "unknown")]
+
+    @property
+    def nearest_accuracy(self) -> float:
+        """Share of answerable queries whose nearest gallery label is right, --rec-thresh ignored (recall@1 by label)."""
+        scored = self.answerable
+        return sum(o.nearest == o.truth for o in scored) / max(1, len(scored))
+
+    @property
+    def topk_accuracy(self) -> float:
+        """Share of answerable queries whose label is among the best box's top-k labels."""
+        scored = self.answerable
+        return sum(o.in_topk for o in scored) / max(1, len(scored))
+
+    @property
+    def unreadable(self) -> list[QueryOutcome]:
+        return [o for o in self.outcomes if o.outcome == "unreadable"]
 
 
 def read_eval_list(list_file: Path) -> list[tuple[Path, str]]:
@@ -76,7 +101,9 @@ def evaluate_results(results: Sequence[Any], truths: Sequence[str], known_labels
     for result, truth in zip(results, truths):
         best = max(result.recognitions, key=lambda r: r.score, default=None)
         predicted = best.label if best is not None else None
+        labels = [m.label for m in best.matches] if best is not None else []
         outcomes.append(QueryOutcome(result.path, truth, predicted, best.score if best else None,
-                                     classify_outcome(truth, predicted, known_labels, result.error)))
+                                     classify_outcome(truth, predicted, known_labels, result.error),
+                                     nearest=labels[0] if labels else None, in_topk=truth in labels, error=result.error))
     counts = Counter(o.outcome for o in outcomes)
     return PipelineEval(outcomes, {name: counts.get(name, 0) for name in OUTCOMES})
