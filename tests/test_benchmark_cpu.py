@@ -55,7 +55,7 @@ def test_json_has_every_setting_of_the_sweep(cli, bench_inputs):
 
 
 def test_table_header_and_csv_log(cli, bench_inputs):
-    result = _bench(cli, bench_inputs, "--mkldnn", "both")
+    result = _bench(cli, bench_inputs, "--mkldnn-both")
     assert result.exit_code == 0, result.stderr
     out = result.stdout
     for text in ("CPU:", "SIMD:", "paddlepaddle 3.3.1", "images: 4", "1 unreadable skipped",
@@ -119,7 +119,6 @@ def test_bad_usage_is_one_line_exit_2(cli, bench_inputs, tmp_path):
         (("--rec", tmp_path / "missing", "--images", bench_inputs["images"]), "missing"),
         (("--cls", bench_inputs["cls"], "--images", bench_inputs["images"], "--backend", "tensorrt"), "tensorrt"),
         (("--cls", bench_inputs["cls"], "--images", bench_inputs["images"], "--threads", "0"), "--threads"),
-        (("--cls", bench_inputs["cls"], "--images", bench_inputs["images"], "--mkldnn", "maybe"), "--mkldnn"),
         (("--cls", bench_inputs["cls"], "--images", tmp_path), "no readable images"),
         (("--cls", bench_inputs["cls"], "--images", bench_inputs["images"], "--int8", bench_inputs["rec"]), "expects an int8 model"),
     ]:
@@ -127,6 +126,27 @@ def test_bad_usage_is_one_line_exit_2(cli, bench_inputs, tmp_path):
         assert result.exit_code == 2, args
         assert needle in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_mkldnn_is_a_flag_like_predicts(cli, bench_inputs):
+    on = json.loads(_bench(cli, bench_inputs, "--mkldnn", "--json").stdout)["results"]
+    off = json.loads(_bench(cli, bench_inputs, "--no-mkldnn", "--json").stdout)["results"]
+
+    assert [r["setting"] for r in on] == ["paddle fp32 1t onednn"]
+    assert [r["setting"] for r in off] == ["paddle fp32 1t no-onednn"]
+
+
+def test_more_threads_than_usable_cores_is_warned_not_refused(cli, bench_inputs):
+    usable = len(os.sched_getaffinity(0))
+
+    result = _bench(cli, bench_inputs, "--threads", f"1,{usable + 1}", "--json")
+
+    assert result.exit_code == 0, result.stderr
+    notes = json.loads(result.stdout)["notes"]
+    assert len(notes) == 1 and f"--threads {usable + 1} exceeds the {usable} CPU core(s)" in notes[0]
+    assert "warning:" in result.stderr and f"exceeds the {usable} CPU core(s)" in result.stderr
+    quiet = _bench(cli, bench_inputs, "--threads", "1", "--json")
+    assert json.loads(quiet.stdout)["notes"] == [] and "exceeds" not in quiet.stderr
 
 
 def test_default_run_without_demo_models_names_what_to_pass(cli, tmp_path, monkeypatch):

@@ -93,6 +93,7 @@ class BenchReport:
     reference: str | None  # the setting whose outputs the agreement column compares with
     log_path: Path | None = None
     record_path: Path | None = None
+    notes: list[str] = field(default_factory=list)  # what a reader of the numbers should know (oversubscribed threads)
 
 
 @dataclass
@@ -452,16 +453,27 @@ def benchmark(models: dict[str, Path | None], images: Path, options: BenchOption
         if progress:
             progress(1, setting=setting.label, status=result.status.split(":")[0])
     reference = compare(results, outputs)
+    system = system_info()
     report = BenchReport(
-        system=system_info(), models=[_describe(t, dirs[t], manifests[t]) for t in dirs], images=len(paths),
+        system=system, models=[_describe(t, dirs[t], manifests[t]) for t in dirs], images=len(paths),
         image_dir=str(images), skipped_images=skipped, boxes_per_image=_boxes_histogram(outputs, results, reference),
         warmup=options.warmup, runs=options.runs,
-        results=results, reference=reference,
+        results=results, reference=reference, notes=thread_notes(options.threads, system.usable_cpus),
     )
     if record:
         report.record_path = records.update_fastest(backend_timings(report, manifests))
         report.log_path = records.append_log(log_rows(report))
     return report
+
+
+def thread_notes(threads: Sequence[int], usable_cpus: int) -> list[str]:
+    """A warning when a thread count exceeds the cores this process may use: the threads then take turns."""
+    over = [t for t in threads if t > usable_cpus]
+    if not over:
+        return []
+    counts = ", ".join(str(t) for t in over)
+    return [f"--threads {counts} exceeds the {usable_cpus} CPU core(s) this process may use: the extra threads share "
+            f"cores, so those rows measure oversubscription, not a {max(over)}-core machine"]
 
 
 def index_model(index_dir: Path, rec: Path | None) -> Path:

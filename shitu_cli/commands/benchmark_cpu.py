@@ -10,7 +10,6 @@ import typer
 from shitu_cli import render
 from shitu_cli.errors import BadInput
 
-MKLDNN_MODES = {"on": (True,), "off": (False,), "both": (True, False)}
 STATUS_WIDTH = 40  # longer reasons are printed in full under the table
 AGREEMENT_NAMES = {"det box match": "det F1", "rec cosine": "rec cos", "cls top-1": "cls top1"}
 
@@ -22,7 +21,8 @@ def command(
     index: Optional[Path] = typer.Option(None, "--index", help="Gallery index dir, to time the search stage (rec model: the index's own unless --rec)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder (or file) of real images to time (default: the demo queries)."),
     threads: str = typer.Option("1", "--threads", help="Thread counts; a comma list sweeps, e.g. 1,2,4,10."),
-    mkldnn: str = typer.Option("on", "--mkldnn", help="Paddle oneDNN kernels: on, off or both (compares the two)."),
+    mkldnn: bool = typer.Option(True, "--mkldnn/--no-mkldnn", help="Paddle oneDNN kernels on or off, as in predict and build-index."),
+    mkldnn_both: bool = typer.Option(False, "--mkldnn-both", help="Time Paddle with and without oneDNN, to compare the two."),
     backend: str = typer.Option("paddle", "--backend", help="paddle, onnxruntime, openvino, a comma list, or all."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16, int8, a comma list, or all."),
     int8: List[Path] = typer.Option([], "--int8", help="An int8 model from `shitu compress` (repeatable), used for int8 rows."),
@@ -41,12 +41,14 @@ def command(
         models, index = default_setup()
     options = BenchOptions(
         backends=_choices(backend, BACKENDS, "--backend"), threads=_thread_list(threads),
-        mkldnn=_mkldnn_modes(mkldnn), precisions=_choices(precision, PRECISIONS, "--precision"),
+        mkldnn=(True, False) if mkldnn_both else (mkldnn,), precisions=_choices(precision, PRECISIONS, "--precision"),
         batch=batch, warmup=warmup, runs=runs,
     )
     image_source = images if images is not None else default_images()
     with render.progress("benchmarking", total=len(expand_settings(options)), unit="setting", transient=True) as bar:
         report = benchmark(models, image_source, options, int8_models=int8, index=index, progress=bar)
+    for note in report.notes:
+        render.warn(note)
     if json_output:
         render.print_json(report)
         return
@@ -73,12 +75,6 @@ def _thread_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise BadInput(f"--threads {text!r} needs positive numbers", hint="e.g. --threads 1,2,4")
     return list(dict.fromkeys(values))
-
-
-def _mkldnn_modes(text: str) -> tuple[bool, ...]:
-    if text.lower() not in MKLDNN_MODES:
-        raise BadInput(f"--mkldnn {text!r} is not on, off or both")
-    return MKLDNN_MODES[text.lower()]
 
 
 def show_report(report) -> None:

@@ -68,7 +68,7 @@ class PaddlePredictor:
             elif options.precision == "int8" or manifest.precision == "int8":
                 config.enable_mkldnn_int8()
         elif options.precision == "bf16":
-            raise WorkFailed("Paddle Inference runs bf16 only through oneDNN", hint="use --mkldnn on", path=model_dir)
+            raise WorkFailed("Paddle Inference runs bf16 only through oneDNN", hint="leave --mkldnn on (drop --no-mkldnn)", path=model_dir)
         else:
             # Paddle 3.3 enables oneDNN on CPU by default: without this, "mkldnn off" still ran
             # oneDNN (and crashed PicoDet, whose placement pass was then left in).
