@@ -91,7 +91,10 @@ def test_export_reproduces_the_trained_model_through_paddle_inference(trained):
     assert summary["export_max_abs_diff"] < 1e-4
     classifier = Classifier(run_dir / "export")
     root = Path(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))["options"]["dataset"])
-    paths = [root / line.rsplit(" ", 1)[0] for line in (run_dir / "split" / "val_list.txt").read_text(encoding="utf-8").splitlines()]
+    from shitu_cli.data.lists import read_labelled_list
+
+    paths = [entry.path for entry in read_labelled_list(run_dir / "split" / "val_list.txt")]
+    assert all(p.is_relative_to(root) for p in paths)
     rgbs = [read_image(p) for p in paths]
     model = build_arch({"name": "PPLCNet_x0_25", "class_num": 4})
     model.set_state_dict(paddle.load(str(run_dir / "checkpoints" / "best.pdparams")))
@@ -134,7 +137,7 @@ def test_label_file_that_does_not_match_the_lists_exits_2_naming_it(shapes, tmp_
     (ds / "labels.txt").write_text("only one\nand two\n", encoding="utf-8")
     result = cli("train-cls", ds, "-o", tmp_path / "run", *TINY)
     assert result.exit_code == 2
-    assert "labels.txt" in result.stderr and "label id" in result.stderr
+    assert "labels.txt" in result.stderr and "class id" in result.stderr
     assert not (tmp_path / "run" / "export").exists()
 
 

@@ -90,6 +90,14 @@ def read_lists(lists_dir: Path, check_images: bool = True) -> ClsData:
 def _label_id(entry, ids: dict[str, int], number: int, list_file: Path) -> int:
     if entry.label_id is not None:
         return entry.label_id
+    if entry.label not in ids and entry.label.isdigit():
+        # A TAB-separated `path<TAB>class_id` list (split-dataset writes them when paths hold spaces)
+        # that travelled without the recipe saying so: a number labels.txt does not name is an id.
+        label_id = int(entry.label)
+        if label_id >= len(ids):
+            raise BadInput(f"line {number} uses class id {label_id} but labels.txt names {len(ids)} classes",
+                           hint="labels.txt must name one class per id, in id order", path=list_file)
+        return label_id
     if entry.label not in ids:
         raise BadInput(f"line {number} has label {entry.label!r}, which labels.txt does not name",
                        hint="make the lists and labels.txt come from the same split", path=list_file)
