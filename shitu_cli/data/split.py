@@ -573,13 +573,45 @@ _BUILDERS = {"imagenet": _build_imagenet, "rec": _build_rec, "voc": _build_voc, 
 
 
 def _write_all(out_dir: Path, files: dict[str, bytes]) -> list[Path]:
-    from shitu_cli.artifacts import atomic_write_bytes
+    """Write every file or none: all are staged as temp files first (where a full disk or a
+    read-only folder shows), then renamed into place, which needs no space."""
+    import os
 
-    written = []
-    for name, data in files.items():
-        atomic_write_bytes(out_dir / name, data)
-        written.append(out_dir / name)
-    return written
+    from shitu_cli.errors import writing_to
+
+    staged: list[tuple[Path, Path]] = []
+    try:
+        with writing_to(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                staged.append((_stage(out_dir / name, data), out_dir / name))
+            for temp, final in staged:
+                os.replace(temp, final)
+    finally:
+        for temp, _ in staged:
+            temp.unlink(missing_ok=True)  # gone already once renamed
+    return [final for _, final in staged]
+
+
+def _stage(path: Path, data: bytes) -> Path:
+    """`data` in a synced temp file beside `path`, with the permissions a new file would get."""
+    import os
+    import tempfile
+
+    from shitu_cli.artifacts import current_umask
+
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp = Path(name)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return temp
 
 
 def _write_recipe(result: SplitResult, inputs: dict[str, object]) -> Path:
@@ -593,9 +625,12 @@ def _write_recipe(result: SplitResult, inputs: dict[str, object]) -> Path:
         "seed": result.seed,
         "format": result.format,
     }
+    from shitu_cli.errors import writing_to
+
     recipe = Recipe(command="split-dataset", core=CORE, options=options, seed=result.seed,
                     inputs=inputs, metrics={"counts": dict(result.counts), **_plain(result.extra)})
-    return write_recipe(result.out_dir, recipe, result.files)
+    with writing_to(result.out_dir):
+        return write_recipe(result.out_dir, recipe, result.files)
 
 
 def _plain(value):
