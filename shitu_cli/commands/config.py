@@ -6,7 +6,8 @@ import typer
 
 from shitu_cli import render
 
-app = typer.Typer(help="User settings (e.g. the default index for `shitu predict`); SHITU_<KEY> env vars override them.",
+app = typer.Typer(help="User settings (the default index for `shitu predict`, the default rec model for `shitu build-index`, "
+                       "a model mirror); SHITU_<KEY> env vars override them.",
                   no_args_is_help=True)
 
 
