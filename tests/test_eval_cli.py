@@ -168,3 +168,17 @@ def test_predict_eval_reports_the_nearest_label_below_the_threshold(cli, setup, 
     assert strict["nearest_label_right"] == pytest.approx(by_eval["metrics"]["recall1"], abs=1e-4)
     text = cli("predict", "--index", setup["index"], "--eval", listed, "--rec-thresh", "0.999999")
     assert "nearest gallery label right, --rec-thresh ignored" in text.stdout and "shitu eval" in text.stdout
+
+
+def test_split_dataset_rec_lists_written_elsewhere_are_read(cli, setup, tmp_path):
+    dataset = tmp_path / "data"
+    make_class_tree(dataset, n_classes=5, per_class=4, size=64, seed=4)
+    split = cli("split-dataset", dataset, "--format", "rec", "--val", "0.4", "--test", "0.5", "--out", tmp_path / "lists")
+    assert split.exit_code == 0, split.stderr
+    lists = tmp_path / "lists"
+    doc = _eval(cli, lists / "query_list.txt", "--gallery", lists / "gallery_list.txt", "--rec", setup["rec"])
+    queries = len((lists / "query_list.txt").read_text(encoding="utf-8").splitlines())
+    assert doc["skipped"] == [] and doc["queries"] == queries > 0
+    predicted = cli("predict", "--index", setup["index"], "--eval", lists / "query_list.txt", "--json")
+    assert predicted.exit_code == 0, predicted.stderr
+    assert json.loads(predicted.stdout)["counts"]["unreadable"] == 0

@@ -60,29 +60,18 @@ class PipelineEval:
 
 
 def read_eval_list(list_file: Path) -> list[tuple[Path, str]]:
-    """`path<TAB>label` lines (split-dataset's rec lists). Relative paths are taken from the dataset
-    dir that a recipe.yaml beside the list names, else from the list's own folder."""
-    from shitu_cli.data.lists import read_rec_list
+    """(path, label) of every entry of a labelled list, in either dialect (`path<TAB>label`, or
+    PaddleClas's `path class_id` with labels.txt); paths start where data.lists says (the list's
+    folder, or the dataset dir of split-dataset's recipe beside it). Missing files are kept."""
+    from shitu_cli.data.lists import read_labelled_list
 
     list_file = Path(list_file)
     if not list_file.is_file():
         raise BadInput("eval list not found", path=list_file, hint="pass a `path<TAB>label` list such as query_list.txt")
-    rows = read_rec_list(list_file)
+    rows = [(Path(entry.path), entry.label) for entry in read_labelled_list(list_file)]
     if not rows:
         raise BadInput("eval list has no entries", path=list_file)
-    root = _list_root(list_file)
-    return [(root / rel, label) for rel, label in rows]
-
-
-def _list_root(list_file: Path) -> Path:
-    recipe = list_file.parent / "recipe.yaml"
-    if recipe.is_file():
-        from shitu_cli.recipes import read_recipe
-
-        dataset = read_recipe(recipe).options.get("dataset_dir")
-        if dataset and Path(dataset).is_dir():
-            return Path(dataset)
-    return list_file.parent
+    return rows
 
 
 def classify_outcome(truth: str, predicted: str | None, known_labels: set[str], error: str | None = None) -> str:

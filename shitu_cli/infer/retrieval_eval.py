@@ -155,10 +155,10 @@ def read_labelled(source: Path, side: str) -> tuple[list[tuple[Path, str]], list
 
         pairs, skipped = [], []
         for path, label in read_eval_list(source):
-            if path.is_file():
-                pairs.append((path.resolve(), label))
+            if Path(path).is_file():
+                pairs.append((Path(path).resolve(), label))
             else:
-                skipped.append(Skipped(path.as_posix(), f"listed in {source.name} but not found", side))
+                skipped.append(Skipped(Path(path).as_posix(), f"listed in {source.name} but not found", side))
         return pairs, skipped
     if not source.exists():
         raise BadInput(f"{side} not found", hint="pass a folder with one subfolder per label, or a path<TAB>label list", path=source)
