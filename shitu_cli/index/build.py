@@ -142,7 +142,7 @@ def _check_arguments(gallery, remove, append) -> None:
     if remove is not None and gallery is not None:
         raise BadInput("pass either GALLERY (to build or update) or --remove, not both")
     if remove is None and gallery is None:
-        raise BadInput("no GALLERY given", hint="shitu build-index GALLERY -o INDEX_DIR --rec MODEL_DIR")
+        raise BadInput("no GALLERY given", hint="shitu build-index GALLERY [-o INDEX_DIR] [--rec MODEL_DIR]")
     if remove is not None and append:
         raise BadInput("--append and --remove cannot be combined")
 
