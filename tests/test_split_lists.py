@@ -85,3 +85,15 @@ def test_labelled_list_refuses_an_id_that_labels_txt_does_not_name(tmp_path):
     (tmp_path / "labels.txt").write_text("cola\n", encoding="utf-8")
     with pytest.raises(BadInput, match="class id 3"):
         read_labelled_list(write(tmp_path, "cola/1.jpg 3\n"))
+
+
+def test_a_tab_list_of_class_ids_without_its_recipe_is_still_read_as_ids(tmp_path):
+    from shitu_cli.data.lists import read_labelled_list
+
+    (tmp_path / "labels.txt").write_text("coffee cup\ncola\n", encoding="utf-8")
+    [entry] = read_labelled_list(write(tmp_path, "coffee cup/1.jpg\t0\n"))
+
+    assert (entry.label, entry.label_id) == ("coffee cup", 0)
+    (tmp_path / "labels.txt").write_text("0\n7\n", encoding="utf-8")  # classes named by numbers stay names
+    [named] = read_labelled_list(write(tmp_path, "7/1.jpg\t7\n"))
+    assert (named.label, named.label_id) == ("7", None)

@@ -188,6 +188,11 @@ def _predict_classes(images: list[str], model: str, predictor_options, topk: int
     paths = expand_all(images)
     model_dir = resolve_model_dir(model)
     results = list(predict_cls(paths, model_dir, predictor_options, topk, save_vis, batch_size))
+    if save_vis is not None:
+        from shitu_cli.infer.draw import font_notes
+
+        for note in font_notes():
+            render.warn(note)
     failed = [r for r in results if not r.ok]
     if json_output:
         render.print_json({"model": model_dir.resolve(), "images": results, "count": len(results), "failed": len(failed)})

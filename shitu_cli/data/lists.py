@@ -108,13 +108,16 @@ def read_labelled_list(list_file: Path | str) -> list[ListedImage]:
     """Every entry of a labelled list, in either dialect (see the module docstring).
 
     A line with a TAB splits at its first TAB, any other at its last space. The label field
-    is a class id when split-dataset's recipe beside the list says the lists are imagenet,
-    or (with no such recipe) when a space-separated line ends in an integer; ids are named
-    through labels.txt beside the list. Paths are taken from `list_image_root`. Files that
-    do not exist are returned too: the caller decides to skip or refuse them.
+    is a class id when split-dataset's recipe beside the list says the lists are imagenet;
+    with no such recipe, when a space-separated line ends in an integer, or a TAB-separated
+    one in an integer that labels.txt does not name as a class. Ids are named through
+    labels.txt beside the list. Paths are taken from `list_image_root`. Files that do not
+    exist are returned too: the caller decides to skip or refuse them.
     """
     list_file = Path(list_file)
     recipe = _split_recipe(list_file.parent)
+    labels_file = list_file.parent / LABELS_FILE
+    class_names = set(read_labels(labels_file)) if recipe is None and labels_file.is_file() else set()
     rows = []
     for number, line in _lines(list_file):
         tabbed = TAB in line
@@ -124,8 +127,8 @@ def read_labelled_list(list_file: Path | str) -> list[ListedImage]:
         rel, label = _posix(fields[0].strip()), fields[1].strip()
         if recipe is not None:
             is_id = recipe.get("format") == "imagenet"
-        else:
-            is_id = not tabbed and _is_int(label)
+        else:  # a TAB list of ids travelled without its recipe when labels.txt names no class like its label
+            is_id = _is_int(label) and (not tabbed or (bool(class_names) and label not in class_names))
         if is_id and not _is_int(label):
             raise BadInput(f"line {number} should end in a class id: {line!r}", path=list_file)
         rows.append((number, rel, label, int(label) if is_id else None))
