@@ -288,9 +288,10 @@ def _absolute(text: str, root: Path) -> str:
         (lambda d: (d / "query_list.txt").write_text((d / "gallery_list.txt").read_text(encoding="utf-8"), encoding="utf-8"),
          "both query_list.txt and gallery_list.txt"),
         (lambda d: (d / "query_list.txt").write_text("", encoding="utf-8"), "evaluation needs both"),
-        (lambda d: _append(d / "train_list.txt", f"missing.jpg\t{_first_label(d)}\n"), "names missing.jpg, which is not a file"),
+        (lambda d: (d / "train_list.txt").write_text(f"missing.jpg\t{_first_label(d)}\n", encoding="utf-8"),
+         "none of the images in train_list.txt can be read (e.g. missing.jpg: file not found)"),
     ],
-    ids=["empty-train", "labels-mismatch", "query-is-gallery", "no-query", "missing-image"],
+    ids=["empty-train", "labels-mismatch", "query-is-gallery", "no-query", "no-readable-image"],
 )
 def test_bad_lists_are_refused_with_one_line(cli, lists, tmp_path, edit, message):
     bad = _copy_lists(lists, tmp_path / "bad")
@@ -301,6 +302,46 @@ def test_bad_lists_are_refused_with_one_line(cli, lists, tmp_path, edit, message
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "export").exists()
+
+
+def test_unreadable_listed_images_are_skipped_and_named(cli, lists, tmp_path):
+    data = _copy_lists(lists, tmp_path / "lists")
+    _append(data / "train_list.txt", f"missing.jpg\t{_first_label(data)}\n")
+    (data / "truncated.jpg").write_bytes((lists / (data / "train_list.txt").read_text(encoding="utf-8").split("\t")[0]).read_bytes()[:150])
+    _append(data / "train_list.txt", f"{data / 'truncated.jpg'}\t{_first_label(data)}\n")
+    result = cli("train-rec", data, "-o", tmp_path / "run", *TINY[:2], "--epochs", "1", "--num-workers", "0", "--json")
+    assert result.exit_code == 0, result.stderr
+    skipped = {s["path"]: s["reason"] for s in json.loads(result.stdout)["skipped"]}
+    assert skipped.keys() == {"missing.jpg", "truncated.jpg"}  # as paths under the dataset folder
+    assert skipped["missing.jpg"] == "file not found"
+
+
+def test_relative_out_from_another_cwd_trains_and_records_the_split(cli, tmp_path, monkeypatch):
+    """`train-rec -o runs/x` (relative) used to train, then fail in recipes.py: 'is not in the subpath'."""
+    root = tmp_path / "products"
+    make_class_tree(root, n_classes=6, per_class=6, size=48, seed=2)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = cli("train-rec", root, "-o", "runs/x", "--recipe", "tiny", "--epochs", "1", "--input-size", "48",
+                 "--num-workers", "0", "--json")
+    assert result.exit_code == 0, result.stderr
+    recipe = read_yaml(work / "runs" / "x" / "recipe.yaml")
+    assert "split/train_list.txt" in recipe["outputs"] and "export/inference.pdiparams" in recipe["outputs"]
+
+
+def test_resume_takes_more_epochs_and_needs_no_dataset(cli, trained, tmp_path):
+    import shutil
+
+    straight_run, _ = trained
+    run = tmp_path / "more"
+    shutil.copytree(straight_run, run)
+    result = cli("train-rec", "-o", run, "--resume", "--epochs", "5", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["resumed_from_epoch"] == 4 and summary["epochs_done"] == 5 and summary["epochs"] == 5
+    rows = (run / "metrics.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[:5] == (straight_run / "metrics.csv").read_text(encoding="utf-8").splitlines() and rows[5].startswith("5,")
 
 
 def test_bad_backbone_suggests_the_closest(cli, lists, tmp_path):

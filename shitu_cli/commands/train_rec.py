@@ -12,8 +12,8 @@ from shitu_cli import render
 
 
 def command(
-    dataset: Path = typer.Argument(..., help="split-dataset rec lists (train/gallery/query_list.txt), or a folder of class folders to split here."),
-    out: Path = typer.Option(..., "--out", "-o", help="The run folder: checkpoints, metrics, export/ and recipe.yaml go here."),
+    dataset: Optional[Path] = typer.Argument(None, help="split-dataset rec lists (train/gallery/query_list.txt), or a folder of class folders to split here. Not needed with --resume."),
+    out: Path = typer.Option(..., "--out", "-o", help="The run folder: checkpoints, metrics, export/ and recipe.yaml go here. A folder holding an earlier run is refused (use --resume, or a new folder)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Base settings: pp-shituv2 (default), tiny, or a .yml path."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="PPLCNetV2_base_ShiTu or PPLCNet_x0_25 ... PPLCNet_x2_5."),
     embedding_size: Optional[int] = typer.Option(None, "--embedding-size", help="Embedding dimension (the backbone's last conv and the BNNeck)."),
@@ -27,11 +27,15 @@ def command(
     holdout: Optional[float] = typer.Option(None, "--holdout", help="Class folders only: fraction of classes held out for gallery/query (0.2)."),
     query_fraction: Optional[float] = typer.Option(None, "--query-fraction", help="Class folders only: share of each held-out class used as queries (0.3)."),
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Local .pdparams to start from (ImageNet/SSLD backbone or a RecModel checkpoint)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in RUN_DIR from its last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch, with its own settings; only --epochs (more or fewer) and --num-workers may change."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON summary instead of tables."),
 ) -> None:
-    """Train a PP-ShiTuV2 recogniser (CE + triplet, PK batches, EMA) and export it to RUN_DIR/export."""
+    """Train a PP-ShiTuV2 recogniser (CE + triplet, PK batches, EMA) and export it to RUN_DIR/export.
+
+    Ctrl-C (or SIGTERM) stops after the current step, keeps the last epoch's checkpoint and exports the best epoch so far.
+    """
     from shitu_cli.train.rec import train_rec
+    from shitu_cli.train.stop import exit_code_for
 
     overrides = {"backbone": backbone, "embedding_size": embedding_size, "input_size": input_size, "epochs": epochs,
                  "batch_size": batch_size, "lr": lr, "seed": seed, "num_workers": num_workers, "eval_every": eval_every,
@@ -44,9 +48,14 @@ def command(
         render.warn(note)
     if json_output:
         render.print_json(summary(result))
-        return
-    render.show(_table(result))
-    render.show(f"exported {result.embedding_size}-d embeddings to {result.export_dir}; recipe {result.recipe}")
+    else:
+        render.file_problems("skipped images (left out of training)", [(s.path, s.reason) for s in result.skipped])
+        render.show(_table(result))
+        render.show(f"exported {result.embedding_size}-d embeddings to {result.export_dir}; recipe {result.recipe}")
+    if result.stopped_by:
+        render.warn(f"stopped by {result.stopped_by} after {result.epochs_done} of {result.epochs} epochs; exported the "
+                    f"best epoch so far ({result.best_epoch}); continue with `shitu train-rec -o {result.run_dir} --resume`")
+        raise typer.Exit(exit_code_for(result.stopped_by))
 
 
 class _TrainingProgress:
@@ -82,7 +91,8 @@ def summary(result) -> dict:
         "initial": result.initial, "export_max_abs_diff": result.export_max_abs_diff,
         "export_normalised_diff": result.export_normalised_diff,
         "pretrained": result.pretrained, "resumed_from_epoch": result.resumed_from_epoch,
-        "seconds": result.seconds, "warnings": result.warnings,
+        "seconds": result.seconds, "warnings": result.warnings, "skipped": result.skipped,
+        "epochs_done": result.epochs_done, "stopped_by": result.stopped_by,
     }
 
 

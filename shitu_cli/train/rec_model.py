@@ -1,0 +1,101 @@
+"""The train-rec network: ppcls's RecModel (backbone -> BNNeck -> FC), pretrained weights read as arrays
+only, the embedding wrapper that is exported, and re-parameterisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shitu_cli.artifacts import sha256_file
+from shitu_cli.errors import BadInput
+from shitu_cli.train.rec_settings import RecSettings
+
+
+def rec_arch(settings: RecSettings, class_num: int) -> dict[str, Any]:
+    """ppcls's RecModel config: backbone (last conv = embedding size) -> flatten -> BNNeck -> FC."""
+    size = settings.embedding_size
+    return {
+        "name": "RecModel",
+        "Backbone": {"name": settings.backbone, "pretrained": False, "class_expand": size},
+        "BackboneStopLayer": {"name": "flatten"},
+        # PP-ShiTuV2 freezes the BNNeck bias at zero (a vanishing learning rate).
+        "Neck": {"name": "BNNeck", "num_features": size,
+                 "bias_attr": {"initializer": {"name": "Constant", "value": 0.0}, "learning_rate": 1e-20}},
+        "Head": {"name": "FC", "embedding_size": size, "class_num": class_num,
+                 "weight_attr": {"initializer": {"name": "Normal", "std": 0.001}}, "bias_attr": False},
+    }
+
+
+def build_rec_model(settings: RecSettings, class_num: int):
+    from shitu_cli.models.ppcls import build_arch
+
+    return build_arch(rec_arch(settings, class_num))
+
+
+def _size_dependent(key: str) -> bool:
+    # Layers whose shapes follow the embedding size or class count: re-initialised, not errors.
+    return key.startswith(("head.", "neck.", "backbone.last_conv.", "backbone.fc."))
+
+
+def load_pretrained(model, path: Path | str, backbone: str) -> dict[str, Any]:
+    """Load a local .pdparams: a whole RecModel checkpoint or backbone-only (ImageNet/SSLD) weights."""
+    from shitu_cli.models.legacy import load_weights
+    from shitu_cli.models.registry import resolve_weights
+
+    path = resolve_weights(path)  # a .pdparams path, or a name such as PPLCNet_x1_0-pretrained
+    state = load_weights(path)  # arrays only: a downloaded pickle never runs code
+    if not isinstance(state, dict) or not state:
+        raise BadInput("holds no named weights", hint="pass a .pdparams file saved from a state_dict", path=path)
+    if not any(str(k).startswith("backbone.") for k in state):
+        state = {f"backbone.{k}": v for k, v in state.items()}  # backbone-only ImageNet weights
+    target = model.state_dict()
+    loaded, reinitialised, missing, mismatched = {}, [], [], []
+    for key, param in target.items():
+        if key not in state:
+            (reinitialised if _size_dependent(key) else missing).append(key)
+            continue
+        have, want = list(state[key].shape), list(param.shape)
+        if have == want:
+            loaded[key] = state[key]
+        elif _size_dependent(key):
+            reinitialised.append(key)
+        else:
+            mismatched.append(f"{key} {have} != {want}")
+    if missing or mismatched:
+        problems = [f"shape {m}" for m in mismatched] + [f"missing {k}" for k in missing]
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise BadInput(f"weights do not fit backbone {backbone}: {shown}",
+                       hint=f"pass weights of {backbone} (or choose the --backbone they were trained for)", path=path)
+    model.set_state_dict({**target, **loaded})
+    return {"path": path.resolve().as_posix(), "sha256": sha256_file(path), "loaded": len(loaded),
+            "reinitialised": len(reinitialised)}
+
+
+def embedding_layer(model):
+    """The export wrapper: RecModel without its FC head, image -> BNNeck features, not L2-normalised
+    (the index normalises). Shares the model's sublayers, so it sees its weights."""
+    import paddle
+
+    class RecEmbedding(paddle.nn.Layer):
+        def __init__(self, rec_model):
+            super().__init__()
+            self.backbone = rec_model.backbone
+            self.neck = rec_model.neck
+
+        def forward(self, x):
+            return self.neck(self.backbone(x))
+
+    return RecEmbedding(model)
+
+
+def re_parameterize(layer) -> int:
+    """Fold PPLCNetV2's multi-branch depthwise convs into one conv (as before export). Returns how many."""
+    import paddle
+
+    count = 0
+    with paddle.no_grad():
+        for sub in layer.sublayers():
+            if hasattr(sub, "re_parameterize") and getattr(sub, "use_rep", False):
+                sub.re_parameterize()
+                count += 1
+    return count
