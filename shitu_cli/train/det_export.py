@@ -1,0 +1,111 @@
+"""train-det export: the best checkpoint (checked to fit, read as arrays only) through ppdet's exporter
+with NMS, atomically, plus shitu.yaml and the network's own config sections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shitu_cli.artifacts import atomic_write_text, dump_yaml, read_yaml, sha256_file
+from shitu_cli.errors import BadInput
+from shitu_cli.train.det_config import CHECKPOINTS, PPDET_CONFIG, load_ppdet_config
+
+EXPORT_DIR = "export"
+MODEL_SECTIONS = "ppdet_model.yml"  # beside an export: what rebuilds its network without the run dir
+
+
+# ---------------------------------------------------------------- export
+
+
+def best_weights(run_dir: Path) -> Path:
+    checkpoints = Path(run_dir) / CHECKPOINTS
+    for name in ("best_model", "last"):
+        if (checkpoints / f"{name}.pdparams").is_file():
+            return checkpoints / name
+    raise BadInput("no trained weights in this run dir", path=checkpoints)
+
+
+def load_trained_model(run_dir: Path):
+    """The dygraph PicoDet of a run, in eval mode, with its best weights (what export traces)."""
+    import paddle
+    from ppdet.core.workspace import create
+    from ppdet.utils.checkpoint import load_weight
+
+    from shitu_cli.models import ppdet_compat
+
+    ppdet_compat.apply()
+    paddle.set_device("cpu")
+    cfg = load_ppdet_config(Path(run_dir) / PPDET_CONFIG)
+    model = create(cfg.architecture)
+    model.load_meanstd(cfg["TestReader"]["sample_transforms"])
+    _check_fits(model, best_weights(run_dir))
+    load_weight(model, str(best_weights(run_dir)))
+    model.eval()
+    return model
+
+
+def _check_fits(model, weights: Path) -> None:
+    from shitu_cli.train.checkpoints import fitting_weights
+
+    fitting_weights(model, weights.with_suffix(".pdparams"))
+
+
+def export_detector(run_dir: Path, recipe_name: str) -> Path:
+    """Export the best weights with NMS via ppdet's own exporter, atomically, plus shitu.yaml."""
+    from ppdet.engine import Trainer
+
+    from shitu_cli.models import ppdet_compat
+    from shitu_cli.models.export import atomic_dir, fresh_name_scopes
+
+    ppdet_compat.apply()
+    cfg = load_ppdet_config(Path(run_dir) / PPDET_CONFIG)
+    trainer = Trainer(cfg, mode="test")
+    _check_fits(trainer.model, best_weights(run_dir))
+    trainer.load_weights(str(best_weights(run_dir)))
+    nms = trainer.model.head.nms
+    final = Path(run_dir) / EXPORT_DIR
+    with atomic_dir(final) as staging:
+        with ppdet_compat.full_graph_export(), ppdet_compat.onnx_convertible_upsampling(trainer.model), fresh_name_scopes():
+            trainer.export(str(staging))
+        produced = staging / CHECKPOINTS
+        for path in produced.iterdir():
+            path.replace(staging / path.name)
+        produced.rmdir()
+        write_model_sections(read_yaml(Path(run_dir) / PPDET_CONFIG), staging / MODEL_SECTIONS)
+        _write_manifest(staging, cfg, recipe_name, nms)
+    return final
+
+
+def write_model_sections(config: dict[str, Any], path: Path) -> None:
+    """The network's part of a ppdet config (architecture, its components, num_classes): enough for
+    `shitu compress` to rebuild an export's PicoDet and read its weights back, with no run dir."""
+    architecture = config["architecture"]
+    components = [name for name in (config.get(architecture) or {}).values() if isinstance(name, str) and name in config]
+    sections = {key: config[key] for key in ("architecture", "num_classes", architecture, *components) if key in config}
+    atomic_write_text(path, "# the network of this export, in ppdet's config format (written by shitu train-det)\n"
+                      + dump_yaml(sections))
+
+
+def _write_manifest(export_dir: Path, cfg, recipe_name: str, nms) -> None:
+    from shitu_cli.models.manifest import ModelManifest, Preprocess, write_model_manifest
+    infer_cfg = read_yaml(export_dir / "infer_cfg.yml")
+    steps = {step["type"]: step for step in infer_cfg["Preprocess"]}
+    height, width = steps["Resize"]["target_size"]
+    norm = steps["NormalizeImage"]
+    manifest = ModelManifest(
+        task="det", arch=f"PicoDet-LCNet_x{cfg['LCNet']['scale']}", input_size=(int(height), int(width)),
+        model_file="model.json", params_file="model.pdiparams",
+        preprocess=Preprocess(resize="direct", mean=tuple(norm["mean"]), std=tuple(norm["std"]),
+                              interpolation=_INTERP_NAMES.get(int(steps["Resize"].get("interp", 1)), "linear")),
+        labels=[str(label) for label in infer_cfg["label_list"]],
+        input_names=["image", "scale_factor"],
+        recipe_hash=sha256_file(Path(cfg["save_dir"]) / PPDET_CONFIG),  # the resolved config it was trained from
+        extra={"recipe": recipe_name, "infer_cfg": "infer_cfg.yml", "is_scale": bool(norm.get("is_scale", True)),
+               "nms": {"score_threshold": float(nms.score_threshold), "nms_threshold": float(nms.nms_threshold),
+                       "keep_top_k": int(nms.keep_top_k)},
+               "outputs": "boxes [N,6] = class, score, x1, y1, x2, y2 in original pixels; count [batch]"},
+    )
+    write_model_manifest(export_dir, manifest)
+
+
+_INTERP_NAMES = {0: "nearest", 1: "linear", 2: "cubic", 3: "area", 4: "lanczos"}
