@@ -147,7 +147,7 @@ def list_image_root(list_file: Path | str, rels: list[str] | None = None) -> Pat
     """
     list_file = Path(list_file).absolute()
     recipe = _split_recipe(list_file.parent)
-    recorded = Path(recipe["dataset_dir"]) if recipe and recipe.get("dataset_dir") else None
+    recorded = Path(recipe["dataset_dir"]) if recipe and isinstance(recipe.get("dataset_dir"), str) else None
     candidates = [c for c in (recorded, list_file.parent) if c is not None and c.is_dir()]
     first = next(iter(rels or []), None)
     for candidate in candidates:
