@@ -79,3 +79,12 @@ def test_lists_from_split_dataset_out_build_an_index_with_label_names(cli, tmp_p
 
     labels = {item.label for item in load_index(tmp_path / "idx").items.values()}
     assert labels <= set(names) and labels  # class names (with spaces), not ids
+
+
+def test_a_file_called_index_here_is_named_not_overwritten(cli, project):
+    (project / "index").write_text("my notes", encoding="utf-8")
+
+    result = cli("build-index", "gallery")
+
+    assert result.exit_code == 2 and "./index, where the index would go, is a file" in result.stderr
+    assert (project / "index").read_text(encoding="utf-8") == "my notes"

@@ -109,6 +109,9 @@ def _output_dir(out: Path | str | None, gallery, notes: list[str]) -> Path:
     if out is not None:
         return Path(out)
     out = DEFAULT_INDEX_DIR
+    if out.exists() and not out.is_dir():
+        raise BadInput("no -o given, and ./index, where the index would go, is a file", hint="pass -o INDEX_DIR",
+                       path=out.resolve())
     if gallery is not None and index_exists(out):
         from shitu_cli.index.store import read_index_manifest
 
