@@ -138,6 +138,60 @@ def test_resume_continues_from_the_last_epoch(trained, scenes, tmp_path):
     assert rows[0] == (run / "metrics.csv").read_text(encoding="utf-8").splitlines()[1]
 
 
+def test_resume_keeps_the_runs_recipe_and_merged_classes(trained, scenes, tmp_path):
+    """`--resume --recipe tiny` on a --merge-classes run once re-exported a detector of every category."""
+    run, _ = trained
+    root, _ = scenes
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    result = _invoke("train-det", "-o", resumed, "--resume", "--recipe", "tiny", "--epochs", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["labels"] == ["foreground"]
+    assert read_yaml(resumed / "export" / "shitu.yaml")["labels"] == ["foreground"]
+
+    for args, name in ((("--keep-classes",), "merge_classes"), (("--recipe", "small"), "recipe"),
+                       (("--lr", "0.5"), "lr"), ((str(tmp_path),), "dataset")):
+        refused = _invoke("train-det", *args, "-o", resumed, "--resume")
+        assert refused.exit_code == 2, args
+        assert name in refused.stderr and "--resume continues the run" in refused.stderr
+
+
+def test_an_earlier_run_is_not_overwritten(trained, scenes):
+    run, _ = trained
+    root, _ = scenes
+    before = (run / "metrics.csv").read_text(encoding="utf-8")
+    result = _invoke("train-det", root, "-o", run, *TINY)
+    assert result.exit_code == 2 and "already holds a training run" in result.stderr
+    assert (run / "metrics.csv").read_text(encoding="utf-8") == before
+
+
+def test_sigterm_stops_training_and_exports_the_best_epoch_so_far(scenes, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = scenes
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "shitu_cli", "train-det", str(root), "-o", str(run), "--recipe", "tiny",
+            "--batch-size", "4", "--epochs", "300", "--merge-classes"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "NO_COLOR": "1"})
+    state = run / "checkpoints" / "train_state.yaml"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and not state.is_file():
+        time.sleep(0.1)
+    assert process.poll() is None, process.communicate()[1][-2000:]
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)  # generous: it stops after the current step
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in stderr and "FatalError" not in stderr and "stopped by SIGTERM" in stderr
+    assert (run / "checkpoints" / "last.pdparams").is_file()
+    assert (run / "export" / "model.pdiparams").is_file()
+    assert 1 <= len((run / "metrics.csv").read_text(encoding="utf-8").splitlines()[1:]) < 300
+
+
 def test_categories_are_kept_without_merge(scenes, tmp_path):
     from shitu_cli.train.det import prepare_dataset
 

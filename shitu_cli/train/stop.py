@@ -9,6 +9,7 @@ callback) and takes tens of seconds to unwind there. A flag read between steps d
 from __future__ import annotations
 
 import contextlib
+import importlib
 import signal
 import threading
 from typing import Iterator
@@ -55,6 +56,10 @@ class StopTraining(Exception):
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
     """A StopRequest that SIGINT/SIGTERM set while inside; outside the main thread it is never set."""
+    # Importing paddle installs glog's C++ failure handlers, SIGTERM among them, over whatever Python
+    # had: import it first so that ours, installed next, are the ones that stay.
+    importlib.import_module("paddle")
+
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
