@@ -141,11 +141,10 @@ def build_model_from_recipe(run_dir: Path, manifest: ModelManifest) -> Trainable
             hint="compress runs of train-cls or train-rec, or use --onnx-int8 on an export",
             path=run_dir / RECIPE,
         )
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise WorkFailed(f"checkpoint lacks {len(missing)} weight(s) of the rebuilt model, e.g. {missing[0]}", path=run_dir / CHECKPOINT)
-    model.set_state_dict(state)
+    from shitu_cli.train.checkpoints import weights_that_fit
+
+    # A missing or misshapen weight is refused by name (paddle would only warn and skip it).
+    model.set_state_dict(weights_that_fit(model, state, run_dir / CHECKPOINT))
     model.eval()
     return Trainable(model, manifest.task)
 

@@ -72,7 +72,11 @@ def fitting_weights(model, path: Path) -> dict[str, Any]:
     when one is missing or of another shape (paddle itself would only warn and skip it)."""
     from shitu_cli.models.legacy import load_weights
 
-    state = load_weights(path)
+    return weights_that_fit(model, load_weights(path), path)
+
+
+def weights_that_fit(model, state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`state` restricted to `model`'s weights; BadInput naming `path` when one is missing or misshapen."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     wrong = [f"{k} {list(state[k].shape)} != {list(own[k].shape)}" for k in own

@@ -174,6 +174,7 @@ def _checkpoint_teacher(checkpoint: Path, run_dir: Path) -> CheckpointTeacher:
     from shitu_cli.models.manifest import read_model_manifest
     from shitu_cli.models.ppcls import CLS_ARCHS, build_arch
     from shitu_cli.recipes import read_recipe
+    from shitu_cli.train.checkpoints import weights_that_fit
 
     recipe = read_recipe(run_dir)
     arch = recipe.options.get("model")
@@ -184,7 +185,7 @@ def _checkpoint_teacher(checkpoint: Path, run_dir: Path) -> CheckpointTeacher:
         raise BadInput(f"not a {arch} classifier checkpoint (no fc.weight)", path=checkpoint)
     num_classes = int(state["fc.weight"].shape[1])
     model = build_arch({"name": arch, "class_num": num_classes})
-    model.set_state_dict(state)
+    model.set_state_dict(weights_that_fit(model, state, checkpoint))  # paddle would only warn about a misfit
     model.eval()
     labels, size = None, recipe.options.get("input_size")
     if (run_dir / "export" / MODEL_MANIFEST).is_file():
