@@ -9,11 +9,17 @@ import typer
 
 from shitu_cli import render
 
-REFUSAL_HINTS = {
-    "cls": "try another --algo, --quant qat, --prune R --quant ptq, or --onnx-int8; --force writes it anyway",
-    "rec": "try --algo avg (it kept rec embeddings closer than hist in our tests), --quant qat or --onnx-int8; --force writes it anyway",
-    "det": "try --algo avg or KL, or more --calib images; --force writes it anyway",
-}
+
+def refusal_hint(result) -> str:
+    """What to try next after a refusal, true to what this run already tried."""
+    if result.algo_choice:
+        tried = f"--algo auto already tried {', '.join(t['algo'] for t in result.algo_choice['trials'])} (table above)"
+    elif "ptq-" in result.method:
+        tried = "try the default --algo auto (calibrates with several PTQ algorithms and keeps the best)"
+    else:
+        tried = "try --quant ptq (its default --algo auto picks the best of several PTQ algorithms)"
+    others = "--onnx-int8 or more --calib images" if result.task == "det" else "--quant qat, --onnx-int8 or more --calib images"
+    return f"{tried}; try {others}; --force writes it anyway"
 
 
 def command(
@@ -22,7 +28,7 @@ def command(
     out: Path = typer.Option(..., "--out", "-o", help="Where the compressed model dir goes (written only if quality held)."),
     eval_list: Optional[Path] = typer.Option(None, "--eval", help="Labelled images for the real metric: a list file for top-1 / recall@1, a COCO json for det mAP; agreement is measured on them too."),
     quant: Optional[str] = typer.Option(None, "--quant", help="ptq (default); qat: fine-tune with fake INT8 (from a run dir, the original as teacher), then PTQ-calibrate; none (with --prune)."),
-    algo: str = typer.Option("hist", "--algo", help="PTQ activation-range algorithm: hist, KL, avg, abs_max, mse, emd."),
+    algo: str = typer.Option("auto", "--algo", help="PTQ activation-range algorithm. auto (default): calibrate with hist, abs_max, avg and mse, score each against the original on a quarter of --calib held out from calibration, keep the best. Or one of: hist, KL, avg, abs_max, mse, emd."),
     prune: Optional[float] = typer.Option(None, "--prune", help="Remove this share of conv filters (L1), then fine-tune with distillation."),
     onnx_int8: bool = typer.Option(False, "--onnx-int8", help="INT8 through paddle2onnx + onnxruntime quantize_static instead."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for the latency measurement."),
@@ -55,7 +61,7 @@ def command(
     else:
         show_report(result)
     if not result.written:
-        raise WorkFailed(f"not written: {result.refused}", hint=REFUSAL_HINTS.get(result.task, REFUSAL_HINTS["cls"]), path=result.out)
+        raise WorkFailed(f"not written: {result.refused}", hint=refusal_hint(result), path=result.out)
 
 
 def result_document(result) -> dict:
@@ -85,9 +91,25 @@ def show_report(result) -> None:
         rows.append((f"{name} (labelled images)", f"{value:.4f}", f"{after.metric.get(name, float('nan')):.4f}"))
     title = f"{result.task} model, {result.eval_images} image(s) measured, {result.calib_images} calibration image(s)"
     render.show(render.table(title, ["", "before", "after"], rows))
+    if result.algo_choice:
+        show_algo_choice(result.algo_choice)
     render.show(f"quality drop: {result.quality_drop:.2f} points ({result.quality_basis}); limit {result.max_drop:g}")
     for note in result.notes:
         render.show(f"note: {note}")
     render.file_problems(f"skipped {len(result.skipped)} image(s)", [(s.path, s.reason) for s in result.skipped])
     if result.written:
         render.show(f"wrote {result.out} (shitu.yaml, recipe.yaml)")
+
+
+def show_algo_choice(choice: dict) -> None:
+    """The PTQ algorithms --algo auto tried, each scored against the original, the picked one marked."""
+    where = "held-out calibration" if choice["held_out"] else "calibration"
+    title = (f"--algo auto: calibrated on {choice['calib_images']} image(s), scored on {choice['scored_on']} "
+             f"{where} image(s)")
+    rows = []
+    for trial in choice["trials"]:
+        if trial["error"]:
+            rows.append((trial["algo"], "failed", trial["error"][:60], ""))
+        else:
+            rows.append((trial["algo"], f"{trial['agreement']:.4f}", f"{trial['closeness']:.4f}", "picked" if trial["chosen"] else ""))
+    render.show(render.table(title, ["algo", "agreement", "closeness", ""], rows))

@@ -23,7 +23,7 @@ import numpy as np
 
 from shitu_cli.compress.images import ImageSet, iter_readable, readable_count
 from shitu_cli.compress.legacy import LEGACY_MODEL, LEGACY_PARAMS, old_ir_compat, quiet_stdout
-from shitu_cli.compress.pipeline import Candidate, Stage, derived_manifest, ptq_lineage, stage_manifest
+from shitu_cli.compress.candidate import Candidate, Stage, derived_manifest, ptq_lineage, stage_manifest
 from shitu_cli.compress.source import SourceModel
 from shitu_cli.errors import BadInput, WorkFailed
 
@@ -299,22 +299,29 @@ def _rows_close(expected: np.ndarray, got: np.ndarray) -> bool:
 
 def detector_ptq(source: SourceModel, calib_set: ImageSet, work: Path, algo: str, stage: Stage,
                  base: Candidate | None = None) -> Candidate:
-    """Rebuild, export in the old IR, check it reproduces the export, then PTQ the convs to INT8.
-    With `base` (a pruned detector), its layer is exported instead: it differs from the export by design."""
-    from shitu_cli.compress.ptq import check_algo, quantize_static
+    """Rebuild, export in the old IR, check it reproduces the export, then PTQ the convs to INT8 ("auto": the
+    best of several algorithms). With `base` (a pruned detector), its layer is exported instead: it differs
+    from the export by design."""
+    from shitu_cli.compress.choose import calibrate_with, check_algo_choice
+    from shitu_cli.compress.ptq import quantize_static
     from shitu_cli.infer.detector import Detector
 
-    check_algo(algo)
+    check_algo_choice(algo)
     preprocess = Detector(source.model_dir).preprocess
     fp32_dir = _legacy_fp32(source, calib_set, work, preprocess, stage, base)
-    stage(f"calibrating INT8 ({algo}) on {readable_count(calib_set)} image(s)")
-    out_dir = quantize_static(fp32_dir, work / "int8", calibration_feeds(source, calib_set, preprocess),
-                              algo=algo, batch_count=len(calib_set.samples), conv_only=True)
-    copy_infer_cfg(source, out_dir)
-    method, details = ptq_lineage(base, algo, readable_count(calib_set))
-    details["quantized"] = "conv2d and depthwise_conv2d (weights per channel, inputs per tensor); head post-processing and NMS stay fp32"
-    manifest = derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "int8", method)
-    return Candidate(out_dir, stage_manifest(out_dir, manifest), method, details)
+
+    def calibrate(one_algo: str, images: ImageSet, out_dir: Path) -> Candidate:
+        stage(f"calibrating INT8 ({one_algo}) on {readable_count(images)} image(s)")
+        quantize_static(fp32_dir, out_dir, calibration_feeds(source, images, preprocess),
+                        algo=one_algo, batch_count=len(images.samples), conv_only=True)
+        copy_infer_cfg(source, out_dir)
+        method, details = ptq_lineage(base, one_algo, readable_count(images))
+        details["quantized"] = ("conv2d and depthwise_conv2d (weights per channel, inputs per tensor); "
+                                "head post-processing and NMS stay fp32")
+        manifest = derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "int8", method)
+        return Candidate(out_dir, stage_manifest(out_dir, manifest), method, details)
+
+    return calibrate_with(algo, calib_set, work, calibrate, source, 1, stage)
 
 
 def _legacy_fp32(source: SourceModel, calib_set: ImageSet, work: Path, preprocess, stage: Stage,

@@ -7,7 +7,7 @@ from typing import Any
 
 from shitu_cli.compress.images import ImageSet, iter_batches, readable_count
 from shitu_cli.compress.legacy import LEGACY_MODEL, LEGACY_PARAMS, export_legacy
-from shitu_cli.compress.pipeline import Candidate, Stage, derived_manifest, first_batch, ptq_lineage, stage_manifest
+from shitu_cli.compress.candidate import Candidate, Stage, derived_manifest, first_batch, ptq_lineage, stage_manifest
 from shitu_cli.compress.source import SourceModel, Trainable, build_model_from_recipe, check_reproduces_export, need_run_dir
 
 
@@ -34,22 +34,27 @@ def _legacy_fp32(source: SourceModel, calib_set: ImageSet, work: Path, batch_siz
 
 def ptq(source: SourceModel, calib_set: ImageSet, work: Path, algo: str, batch_size: int, stage: Stage,
         base: Candidate | None = None) -> Candidate:
-    from shitu_cli.compress.ptq import check_algo, quantize_static
+    """Paddle PTQ of the old-format fp32 model with `algo`, or with each of choose.AUTO_ALGOS for "auto"."""
+    from shitu_cli.compress.choose import calibrate_with, check_algo_choice
+    from shitu_cli.compress.ptq import quantize_static
 
-    check_algo(algo)
+    check_algo_choice(algo)
     fp32_dir = _legacy_fp32(source, calib_set, work, batch_size, stage, base)
-    stage(f"calibrating INT8 ({algo}) on {readable_count(calib_set)} image(s)")
-
     input_name = source.manifest.input_names[0]
 
-    def feeds():
-        return ({input_name: batch} for batch, _ in iter_batches(calib_set, source.manifest, batch_size))
+    def calibrate(one_algo: str, images: ImageSet, out_dir: Path) -> Candidate:
+        stage(f"calibrating INT8 ({one_algo}) on {readable_count(images)} image(s)")
 
-    batch_count = -(-len(calib_set.samples) // batch_size)  # an upper bound: unreadable images shorten it
-    out_dir = quantize_static(fp32_dir, work / "int8", feeds, algo, batch_count)
-    method, details = ptq_lineage(base, algo, readable_count(calib_set))
-    manifest = derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "int8", method)
-    return Candidate(out_dir, stage_manifest(out_dir, manifest), method, details)
+        def feeds():
+            return ({input_name: batch} for batch, _ in iter_batches(images, source.manifest, batch_size))
+
+        batch_count = -(-len(images.samples) // batch_size)  # an upper bound: unreadable images shorten it
+        quantize_static(fp32_dir, out_dir, feeds, one_algo, batch_count)
+        method, details = ptq_lineage(base, one_algo, readable_count(images))
+        manifest = derived_manifest(source, LEGACY_MODEL, LEGACY_PARAMS, "int8", method)
+        return Candidate(out_dir, stage_manifest(out_dir, manifest), method, details)
+
+    return calibrate_with(algo, calib_set, work, calibrate, source, batch_size, stage)
 
 
 def prune_and_distill(source: SourceModel, calib_set: ImageSet, work: Path, ratio: float, epochs: int, lr: float,

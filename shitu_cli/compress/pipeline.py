@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from shitu_cli.compress.candidate import Candidate, Stage, predictor_options
 from shitu_cli.compress.images import ImageSet, Skipped, iter_batches, load_image_set, readable_count
 from shitu_cli.compress.source import SourceModel, resolve_source
 from shitu_cli.errors import BadInput
@@ -23,9 +24,6 @@ QUANT_METHODS = ("ptq", "qat", "none")
 # Fine-tuning learning rates when --lr is not given: QAT only nudges trained weights towards INT8-friendly
 # values (0.02 drifted the tiny test classifier away from the original), pruning has to repair damage.
 DEFAULT_LR = {"qat": 0.002, "prune": 0.02}
-
-Stage = Callable[[str], None]  # told the name of each stage as it starts
-
 
 @dataclass
 class ModelStats:
@@ -62,21 +60,11 @@ class CompressResult:
     eval_images: int = 0
     skipped: list[Skipped] = field(default_factory=list)
     recipe: Path | None = None
+    algo_choice: dict[str, Any] | None = None  # what --algo auto tried, scored and picked (choose.AlgoChoice.record)
 
     @property
     def speedup(self) -> float:
         return self.before.latency_ms_p50 / max(self.after.latency_ms_p50, 1e-9)
-
-
-@dataclass
-class Candidate:
-    """A compressed model staged in the work dir, waiting to be measured."""
-
-    model_dir: Path
-    manifest: ModelManifest
-    method: str
-    details: dict[str, Any] = field(default_factory=dict)  # recorded in shitu.yaml extra.compress
-    layer: Any = None  # the dygraph export form, when a later step (PTQ after pruning) needs it
 
 
 def compress(
@@ -85,7 +73,7 @@ def compress(
     out: Path | str,
     eval_list: Path | str | None = None,
     quant: str | None = None,
-    algo: str = "hist",
+    algo: str = "auto",
     prune: float | None = None,
     onnx_int8: bool = False,
     threads: int = 1,
@@ -104,7 +92,7 @@ def compress(
     stage = on_stage or (lambda name: None)
     source = resolve_source(model)
     out = Path(out)
-    quant = _check_options(source, out, quant, prune, onnx_int8, threads, calib_size, batch_size)
+    quant = _check_options(source, out, quant, algo, prune, onnx_int8, threads, calib_size, batch_size)
     if lr is None:
         lr = options["lr"] = DEFAULT_LR["qat" if quant == "qat" else "prune"]  # the recipe records the rate used
     calib_set = load_image_set(calib, "calibration set").subset(calib_size)
@@ -121,7 +109,9 @@ def compress(
         if after.backend != before.backend:
             stage(f"timing the original on {after.backend} too")
             result.notes.append(_same_backend_note(source, eval_set, after, threads, batch_size, runs))
-        result.calib_images = readable_count(calib_set)
+        # --algo auto calibrates on a part of the images and scores on the rest
+        result.calib_images = candidate.algo_choice.calib_images if candidate.algo_choice else readable_count(calib_set)
+        result.algo_choice = candidate.algo_choice.record() if candidate.algo_choice else None
         result.eval_images = readable_count(eval_set)
         result.skipped = _unique_skips(calib_set, eval_set)
         if result.written:
@@ -132,12 +122,15 @@ def compress(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _check_options(source: SourceModel, out: Path, quant: str | None, prune: float | None, onnx_int8: bool,
-                   threads: int, calib_size: int, batch_size: int) -> str:
+def _check_options(source: SourceModel, out: Path, quant: str | None, algo: str, prune: float | None,
+                   onnx_int8: bool, threads: int, calib_size: int, batch_size: int) -> str:
+    from shitu_cli.compress.choose import check_algo_choice
+
     if quant is None:
         quant = "none" if (prune is not None or onnx_int8) else "ptq"
     if quant not in QUANT_METHODS:
         raise BadInput(f"unknown --quant {quant!r}", hint=f"choose one of: {', '.join(QUANT_METHODS)}")
+    check_algo_choice(algo)
     if source.task == "det":
         _check_det_method(quant, source.model_dir)
     if quant == "qat" and prune is not None:
@@ -208,7 +201,7 @@ def _run_net(model_dir, manifest, original, eval_set, reference, threads, batch_
     from shitu_cli.compress.measure import agreement, run_outputs, task_metric
     from shitu_cli.infer.predictor import build_predictor
 
-    predictor = build_predictor(model_dir, _predictor_options(manifest, threads))
+    predictor = build_predictor(model_dir, predictor_options(manifest, threads))
     outputs = run_outputs(predictor, eval_set, manifest, batch_size)
     if len(outputs.values) == 0:
         raise BadInput("no readable image to measure on", hint="check the --calib / --eval images", path=eval_set.source)
@@ -223,7 +216,7 @@ def _run_detector(model_dir, manifest, original, eval_set, reference, threads):
     from shitu_cli.compress.measure import box_agreement, detect_all, detection_map
     from shitu_cli.infer.detector import Detector
 
-    detector = Detector(model_dir, _predictor_options(manifest, threads))
+    detector = Detector(model_dir, predictor_options(manifest, threads))
     found, sample = detect_all(detector, eval_set)
     if sample is None:
         raise BadInput("no readable image to measure on", hint="check the --calib / --eval images", path=eval_set.source)
@@ -241,13 +234,6 @@ def _same_backend_note(source: SourceModel, eval_set: ImageSet, after: ModelStat
     verdict = f"{ratio:.2f}x faster" if ratio > 1 else "NOT faster"
     return (f"on {after.backend} itself the original takes {original_ms:.2f} ms p50: the {after.precision} model is "
             f"{verdict} than the original on the same backend")
-
-
-def _predictor_options(manifest: ModelManifest, threads: int):
-    from shitu_cli.infer.predictor import PredictorOptions
-
-    backend = manifest.extra.get("backend", "paddle")
-    return PredictorOptions(backend=backend, threads=threads, mkldnn=True, precision=manifest.precision)
 
 
 def _judge(source: SourceModel, out: Path, candidate: Candidate, before: ModelStats, after: ModelStats,
@@ -319,39 +305,8 @@ def _recipe_metrics(result: CompressResult) -> dict[str, Any]:
     def stats(s: ModelStats) -> dict[str, Any]:
         return {"size_bytes": s.size_bytes, "latency_ms_p50": round(s.latency_ms_p50, 4), **s.agreement, **s.metric}
 
-    return {"before": stats(result.before), "after": stats(result.after), "threads": result.threads,
-            "quality_drop_points": round(result.quality_drop, 4)}
-
-
-def derived_manifest(source: SourceModel, model_file: str, params_file: str, precision: str, method: str,
-                     **extra: Any) -> ModelManifest:
-    """The source's manifest for a compressed child: same task/preprocess/labels, new files and lineage."""
-    manifest = dataclasses.replace(
-        source.manifest,
-        model_file=model_file,
-        params_file=params_file,
-        precision=precision,
-        method=method,
-        parent_model_hash=source.manifest.model_hash,
-        model_hash=None,
-        extra={**source.manifest.extra, **extra},
-    )
-    return manifest
-
-
-def ptq_lineage(base: Candidate | None, algo: str, calib_images: int) -> tuple[str, dict[str, Any]]:
-    """Method name and shitu.yaml details of a PTQ model, on top of what `base` (a pruned model) did."""
-    method = f"ptq-{algo}" if base is None else f"{base.method}+ptq-{algo}"
-    return method, {**(base.details if base else {}), "quant": "ptq", "algo": algo, "calib_images": calib_images}
-
-
-def stage_manifest(model_dir: Path, manifest: ModelManifest) -> ModelManifest:
-    """Write the staged model's shitu.yaml (build_predictor needs it) and read it back as loaded."""
-    write_model_manifest(model_dir, manifest)
-    return read_model_manifest(model_dir)
-
-
-def first_batch(images: ImageSet, manifest: ModelManifest, batch_size: int) -> np.ndarray:
-    for batch, _ in iter_batches(images, manifest, batch_size):
-        return batch
-    raise BadInput("no calibration image could be read", hint="check the --calib images", path=images.source)
+    metrics = {"before": stats(result.before), "after": stats(result.after), "threads": result.threads,
+               "quality_drop_points": round(result.quality_drop, 4)}
+    if result.algo_choice:
+        metrics["algo_choice"] = result.algo_choice
+    return metrics
