@@ -229,6 +229,26 @@ def test_resume_after_a_killed_process_reaches_the_same_result(trained, lists, t
         np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), atol=1e-6, err_msg=name)
 
 
+def test_ctrl_c_stops_the_run_and_exports_the_best_epoch_so_far(lists, tmp_path):
+    run = tmp_path / "stopped"
+    args = [sys.executable, "-m", "shitu_cli", "train-rec", str(lists), "-o", str(run), "--recipe", "tiny",
+            "--epochs", "400", "--num-workers", "0"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "NO_COLOR": "1"})
+    state = run / "checkpoints" / "last_state.yaml"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None and not state.is_file():
+        time.sleep(0.1)
+    assert process.poll() is None, process.communicate()[1][-2000:]
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)  # generous: it stops after the current step
+    assert process.returncode == 130
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr and "stopped by SIGINT" in stderr
+    assert (run / "checkpoints" / "last.pdparams").is_file() and (run / "export" / "shitu.yaml").is_file()
+    recipe = read_yaml(run / "recipe.yaml")
+    assert recipe["metrics"]["stopped_by"] == "SIGINT" and recipe["options"]["epochs"] == 400
+
+
 def test_resume_refuses_changed_settings_and_an_empty_run_dir(cli, trained, lists, tmp_path):
     run, _ = trained
     changed = cli("train-rec", lists, "-o", run, "--resume", "--lr", "0.5")
