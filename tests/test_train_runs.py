@@ -136,3 +136,17 @@ def test_unreadable_files_in_class_folders_are_named(cli, shapes, tmp_path):
     assert result.exit_code == 0, result.stderr
     skipped = json.loads(result.stdout)["skipped"]
     assert [s["path"] for s in skipped] == [f"{first_class}/notes.jpg"]
+
+
+def test_only_a_folder_with_a_finished_epoch_counts_as_a_run(tmp_path):
+    from shitu_cli.train.run_dir import holds_run, next_free
+
+    run = tmp_path / "cls"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("kind: shitu-recipe\n", encoding="utf-8")  # stopped before epoch 1 ended
+    assert not holds_run(run)
+    (run / "metrics.csv").write_text("epoch,loss\n1,0.5\n", encoding="utf-8")
+    assert holds_run(run) and next_free(run) == tmp_path / "cls2"
+    (tmp_path / "cls2" / "export").mkdir(parents=True)
+    (tmp_path / "cls2" / "export" / "shitu.yaml").write_text("task: cls\n", encoding="utf-8")
+    assert next_free(run) == tmp_path / "cls3" and next_free(tmp_path / "cls2") == tmp_path / "cls3"

@@ -14,16 +14,18 @@ from typing import Any, Callable, Iterable, Mapping
 from shitu_cli.errors import BadInput
 
 RECIPE_FILE = "recipe.yaml"
-# What an earlier run leaves behind; any of them makes the folder a run that -o must not overwrite.
-RUN_MARKERS = (RECIPE_FILE, "metrics.csv", "checkpoints")
 
 
 def holds_run(run_dir: Path) -> bool:
-    for name in RUN_MARKERS:
-        path = run_dir / name
-        if path.is_file() or (path.is_dir() and any(path.iterdir())):
-            return True
-    return False
+    """True once a run here has finished an epoch (metrics.csv, a checkpoint) or exported: what -o would
+    overwrite. recipe.yaml alone (a run stopped before its first epoch ended) holds nothing to lose."""
+    if (run_dir / "metrics.csv").is_file():
+        return True
+    return any(_has_files(run_dir / name) for name in ("checkpoints", "export"))
+
+
+def _has_files(folder: Path) -> bool:
+    return folder.is_dir() and any(path.is_file() for path in folder.iterdir())
 
 
 def next_free(run_dir: Path) -> Path:
