@@ -202,6 +202,17 @@ class Pipeline:
         self.detector = detector
         self._k = min(self.index.index.ntotal, max(1, self.options.topk) * NEIGHBOURS_PER_LABEL + 8)
 
+    def with_index(self, stored) -> "Pipeline":
+        """This pipeline (same models, options) on another loaded generation of its index; self is unchanged,
+        so a search already running on self keeps reading the generation it started on."""
+        import copy
+
+        check_model_fits_index(stored.manifest.model, self.embedder.manifest, self.embedder.model_dir)
+        other = copy.copy(self)
+        other.index = stored
+        other._k = min(stored.index.ntotal, max(1, self.options.topk) * NEIGHBOURS_PER_LABEL + 8)
+        return other
+
     def recognise(self, rgb: np.ndarray) -> list[Recognition]:
         """All recognitions in one RGB uint8 image, after rec-thresh and per-label NMS."""
         from shitu_cli.index import backend
