@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 DEMO_MODELS = ROOT / "assets" / "demo" / "models"
 EPOCHS = 8
-DET_METHODS = {"ptq hist (default)": {"algo": "hist"}, "ptq avg": {"algo": "avg"}, "ptq KL": {"algo": "KL"},
+DET_METHODS = {"ptq auto (default)": {"algo": "auto"}, "ptq hist": {"algo": "hist"}, "ptq avg": {"algo": "avg"},
+               "ptq KL": {"algo": "KL"},
                "onnx-int8 (onnxruntime)": {"onnx_int8": True},
                # Pruning fine-tunes on the images it gets: it is given 200 scenes and 10 epochs.
                "prune 0.3 + distill (200 scenes)": {"prune": 0.3, "quant": "none", "epochs": 10, "lr": 0.01,
@@ -33,7 +34,7 @@ DET_METHODS = {"ptq hist (default)": {"algo": "hist"}, "ptq avg": {"algo": "avg"
                                                               "lr": 0.01, "calib": "large", "calib_size": 200}}
 REC_METHODS = {"onnx-int8 (onnxruntime)": {"onnx_int8": True}}
 CLS_METHODS = {
-    "ptq (Paddle, oneDNN INT8)": {"quant": "ptq"},
+    "ptq auto (Paddle, oneDNN INT8)": {"quant": "ptq"},
     "onnx-int8 (onnxruntime)": {"onnx_int8": True},
     "prune 0.3 + distill": {"prune": 0.3, "epochs": 3},
     "prune 0.3 + distill + ptq": {"prune": 0.3, "epochs": 3, "quant": "ptq"},
@@ -146,8 +147,9 @@ SECTION_TEXT = {
             "from its export alone (its `ppdet_model.yml` rebuilds the network, the weights come from the export). "
             "Calibration: 32 generated scenes (pruning: 200); quality: 40 other generated scenes with their boxes (COCO mAP, "
             "class-agnostic) and box agreement (F1 of IoU >= 0.5 matches between the two models' boxes above "
-            "predict's 0.5 threshold). After pruning, calibrate with `--algo avg`: with the default hist, INT8 of "
-            "the fine-tuned pruned net fell to mAP 0.003 in one run (hist clips the ranges its activations took).",
+            "predict's 0.5 threshold). The pruned row calibrates with `--algo avg`: with hist, INT8 of the "
+            "fine-tuned pruned net fell to mAP 0.003 in one run (hist clips the ranges its activations took); "
+            "the default `--algo auto` scores hist, abs_max, avg and mse on held-out scenes and keeps the best.",
             "box agreement", "mAP"),
     "rec": ("The default recogniser: assets/demo/models/rec",
             "PP-LCNet x0.5 + BNNeck, 128-d, 96 px. It ships as an export without its training run, so the "

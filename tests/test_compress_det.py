@@ -13,6 +13,7 @@ import pytest
 from shitu_cli.compress.images import Sample
 from shitu_cli.compress.measure import Detections, box_agreement, detection_map
 from synth_scenes import make_coco_scenes
+from tests.compress_runs import assert_auto_picked_the_best
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DET = REPO / "assets" / "demo" / "models" / "det"
@@ -75,23 +76,25 @@ def demo_int8(tmp_path_factory):
 
 def test_ptq_shrinks_the_demo_detector_and_keeps_its_boxes(demo_int8):
     out, report = demo_int8
-    assert report["written"] and report["task"] == "det" and report["method"] == "ptq-hist"
+    assert report["written"] and report["task"] == "det"
+    assert_auto_picked_the_best(report, 9, 3)  # the default --algo auto: 9 scenes calibrate, 3 score
     assert report["after"]["precision"] == "int8"
     assert report["after"]["size_bytes"] < 0.5 * report["before"]["size_bytes"]
     assert report["after"]["agreement"]["agreement"] >= 0.9
     # the demo detector scores about 0.72 COCO mAP on its 12 query scenes; INT8 must stay within --max-drop 1
     assert report["before"]["metric"]["mAP"] > 0.6
     assert report["quality_basis"] == "mAP on the --eval images" and report["quality_drop"] <= 1.0
-    assert (report["calib_images"], report["eval_images"]) == (12, 12)
+    assert (report["calib_images"], report["eval_images"]) == (9, 12)
 
 
 def test_the_int8_detector_is_a_normal_model_dir_with_its_lineage(demo_int8):
     from shitu_cli.artifacts import read_yaml
     from shitu_cli.models.manifest import read_model_manifest
 
-    out, _ = demo_int8
+    out, report = demo_int8
     manifest, parent = read_model_manifest(out), read_model_manifest(DEMO_DET)
-    assert (manifest.task, manifest.precision, manifest.method) == ("det", "int8", "ptq-hist")
+    assert (manifest.task, manifest.precision, manifest.method) == ("det", "int8", report["method"])
+    assert manifest.extra["compress"]["algo_choice"]["picked"] == report["algo_choice"]["picked"]
     assert manifest.parent_model_hash == parent.model_hash and manifest.labels == parent.labels
     assert (out / "infer_cfg.yml").read_text() == (DEMO_DET / "infer_cfg.yml").read_text()
     recipe = read_yaml(out / "recipe.yaml")
@@ -141,7 +144,7 @@ def test_prune_distill_then_ptq_shrinks_the_detector_backbone(cli, tmp_path):
     from shitu_cli.infer.detector import Detector
 
     args = ["--calib", QUERIES / "images", "--eval", QUERIES / "annotations.json", "--epochs", "1", "--runs", "2",
-            "--max-drop", "100", "--json"]
+            "--max-drop", "100", "--algo", "hist", "--json"]  # one algorithm: the choice is tested on the demo detector
     pruned = cli("compress", DEMO_DET, "--prune", "0.3", "--quant", "none", "-o", tmp_path / "pruned", *args)
     assert pruned.exit_code == 0, pruned.stderr
     report = json.loads(pruned.stdout)
@@ -217,7 +220,8 @@ def det_run(tmp_path_factory):
 def test_ptq_from_a_train_det_run_dir_and_from_its_export_alone(cli, det_run, tmp_path):
     run_dir, scenes = det_run
     assert (run_dir / "export" / "ppdet_model.yml").is_file()
-    args = ["--calib", scenes / "train.json", "--eval", scenes / "val.json", "--runs", "2", "--max-drop", "100", "--json"]
+    args = ["--calib", scenes / "train.json", "--eval", scenes / "val.json", "--runs", "2", "--max-drop", "100",
+            "--algo", "hist", "--json"]  # the rebuild is under test here; the choice is tested on the demo detector
     from_run = cli("compress", run_dir, "-o", tmp_path / "a", *args)
     assert from_run.exit_code == 0, from_run.stderr
     alone = tmp_path / "export"

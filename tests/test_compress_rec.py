@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from tests.compress_runs import train_rec_run
+from tests.compress_runs import assert_auto_picked_the_best, train_rec_run
 
-# A 64 px, 128-d recogniser trained for seconds. With --algo avg its INT8 embeddings kept ~0.95 mean
-# cosine with the fp32 ones on held-out classes; the default hist clipped them to ~0.5 (measured, see
-# the report), which is what --max-drop refuses. This is the margin.
-MIN_COSINE = 0.85
+# A 64 px, 128-d recogniser trained for seconds (20 steps). Its embeddings' norms differ 5-35x between
+# classes, and which PTQ algorithm copes depends on the CPU that trained it: on Intel avg dropped the mean
+# cosine to -0.1 where hist kept 0.84; on the AVX2 MKL path abs_max kept 0.92. --algo auto's pick kept
+# 0.84-0.92 on the gallery's unseen classes. Broken INT8 (float weights read as int8) scatters them.
+MIN_COSINE = 0.7
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +26,12 @@ def test_ptq_rec_keeps_embeddings_close(cli, rec_run, tmp_path):
     run_dir, products = rec_run
     out = tmp_path / "rec-int8"
     result = cli("compress", run_dir, "--calib", products / "train_list.txt", "--eval", products / "gallery_list.txt",
-                 "-o", out, "--algo", "avg", "--runs", "2", "--max-drop", "100", "--json")
+                 "-o", out, "--runs", "2", "--max-drop", "100", "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["task"] == "rec" and report["method"] == "ptq-avg"
+    assert report["task"] == "rec"
+    # the default --algo auto: 64 of the 80 train images, 48 to calibrate, 16 to score each algorithm
+    assert_auto_picked_the_best(report, 48, 16)
     assert report["after"]["agreement"]["cosine"] >= MIN_COSINE
     assert 0.0 <= report["after"]["agreement"]["agreement"] <= 1.0
     assert set(report["before"]["metric"]) == {"recall@1"}
@@ -77,8 +80,8 @@ def test_qat_rec_runs_through_to_an_int8_recogniser(cli, rec_run, tmp_path):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["task"] == "rec" and report["method"] == "qat+ptq-avg" and report["after"]["precision"] == "int8"
-    # Measured on this tiny recogniser: QAT moved the embeddings (cosine ~0.8) more than PTQ alone (~0.95),
-    # and --max-drop is what refuses such a loss by default; this is a sanity floor, not a quality claim.
+    # Measured on this tiny recogniser: QAT moves the embeddings more than PTQ alone, and --max-drop is what
+    # refuses such a loss by default; this is a sanity floor, not a quality claim.
     assert 0.5 <= report["after"]["agreement"]["cosine"] <= 1.0
 
     from shitu_cli.models.manifest import read_model_manifest

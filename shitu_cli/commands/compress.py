@@ -13,9 +13,13 @@ from shitu_cli import render
 def refusal_hint(result) -> str:
     """What to try next after a refusal, true to what this run already tried."""
     if result.algo_choice:
-        tried = f"--algo auto already tried {', '.join(t['algo'] for t in result.algo_choice['trials'])} (table above)"
+        choice = result.algo_choice
+        tried = (f"--algo auto already tried {', '.join(t['algo'] for t in choice['trials'])} and kept the best, "
+                 f"{choice['picked']}")
     elif "ptq-" in result.method:
         tried = "try the default --algo auto (calibrates with several PTQ algorithms and keeps the best)"
+    elif result.method.startswith("prune"):
+        tried = "try a smaller --prune ratio or more --epochs"
     else:
         tried = "try --quant ptq (its default --algo auto picks the best of several PTQ algorithms)"
     others = "--onnx-int8 or more --calib images" if result.task == "det" else "--quant qat, --onnx-int8 or more --calib images"
