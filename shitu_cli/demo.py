@@ -51,7 +51,9 @@ class DemoReport:
     index: Any  # the build-index report of this run's (re-)sync
     results: list[Any]  # ImageResult per query image
     checks: list[ObjectCheck]
-    extra_results: int  # results that overlap no ground-truth object
+    extra_results: int  # results that overlap no ground-truth object (IoU < 0.5 with each)
+    boxes: int  # results in all
+    right_boxes: int  # results on a ground-truth object (IoU >= 0.5) with its label
     vis_dir: Path | None
     seconds: float
     notes: list[str] = field(default_factory=list)
@@ -59,6 +61,18 @@ class DemoReport:
     @property
     def recall(self) -> float:
         return sum(c.correct for c in self.checks) / max(1, len(self.checks))
+
+    @property
+    def precision(self) -> float:
+        return self.right_boxes / self.boxes if self.boxes else 1.0
+
+
+@dataclass
+class Scoring:
+    checks: list[ObjectCheck]
+    extra: int
+    boxes: int
+    right: int
 
 
 def pick_models() -> DemoModels:
@@ -102,27 +116,29 @@ def run_demo(work: Path | None = None, threads: int = 1, save_vis: bool = True,
     index_dir, models, built = ensure_demo_index(work, threads)
     predictor_options = PredictorOptions(threads=threads)
     detector = Detector(models.det, predictor_options)
-    pipeline = Pipeline(index_dir, detector=detector, predictor_options=predictor_options,
-                        options=PipelineOptions(topk=3, rec_thresh=0.5, det_thresh=0.3, max_boxes=5))
+    # predict's defaults (the demo shows what `shitu predict` does), fewer labels per box for the table
+    pipeline = Pipeline(index_dir, detector=detector, predictor_options=predictor_options, options=PipelineOptions(topk=3))
     truth = json.loads((QUERIES / "ground_truth.json").read_text(encoding="utf-8"))
     results = []
     for name in sorted(truth):
         results.append(pipeline.predict_file(QUERIES / name))
         if progress:
             progress(1)
-    checks, extra = score(results, truth)
+    scoring = score(results, truth)
     vis_dir = draw_all(results, work / "vis") if save_vis else None
-    return DemoReport(models, index_dir, built, results, checks, extra, vis_dir,
-                      time.perf_counter() - started, notes=pipeline.notes)
+    return DemoReport(models, index_dir, built, results, scoring.checks, scoring.extra, scoring.boxes, scoring.right,
+                      vis_dir, time.perf_counter() - started, notes=pipeline.notes)
 
 
-def score(results: list[Any], truth: dict[str, list[dict[str, Any]]]) -> tuple[list[ObjectCheck], int]:
-    """Each true object against the result that overlaps it most; count results that overlap none."""
+def score(results: list[Any], truth: dict[str, list[dict[str, Any]]], root: Path | None = None) -> Scoring:
+    """Each true object against the result that overlaps it most (recall); each result against the true
+    objects: extra when it overlaps none at IoU >= 0.5, right when one of those has its label (precision)."""
     from shitu_cli.infer.pipeline import iou
 
-    checks, extra = [], 0
+    root = Path(root) if root is not None else QUERIES
+    checks, extra, boxes, right = [], 0, 0, 0
     for result in results:
-        name = Path(result.path).relative_to(QUERIES).as_posix() if Path(result.path).is_absolute() else result.path
+        name = Path(result.path).relative_to(root).as_posix() if Path(result.path).is_absolute() else result.path
         objects = truth.get(name, [])
         for obj in objects:
             overlaps = [(iou(obj["box"], r.box), r) for r in result.recognitions]
@@ -131,7 +147,9 @@ def score(results: list[Any], truth: dict[str, list[dict[str, Any]]]) -> tuple[l
             checks.append(ObjectCheck(name, obj["label"], obj["box"], found.label if found else None,
                                       found.score if found else None, round(best_iou, 3)))
         extra += sum(all(iou(o["box"], r.box) < MATCH_IOU for o in objects) for r in result.recognitions)
-    return checks, extra
+        right += sum(any(o["label"] == r.label and iou(o["box"], r.box) >= MATCH_IOU for o in objects) for r in result.recognitions)
+        boxes += len(result.recognitions)
+    return Scoring(checks, extra, boxes, right)
 
 
 def draw_all(results: list[Any], out: Path) -> Path:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from shitu_cli.infer.pipeline import Recognition, boxes_to_recognise, iou, nms_per_label
+from shitu_cli.infer.pipeline import Recognition, boxes_to_recognise, covered_share, iou, nms_per_label
 from synth import make_class_tree
 from tiny_rec import export_tiny_rec
 
@@ -144,6 +144,34 @@ def test_nms_drops_a_box_only_above_the_iou_threshold():
     a, b = _rec("x", 0.9, [0, 0, 10, 10]), _rec("x", 0.8, [5, 0, 15, 10])
     assert nms_per_label([a, b], iou_thresh=0.34) == [a, b]
     assert nms_per_label([a, b], iou_thresh=0.33) == [a]
+
+
+def _det_rec(label, score, box):
+    return Recognition(box=list(box), label=label, score=score, matches=[], source="detection", det_score=0.5)
+
+
+def test_covered_share_is_the_intersection_over_the_smaller_box():
+    assert covered_share([0, 0, 100, 100], [10, 10, 30, 30]) == 1.0  # inside
+    assert covered_share([0, 0, 10, 10], [5, 0, 25, 10]) == pytest.approx(50 / 100)
+    assert covered_share([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0
+
+
+def test_a_loose_box_around_a_better_one_goes_whatever_its_label():
+    rocket = _det_rec("rocket", 0.94, [147, 157, 215, 259])
+    loose = _det_rec("cameraman", 0.62, [142, 117, 224, 260])  # the demo's scene_004: a second box around the rocket
+    neighbour = _det_rec("cat", 0.7, [200, 157, 280, 259])  # side by side, overlapping the rocket by a fifth
+    assert nms_per_label([loose, rocket, neighbour], 0.3, cover_thresh=0.6) == [rocket, neighbour]
+    assert nms_per_label([loose, rocket, neighbour], 0.3, cover_thresh=1.0) == [rocket, neighbour, loose]  # rule off
+    # the tight box inside a better-scored loose one goes too: the rule looks at scores, not sizes
+    assert nms_per_label([_det_rec("x", 0.5, rocket.box), _det_rec("y", 0.9, loose.box)], 0.3, 0.6)[0].label == "y"
+
+
+def test_the_cover_rule_stops_at_its_threshold_and_spares_the_whole_image():
+    a, b = _det_rec("a", 0.9, [0, 0, 10, 10]), _det_rec("b", 0.8, [4, 0, 14, 10])  # 60% of the smaller box
+    assert nms_per_label([a, b], 0.3, cover_thresh=0.6) == [a, b]
+    assert nms_per_label([a, b], 0.3, cover_thresh=0.59) == [a]
+    whole = _rec("c", 0.95, [0, 0, 100, 100])  # PaddleClas-style whole-image box covers every detection
+    assert nms_per_label([whole, a], 0.3, cover_thresh=0.1) == [whole, a]
 
 
 @dataclass
@@ -305,3 +333,23 @@ def test_model_flag_runs_a_classifier_instead_of_the_index(cli, tmp_path):
     assert doc["count"] == 4
     for image in doc["images"]:
         assert len(image["top"]) == 2 and image["top"][0]["label"] in {"кот", "cup", "rocket"}
+
+
+def test_the_python_api_with_defaults_gives_what_predict_gives(cli, tmp_path):
+    """Pipeline(...) with no options equals `shitu predict --json` with no options: one home for the defaults.
+    scene_011's two objects score 0.39-0.46 on the demo detector: under the old API default (0.5) both were lost."""
+    from shitu_cli import demo
+    from shitu_cli.infer.detector import Detector
+    from shitu_cli.infer.pipeline import Pipeline
+
+    index_dir, models, _ = demo.ensure_demo_index(tmp_path)
+    image = demo.QUERIES / "images" / "scene_011.jpg"
+    api = Pipeline(index_dir, detector=Detector(models.det)).predict_file(image)
+    result = cli("predict", image, "--index", index_dir, "--det", models.det, "--json")
+    assert result.exit_code == 0, result.stderr
+    (cli_image,) = json.loads(result.stdout)["images"]
+    assert [r["label"] for r in cli_image["recognitions"]] == [r.label for r in api.recognitions]
+    assert len(api.recognitions) == 2 and {r.source for r in api.recognitions} == {"detection"}
+    for ours, theirs in zip(api.recognitions, cli_image["recognitions"]):
+        assert theirs["box"] == pytest.approx(ours.box) and theirs["score"] == pytest.approx(ours.score)
+        assert [m["label"] for m in theirs["matches"]] == [m.label for m in ours.matches]

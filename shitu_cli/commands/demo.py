@@ -39,6 +39,7 @@ def _document(report) -> dict:
                   "unchanged": report.index.unchanged},
         "recall": round(report.recall, 4), "objects": len(report.checks),
         "found": sum(c.correct for c in report.checks), "extra_results": report.extra_results,
+        "precision": round(report.precision, 4), "boxes": report.boxes, "right_boxes": report.right_boxes,
         "checks": [{**vars(c), "correct": c.correct} for c in report.checks],
         "results": report.results, "vis_dir": report.vis_dir, "seconds": round(report.seconds, 2), "notes": report.notes,
     }
@@ -57,7 +58,9 @@ def _show(report) -> None:
     render.show(render.table("Demo results", ["image", "label", "score", "box x1,y1,x2,y2", "from"], rows))
     found = sum(c.correct for c in report.checks)
     render.show(f"recall on the demo queries: [bold]{report.recall:.0%}[/bold] ({found} of {len(report.checks)} objects "
-                f"found with the right label at IoU >= 0.5; {report.extra_results} extra boxes)")
+                "found with the right label at IoU >= 0.5)")
+    render.show(f"precision: [bold]{report.precision:.0%}[/bold] ({report.right_boxes} of {report.boxes} boxes name an object "
+                f"they cover; {report.extra_results} extra boxes cover none)")
     if report.vis_dir:
         render.show(f"drawn images: {report.vis_dir}")
     for note in report.notes:

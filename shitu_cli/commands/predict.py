@@ -9,6 +9,7 @@ import typer
 
 from shitu_cli import render
 from shitu_cli.errors import BadInput
+from shitu_cli.infer.options import DEFAULTS
 
 
 def command(
@@ -20,13 +21,16 @@ def command(
     rec: Optional[str] = typer.Option(None, "--rec", help="Rec model dir or name (default: the one recorded in the index)."),
     model: Optional[str] = typer.Option(None, "--model", help="A classifier (`shitu train-cls` export or a model name): "
                                         "print its top-k classes instead of searching an index."),
-    topk: int = typer.Option(5, "--topk", help="How many distinct labels (or classes) to report per box."),
-    rec_thresh: float = typer.Option(0.5, "--rec-thresh", help="Below this cosine similarity the label is 'unknown'."),
-    nms_thresh: float = typer.Option(0.3, "--nms-thresh", help="IoU above which boxes with the SAME label are merged."),
+    topk: int = typer.Option(DEFAULTS.topk, "--topk", help="How many distinct labels (or classes) to report per box."),
+    rec_thresh: float = typer.Option(DEFAULTS.rec_thresh, "--rec-thresh", help="Below this cosine similarity the label is 'unknown'."),
+    nms_thresh: float = typer.Option(DEFAULTS.nms_thresh, "--nms-thresh", help="IoU above which boxes with the SAME label are merged."),
+    cover_thresh: float = typer.Option(DEFAULTS.cover_thresh, "--cover-thresh",
+                                       help="With --det: when two boxes overlap by more than this share of the smaller "
+                                       "one's area, the lower-scored goes, whatever the labels (1 turns this off)."),
     det: Optional[str] = typer.Option(None, "--det", help="Mainbody detector dir or name (`shitu train-det` export): recognise each box."),
-    det_thresh: float = typer.Option(0.2, "--det-thresh", help="With --det: the detector score a box needs."),
-    max_boxes: int = typer.Option(5, "--max-boxes", help="With --det: at most this many boxes per image, best first."),
-    whole_image: str = typer.Option("fallback", "--whole-image",
+    det_thresh: float = typer.Option(DEFAULTS.det_thresh, "--det-thresh", help="With --det: the detector score a box needs."),
+    max_boxes: int = typer.Option(DEFAULTS.max_boxes, "--max-boxes", help="With --det: at most this many boxes per image, best first."),
+    whole_image: str = typer.Option(DEFAULTS.whole_image, "--whole-image",
                                     help="With --det: also recognise the whole image: always, fallback (when no box), off."),
     save_vis: Optional[Path] = typer.Option(None, "--save-vis", help="Write each image with its boxes and labels drawn into this folder."),
     eval_list: Optional[Path] = typer.Option(None, "--eval", help="A labelled `path<TAB>label` query list: report how often "
@@ -59,8 +63,8 @@ def command(
         paths, truths = map(list, zip(*read_eval_list(eval_list)))
     else:
         paths = expand_all(images)
-    options = PipelineOptions(topk=topk, rec_thresh=rec_thresh, nms_thresh=nms_thresh, det_thresh=det_thresh,
-                              max_boxes=max_boxes, whole_image=whole_image)
+    options = PipelineOptions(topk=topk, rec_thresh=rec_thresh, nms_thresh=nms_thresh, cover_thresh=cover_thresh,
+                              det_thresh=det_thresh, max_boxes=max_boxes, whole_image=whole_image)
     runner, det_dir = _open_runner(index, rec, det, options, predictor_options, batch_size)
     for note in runner.notes:
         render.info(note)

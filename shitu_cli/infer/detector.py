@@ -102,7 +102,8 @@ class Detector:
 
     def __init__(self, model_dir: Path | str, options: PredictorOptions | None = None):
         self.model_dir = Path(model_dir)
-        self.predictor = build_predictor(self.model_dir, options or PredictorOptions(), task="det")
+        # predict's default backend (auto), so a notebook's Detector runs what `shitu predict --det` runs
+        self.predictor = build_predictor(self.model_dir, options or PredictorOptions(backend="auto"), task="det")
         self.manifest = self.predictor.manifest
         self.labels = list(self.manifest.labels)
         self.preprocess = DetPreprocess.from_steps(self._preprocess_steps(), self.model_dir)

@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import numpy as np
 
 from shitu_cli.errors import BadInput, ShituError
+from shitu_cli.infer.options import DEFAULTS, WHOLE_IMAGE_POLICIES, PipelineOptions  # noqa: F401 (re-exported)
 
-WHOLE_IMAGE_POLICIES = ("always", "fallback", "off")
 UNKNOWN = "unknown"
 # Each distinct label needs its nearest gallery item; a few neighbours per label finds them.
 NEIGHBOURS_PER_LABEL = 4
@@ -46,14 +46,6 @@ class ImageResult:
     error: str | None = None
 
 
-@dataclass
-class PipelineOptions:
-    topk: int = 5
-    rec_thresh: float = 0.5
-    nms_thresh: float = 0.3  # per label: boxes of different labels never suppress each other
-    det_thresh: float = 0.5
-    max_boxes: int = 5
-    whole_image: str = "fallback"  # always | fallback | off
 
 
 class DetectionLike(Protocol):
@@ -93,18 +85,38 @@ def greedy_matches(reference: Sequence[Sequence[float]], candidates: Sequence[Se
     return overlaps
 
 
-def nms_per_label(recognitions: Sequence[Recognition], iou_thresh: float) -> list[Recognition]:
-    """Greedy NMS within each label only, best score first; returns survivors in score order.
+def covered_share(a: Sequence[float], b: Sequence[float]) -> float:
+    """The intersection of two boxes over the smaller one's area: 1.0 when one lies inside the other."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    if width <= 0 or height <= 0 or smaller <= 0:
+        return 0.0
+    return float(width * height / smaller)
 
-    PaddleClas's recognition NMS ignores labels, so a crisp "cola" box could swallow an
-    overlapping "fanta" box. Here two boxes only compete when they name the same thing.
+
+def nms_per_label(recognitions: Sequence[Recognition], iou_thresh: float, cover_thresh: float = 1.0) -> list[Recognition]:
+    """Greedy NMS, best score first; returns survivors in score order.
+
+    Two rules remove a box. Same label and IoU above iou_thresh: PaddleClas's recognition NMS ignores
+    labels, so a crisp "cola" box could swallow an overlapping "fanta" box; here IoU only counts
+    between boxes that name the same thing. Any labels, both from the detector, and the smaller box
+    more than cover_thresh inside the other: a loose second detection around an object gets named
+    after something else ("cameraman" around a rocket); two products side by side overlap far less.
+    The whole-image box never takes part in the second rule: it covers every detection.
     """
     kept: list[Recognition] = []
     for candidate in sorted(recognitions, key=lambda r: -r.score):
-        rivals = (r for r in kept if r.label == candidate.label)
-        if all(iou(candidate.box, r.box) <= iou_thresh for r in rivals):
+        if not any(_suppresses(better, candidate, iou_thresh, cover_thresh) for better in kept):
             kept.append(candidate)
     return kept
+
+
+def _suppresses(better: Recognition, worse: Recognition, iou_thresh: float, cover_thresh: float) -> bool:
+    if better.label == worse.label and iou(better.box, worse.box) > iou_thresh:
+        return True
+    from_detector = better.source == "detection" and worse.source == "detection"
+    return from_detector and cover_thresh < 1.0 and covered_share(better.box, worse.box) > cover_thresh
 
 
 def boxes_to_recognise(detections: Sequence[DetectionLike], width: int, height: int,
@@ -191,12 +203,15 @@ class Pipeline:
                  options: PipelineOptions | None = None, predictor_options=None, batch_size: int = 32):
         from shitu_cli.index.store import load_index
         from shitu_cli.infer.embedder import Embedder
+        from shitu_cli.infer.predictor import PredictorOptions
 
         self.options = options or PipelineOptions()
         _check_options(self.options)
         self.index_dir = Path(index_dir)
         self.index = load_index(self.index_dir)
         rec_dir = Path(rec) if rec is not None else Path(self.index.manifest.model.dir)
+        # predict's default backend: the Python API gives what the CLI gives with its defaults
+        predictor_options = predictor_options or PredictorOptions(backend="auto")
         self.embedder = Embedder(rec_dir, predictor_options, batch_size=batch_size)
         self.notes = [n for n in [check_model_fits_index(self.index.manifest.model, self.embedder.manifest, rec_dir)] if n]
         self.detector = detector
@@ -229,7 +244,7 @@ class Pipeline:
         else:
             scores, ids = backend.search(self.index.index, features, self._k)
         results = [self._recognition(box, det_score, s, i) for (box, det_score), s, i in zip(boxes, scores, ids)]
-        return nms_per_label(results, options.nms_thresh)
+        return nms_per_label(results, options.nms_thresh, options.cover_thresh)
 
     def _recognition(self, box: Box, det_score: float | None, scores: np.ndarray, ids: np.ndarray) -> Recognition:
         matches = top_labels(scores, ids, self.index.items, self.options.topk)
@@ -265,6 +280,8 @@ def _check_options(options: PipelineOptions) -> None:
         raise BadInput(f"unknown whole-image policy {options.whole_image!r}", hint=f"choose one of: {', '.join(WHOLE_IMAGE_POLICIES)}")
     if options.max_boxes < 0:
         raise BadInput(f"--max-boxes must not be negative, got {options.max_boxes}")
+    if not 0.0 < options.cover_thresh <= 1.0:
+        raise BadInput(f"--cover-thresh must be in (0, 1], got {options.cover_thresh}", hint="1 turns the rule off")
 
 
 def expand_all(targets: list[str]) -> list[Path]:
