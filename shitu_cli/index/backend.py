@@ -26,6 +26,11 @@ MIN_POINTS_PER_CENTROID = 39
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40  # faiss default. index_bench at 100k: 80 built ~3x slower, recall@1 0.987 -> 1.000
 HNSW_EF_SEARCH = 64
+# One query on an 18-vector flat index took 0.11 ms on one OMP thread and 6.8 ms on two (STACK.md): waking a
+# thread team costs more than a small scan. 2M vector comparisons (512-d) are ~2 ms of work for one thread;
+# below that a search runs on one thread.
+PARALLEL_SEARCH_FROM = 2_000_000
+_thread_budget: int | None = None  # set_threads's; None: faiss's own default (all cores)
 
 
 @dataclass
@@ -169,10 +174,32 @@ def remove(index, choice: IndexChoice, ids_to_remove: np.ndarray):
 
 
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids) each [n, k]; missing neighbours have id -1."""
+    """(scores, ids) each [n, k]; missing neighbours have id -1. Small searches run on one thread."""
     k = max(1, min(k, index.ntotal)) if index.ntotal else 1
-    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    faiss = faiss_module()
+    budget = _thread_budget or faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(search_threads(index, len(queries), budget))
+    try:
+        scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    finally:
+        faiss.omp_set_num_threads(budget)  # adding and training keep the whole budget
     return scores, ids
+
+
+def search_threads(index, queries: int, budget: int) -> int:
+    """OMP threads for one search: the budget only when enough vectors are scanned to pay for waking them."""
+    return budget if scanned_vectors(index) * max(1, queries) >= PARALLEL_SEARCH_FROM else 1
+
+
+def scanned_vectors(index) -> int:
+    """About how many stored vectors one query compares with: all of a flat index, nprobe lists of an IVF,
+    a few hundred graph nodes of an HNSW."""
+    inner = faiss_module().downcast_index(index.index) if hasattr(index, "id_map") else index
+    if hasattr(inner, "nprobe") and hasattr(inner, "nlist"):
+        return int(index.ntotal * inner.nprobe / max(1, inner.nlist))
+    if hasattr(inner, "hnsw"):
+        return min(int(index.ntotal), int(inner.hnsw.efSearch) * HNSW_M)
+    return int(index.ntotal)
 
 
 def to_bytes(index) -> bytes:
@@ -185,4 +212,7 @@ def from_bytes(data: bytes):
 
 
 def set_threads(threads: int) -> None:
-    faiss_module().omp_set_num_threads(max(1, int(threads)))
+    """The thread budget for building, adding and large searches (small searches take one thread)."""
+    global _thread_budget
+    _thread_budget = max(1, int(threads))
+    faiss_module().omp_set_num_threads(_thread_budget)

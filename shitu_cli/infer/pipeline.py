@@ -201,6 +201,7 @@ class Pipeline:
 
     def __init__(self, index_dir: Path | str, rec: Path | str | None = None, detector: DetectorLike | None = None,
                  options: PipelineOptions | None = None, predictor_options=None, batch_size: int = 32):
+        from shitu_cli.index import backend
         from shitu_cli.index.store import load_index
         from shitu_cli.infer.embedder import Embedder
         from shitu_cli.infer.predictor import PredictorOptions
@@ -213,6 +214,7 @@ class Pipeline:
         # predict's default backend: the Python API gives what the CLI gives with its defaults
         predictor_options = predictor_options or PredictorOptions(backend="auto")
         self.embedder = Embedder(rec_dir, predictor_options, batch_size=batch_size)
+        backend.set_threads(predictor_options.threads)  # faiss's budget; small searches still take one thread
         self.notes = [n for n in [check_model_fits_index(self.index.manifest.model, self.embedder.manifest, rec_dir)] if n]
         self.detector = detector
         self._k = min(self.index.index.ntotal, max(1, self.options.topk) * NEIGHBOURS_PER_LABEL + 8)
