@@ -36,6 +36,7 @@ COMMANDS = {  # in workflow order, which is the order `shitu --help` lists them
     "train-cls": "train_cls",
     "build-index": "build_index",
     "predict": "predict",
+    "serve": "serve",
     "eval": "eval",
     "benchmark-cpu": "benchmark_cpu",
     "compress": "compress",
