@@ -6,7 +6,6 @@ import io
 import json
 import signal
 import socket
-import threading
 
 import pytest
 
