@@ -65,6 +65,7 @@ def test_a_run_is_not_overwritten_and_resume_keeps_its_own_model_and_takes_more_
     assert nothing.exit_code == 2 and "nothing to resume" in nothing.stderr
 
 
+@pytest.mark.slow  # the same stop path runs in CI through train-rec (SIGINT) and train-det (SIGTERM)
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_the_run_keeps_the_checkpoint_and_exports_the_best_epoch(shapes, tmp_path, signal_number):
     run = tmp_path / "run"
