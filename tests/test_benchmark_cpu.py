@@ -188,3 +188,50 @@ def test_full_pipeline_with_a_trained_detector(cli, bench_inputs, tmp_path):
     assert stages[:4] == ["decode", "det preprocess", "det inference", "det postprocess"]
     # train-det exports convert to ONNX (their upsampling is written so paddle2onnx 2.1 reads it)
     assert [row["status"] for row in report["results"]] == ["ok"] * len(report["results"])
+
+
+def test_settings_take_turns_and_report_a_spread(cli, bench_inputs):
+    """Two settings, three passes each, loaded first and then timed in rounds (A B A B A B)."""
+    from shitu_cli.bench.runner import BenchOptions, benchmark
+
+    steps = []
+    report = benchmark({"rec": bench_inputs["rec"]}, bench_inputs["images"],
+                       BenchOptions(threads=(1, 2), warmup=1, runs=3), progress=lambda n, **info: steps.append(info["setting"]),
+                       record=False)
+    assert steps == ["loading paddle fp32 1t onednn", "loading paddle fp32 2t onednn",
+                     "round 1 of 3", "round 2 of 3", "round 3 of 3"]
+    from shitu_cli.infer.options import DEFAULTS
+
+    assert report.pipeline == {"topk": DEFAULTS.topk, "det_thresh": DEFAULTS.det_thresh, "max_boxes": DEFAULTS.max_boxes,
+                               "whole_image": DEFAULTS.whole_image}  # predict's, so boxes per image are predict's
+    for row in report.results:
+        assert row.ms_spread is not None and row.ms_spread >= 0
+        for stage in row.stages:
+            assert stage.passes == 3 and stage.samples == 3 * report.images
+    result = _bench(cli, bench_inputs, "--runs", "3")
+    assert "±" in result.stdout and "taking turns" in result.stdout
+
+
+def test_the_spread_is_half_the_range_of_the_pass_medians():
+    from shitu_cli.bench.timing import StageTimer
+
+    timer = StageTimer()
+    for pass_values in ([1.0, 2.0, 30.0], [4.0, 5.0, 6.0]):  # medians 2 and 5
+        for value in pass_values:
+            timer.samples["rec inference"].append(value)
+        timer.close_pass()
+    (stats,) = timer.stats(["rec inference"])
+    assert (stats.p50, stats.spread, stats.passes, stats.samples) == (4.5, 1.5, 2, 6)
+
+
+def test_auto_keeps_paddle_unless_another_backend_wins_by_more_than_the_noise():
+    from shitu_cli.bench.record import clear_winner
+
+    def timing(ms, spread):
+        return {"ms_p50": ms, "ms_spread": spread}
+
+    assert clear_winner({"paddle": timing(10.0, 0.5), "onnxruntime": timing(4.0, 0.5)}) == "onnxruntime"
+    assert clear_winner({"paddle": timing(10.0, 2.0), "onnxruntime": timing(9.0, 2.0)}) == "paddle"  # within the noise
+    assert clear_winner({"paddle": timing(10.0, 0.0), "onnxruntime": timing(9.0, 0.0)}) == "onnxruntime"
+    assert clear_winner({"onnxruntime": timing(4.0, 1.0), "openvino": timing(3.9, 1.0)}) == "openvino"  # no default measured
+    assert clear_winner({"paddle": timing(3.0, 1.0), "openvino": timing(5.0, 0.1)}) == "paddle"

@@ -45,6 +45,7 @@ class BackendTiming:
     ms_p50: float
     threads: int
     mkldnn: bool
+    ms_spread: float = 0.0  # half the range of the passes' medians: the noise of this measurement
 
 
 def update_fastest(timings: Iterable[BackendTiming], path: Path | None = None) -> Path:
@@ -61,11 +62,23 @@ def update_fastest(timings: Iterable[BackendTiming], path: Path | None = None) -
     for (model_hash, backend), timing in best_now.items():
         entry = machine.setdefault(model_hash, {"backends": {}})
         entry["backends"][backend] = {
-            "ms_p50": round(timing.ms_p50, 4), "threads": timing.threads, "mkldnn": timing.mkldnn, "measured": stamp,
+            "ms_p50": round(timing.ms_p50, 4), "ms_spread": round(timing.ms_spread, 4), "threads": timing.threads,
+            "mkldnn": timing.mkldnn, "measured": stamp,
         }
-        entry["fastest"] = min(entry["backends"], key=lambda name: entry["backends"][name]["ms_p50"])
+        entry["fastest"] = clear_winner(entry["backends"])
     atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def clear_winner(backends: Mapping[str, Mapping[str, Any]], default: str = "paddle") -> str:
+    """The fastest backend, but only where it beats the default by more than the noise: its median plus its
+    spread must stay below the default's median minus the default's spread. Otherwise the default stays."""
+    fastest = min(backends, key=lambda name: backends[name]["ms_p50"])
+    if default not in backends or fastest == default:
+        return fastest
+    best, reference = backends[fastest], backends[default]
+    noise = float(best.get("ms_spread", 0.0)) + float(reference.get("ms_spread", 0.0))
+    return fastest if best["ms_p50"] + noise < reference["ms_p50"] else default
 
 
 def fastest_backend(model_hash: str | None, path: Path | None = None) -> str | None:

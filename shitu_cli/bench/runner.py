@@ -1,8 +1,9 @@
 """Run the PP-ShiTu stages over real image files for every setting of a sweep, and summarise them.
 
-A setting is one backend x threads x oneDNN x precision x batch. Images and models are
-loaded before the clock starts; every image then goes through every given model, stage by
-stage, and each stage's milliseconds per image are kept for percentiles.
+A setting is one backend x threads x oneDNN x precision x batch. Images and every setting's
+models are loaded and warmed up before the clock starts; then the settings take turns, one
+pass over all images each (A B C A B C ...), so a change in machine load hits all of them.
+Each stage's milliseconds per image are kept for percentiles, and the passes' medians for a spread.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from shitu_cli.bench.compare import compare
+from shitu_cli.bench.stages import END_TO_END, OK, Setting, SettingRun, batches, with_threads
 from shitu_cli.bench.system import SystemInfo, system_info
 from shitu_cli.bench.timing import StageStats, StageTimer
 from shitu_cli.errors import BadInput, ImageReadError, WorkFailed
-from shitu_cli.infer.predictor import BACKENDS, PRECISIONS, PredictorOptions, backend_installed, build_predictor
+from shitu_cli.infer.predictor import BACKENDS, PRECISIONS, backend_installed
 from shitu_cli.models.manifest import ModelManifest, read_model_manifest
 
 TASK_ORDER = ("det", "rec", "cls")
@@ -26,26 +29,6 @@ STAGE_ORDER = (
     "decode", "det preprocess", "det inference", "det postprocess", "crop + rec preprocess", "rec inference",
     "search", "cls preprocess", "cls inference", "end to end",
 )
-END_TO_END = "end to end"
-OK = "ok"
-
-
-@dataclass(frozen=True)
-class Setting:
-    backend: str
-    threads: int
-    mkldnn: bool | None  # None where the backend has no such switch (onnxruntime, openvino)
-    precision: str
-    batch: int
-
-    @property
-    def label(self) -> str:
-        parts = [self.backend, self.precision, f"{self.threads}t"]
-        if self.mkldnn is not None:
-            parts.append("onednn" if self.mkldnn else "no-onednn")
-        if self.batch != 1:
-            parts.append(f"b{self.batch}")
-        return " ".join(parts)
 
 
 @dataclass
@@ -71,6 +54,7 @@ class SettingResult:
     ms_p50: float | None = None
     ms_p90: float | None = None
     ms_p99: float | None = None
+    ms_spread: float | None = None  # half the range of the passes' end-to-end medians (the settings took turns)
     fps: float | None = None
     speedup: float | None = None  # first row's p50 / this row's p50
     fastest: bool = False
@@ -94,6 +78,7 @@ class BenchReport:
     log_path: Path | None = None
     record_path: Path | None = None
     notes: list[str] = field(default_factory=list)  # what a reader of the numbers should know (oversubscribed threads)
+    pipeline: dict[str, Any] = field(default_factory=dict)  # predict's thresholds the det and rec stages used
 
 
 @dataclass
@@ -104,7 +89,7 @@ class BenchOptions:
     precisions: Sequence[str] = ("fp32",)
     batch: int = 1
     warmup: int = 3
-    runs: int = 3
+    runs: int = 5
 
 
 def expand_settings(options: BenchOptions) -> list[Setting]:
@@ -181,249 +166,87 @@ def load_images(source: Path) -> tuple[list[Path], list[str]]:
     return paths, skipped
 
 
-# ---- one setting: build its predictors, warm up, time the passes
+# ---- the settings take turns: A B C A B C ..., so machine load hits them alike
 
 
-class SettingRun:
-    """The models of one setting and the stage-by-stage processing of one batch of files.
+@dataclass
+class Contender:
+    """One setting during the benchmark: its result row, its loaded models (None once it failed) and its clock."""
 
-    Each stage calls the code `shitu predict` runs (Detector, pipeline crops, preprocess,
-    predictor, faiss search), split where the clock needs to see the seams.
-    """
-
-    def __init__(self, setting: Setting, dirs: dict[str, Path], int8_dirs: dict[str, Path], index_dir: Path | None = None):
-        from shitu_cli.infer.pipeline import PipelineOptions
-
-        self.setting = setting
-        self.pipeline_options = PipelineOptions()
-        self.predictors, self.manifests = {}, {}
-        self.detector = None
-        for task, model_dir in dirs.items():
-            # An int8 setting quantizes the models that have an int8 twin; the others stay fp32.
-            quantized = setting.precision == "int8" and task in int8_dirs
-            precision = "fp32" if setting.precision == "int8" and not quantized else setting.precision
-            options = PredictorOptions(
-                backend=setting.backend, threads=setting.threads,
-                mkldnn=True if setting.mkldnn is None else setting.mkldnn, precision=precision,
-            )
-            path = int8_dirs[task] if quantized else model_dir
-            try:
-                self._load(task, path, options)
-            except WorkFailed as exc:
-                # Name the model: with det + rec + cls, "cannot convert" alone does not say which.
-                raise WorkFailed(f"{task}: {exc.message}", hint=exc.hint, path=exc.path) from None
-        self.index = _load_index(index_dir, setting.threads) if index_dir is not None and "rec" in dirs else None
-
-    def _load(self, task: str, path: Path, options: PredictorOptions) -> None:
-        if task == "det":
-            from shitu_cli.infer.detector import Detector
-
-            self.detector = Detector(path, options)
-            self.predictors[task] = self.detector.predictor
-        else:
-            self.predictors[task] = build_predictor(path, options, task=task)
-        self.manifests[task] = self.predictors[task].manifest
-
-    def size_mb(self) -> float:
-        files = [f for p in self.predictors.values() for f in p.model_files]
-        return sum(Path(f).stat().st_size for f in files) / 1e6
-
-    def process(self, paths: Sequence[Path], timer: StageTimer) -> dict[str, list[np.ndarray]]:
-        """Decode, detect, crop, preprocess, infer and search one batch of files; return each model's outputs."""
-        from shitu_cli.data.images import read_image
-
-        n = len(paths)
-        outputs: dict[str, list[np.ndarray]] = {}
-        with timer.stage(END_TO_END, n):
-            with timer.stage("decode", n):
-                images = [read_image(p) for p in paths]
-            boxes = self._detect(images, timer, outputs) if self.detector else [None] * n
-            if "rec" in self.predictors:
-                features = self._embed(images, boxes, timer, outputs)
-                if self.index is not None:
-                    with timer.stage("search", n):
-                        self._search(features)
-            if "cls" in self.predictors:
-                self._classify(images, timer, outputs)
-        return outputs
-
-    def _detect(self, images: list[np.ndarray], timer: StageTimer, outputs: dict[str, list[np.ndarray]]) -> list:
-        from shitu_cli.infer.detector import postprocess
-
-        n, options, found = len(images), self.pipeline_options, []
-        for rgb in images:
-            with timer.stage("det preprocess", n):
-                image, scale_factor = self.detector.preprocess(rgb)
-            with timer.stage("det inference", n):
-                raw, count = self.detector.predictor.run({"image": image, "scale_factor": scale_factor})[:2]
-            with timer.stage("det postprocess", n):
-                height, width = rgb.shape[:2]
-                detections = postprocess(raw, int(np.asarray(count).reshape(-1)[0]), self.detector.labels,
-                                         (width, height), options.det_thresh, options.max_boxes)
-            found.append(detections)
-            outputs.setdefault("det", []).append(np.array([d.box for d in detections], np.float32).reshape(-1, 4))
-        return found
-
-    def _embed(self, images: list[np.ndarray], detections: list, timer: StageTimer, outputs: dict[str, list[np.ndarray]]) -> np.ndarray:
-        from shitu_cli.infer.embedder import l2_normalise
-        from shitu_cli.infer.pipeline import boxes_to_recognise, crop
-        from shitu_cli.infer.preprocess import preprocess_batch
-
-        n, manifest = len(images), self.manifests["rec"]
-        with timer.stage("crop + rec preprocess", n):
-            crops = []
-            for rgb, found in zip(images, detections):
-                if found is None:
-                    crops.append(rgb)  # no detector: the whole image is the one crop
-                    continue
-                height, width = rgb.shape[:2]
-                crops.extend(crop(rgb, box) for box, _ in boxes_to_recognise(found, width, height, self.pipeline_options.whole_image))
-            batch = preprocess_batch(crops, manifest.preprocess, tuple(manifest.input_size)) if crops else None
-        with timer.stage("rec inference", n):
-            features = l2_normalise(self.predictors["rec"].run(batch)[0]) if batch is not None else np.zeros((0, 1), np.float32)
-        outputs.setdefault("rec", []).append(features)
-        return features
-
-    def _search(self, features: np.ndarray) -> None:
-        from shitu_cli.index import backend
-        from shitu_cli.infer.pipeline import NEIGHBOURS_PER_LABEL, top_labels
-
-        stored, topk = self.index, self.pipeline_options.topk
-        if len(features) and stored.index.ntotal:
-            scores, ids = backend.search(stored.index, features, min(stored.index.ntotal, topk * NEIGHBOURS_PER_LABEL + 8))
-            for row_scores, row_ids in zip(scores, ids):
-                top_labels(row_scores, row_ids, stored.items, topk)
-
-    def _classify(self, images: list[np.ndarray], timer: StageTimer, outputs: dict[str, list[np.ndarray]]) -> None:
-        from shitu_cli.infer.preprocess import preprocess_batch
-
-        n, manifest = len(images), self.manifests["cls"]
-        with timer.stage("cls preprocess", n):
-            batch = preprocess_batch(images, manifest.preprocess, tuple(manifest.input_size))
-        with timer.stage("cls inference", n):
-            outputs.setdefault("cls", []).append(self.predictors["cls"].run(batch)[0])
+    result: SettingResult
+    run: SettingRun | None = None
+    timer: StageTimer = field(default_factory=StageTimer)
+    outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    seconds: float = 0.0
+    passes: int = 0
 
 
-def _load_index(index_dir: Path, threads: int):
-    from shitu_cli.index import backend, load_index
-
-    backend.set_threads(threads)
-    return load_index(Path(index_dir))
-
-
-def _batches(paths: Sequence[Path], size: int) -> list[list[Path]]:
-    return [list(paths[i : i + size]) for i in range(0, len(paths), size)]
-
-
-def time_setting(run: SettingRun, paths: Sequence[Path], warmup: int, runs: int) -> tuple[StageTimer, dict[str, Any], float]:
-    """Warm up, then `runs` timed passes over all files; returns the timer, first-pass outputs, and QPS."""
-    batches = _batches(paths, run.setting.batch)
-    timer = StageTimer()
-    for batch in itertools.islice(itertools.cycle(batches), warmup):
-        run.process(batch, timer)
-        timer.discard_batch()
-    first_outputs: dict[str, list[np.ndarray]] = {}
-    start = time.perf_counter()
-    for pass_index in range(runs):
-        for batch in batches:
-            outputs = run.process(batch, timer)
-            timer.close_batch()
-            if pass_index == 0:
-                for task, values in outputs.items():
-                    first_outputs.setdefault(task, []).extend(values)
-    elapsed = time.perf_counter() - start
-    qps = runs * len(paths) / elapsed if elapsed > 0 else float("nan")
-    # det keeps one box array per image; rec and cls outputs are rows of one array
-    return timer, {task: values if task == "det" else np.concatenate(values) for task, values in first_outputs.items()}, qps
-
-
-def _with_threads(threads: int, func: Callable[[], Any]) -> Any:
-    """Preprocessing (OpenCV) gets the same thread budget as inference."""
-    import cv2
-
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(threads)
-    try:
-        return func()
-    finally:
-        cv2.setNumThreads(before)
-
-
-def run_setting(setting: Setting, dirs: dict[str, Path], int8_dirs: dict[str, Path], paths: Sequence[Path],
-                warmup: int, runs: int, index_dir: Path | None = None) -> tuple[SettingResult, dict[str, Any]]:
+def prepare(setting: Setting, dirs: dict[str, Path], int8_dirs: dict[str, Path], paths: Sequence[Path], warmup: int,
+            index_dir: Path | None = None) -> Contender:
+    """Load a setting's models and warm them up (untimed); a setting that cannot run says why in its row."""
     result = SettingResult(setting.label, setting.backend, setting.threads, setting.mkldnn, setting.precision, setting.batch, OK)
+    contender = Contender(result)
     if setting.backend != "paddle" and not backend_installed(setting.backend):
         result.status = "not installed"
-        return result, {}
+        return contender
     if setting.precision == "int8" and not int8_dirs:
         result.status = "skipped: no int8 model (make one with `shitu compress`, pass it with --int8)"
-        return result, {}
+        return contender
     try:
         started = time.perf_counter()
         run = SettingRun(setting, dirs, int8_dirs, index_dir)
         result.load_s = time.perf_counter() - started
         result.size_mb = run.size_mb()
-        timer, outputs, qps = _with_threads(setting.threads, lambda: time_setting(run, paths, warmup, runs))
+        chunks = batches(paths, setting.batch)
+        for batch in itertools.islice(itertools.cycle(chunks), warmup):
+            with_threads(setting.threads, lambda: run.process(batch, contender.timer))
+            contender.timer.discard_batch()
     except WorkFailed as exc:
         result.status = f"failed: {exc.message}"
+        return contender
+    contender.run = run
+    return contender
+
+
+def timed_pass(contender: Contender, paths: Sequence[Path]) -> None:
+    """One timed pass of a setting over every file; the first pass's outputs are kept for agreement."""
+    run, timer = contender.run, contender.timer
+
+    def one_pass() -> None:
+        for batch in batches(paths, run.setting.batch):
+            outputs = run.process(batch, timer)
+            timer.close_batch()
+            if contender.passes == 0:
+                for task, values in outputs.items():
+                    contender.outputs.setdefault(task, []).extend(values)
+
+    started = time.perf_counter()
+    try:
+        with_threads(run.setting.threads, one_pass)
+    except WorkFailed as exc:
+        contender.result.status, contender.run = f"failed: {exc.message}", None
+        return
+    contender.seconds += time.perf_counter() - started
+    contender.passes += 1
+    timer.close_pass()
+
+
+def finish(contender: Contender, images: int) -> tuple[SettingResult, dict[str, Any]]:
+    """The row's medians, spread and FPS; outputs as compare() reads them (det: boxes per image, else one array)."""
+    result = contender.result
+    if result.status != OK:
         return result, {}
-    result.stages = timer.stats(STAGE_ORDER)
+    result.stages = contender.timer.stats(STAGE_ORDER)
     total = next(s for s in result.stages if s.stage == END_TO_END)
-    result.ms_p50, result.ms_p90, result.ms_p99, result.fps = total.p50, total.p90, total.p99, qps
+    result.ms_p50, result.ms_p90, result.ms_p99, result.ms_spread = total.p50, total.p90, total.p99, total.spread
+    result.fps = contender.passes * images / contender.seconds if contender.seconds > 0 else float("nan")
+    outputs = {task: values if task == "det" else np.concatenate(values) for task, values in contender.outputs.items()}
     return result, outputs
 
 
-# ---- comparing settings
-
-
-def agreement(task: str, reference: Any, other: Any) -> tuple[str, float] | None:
-    """How close a setting's outputs are to the fp32 reference, or None where they cannot be paired.
-
-    rec: mean cosine of the embeddings; cls: top-1 match; det: box F1 at IoU 0.5.
-    """
-    if task == "det":
-        return "det box match", box_match(reference, other)
-    if reference.shape != other.shape:
-        return None  # e.g. the detector found other boxes, so the crops differ
-    if task == "rec":
-        a = reference.reshape(len(reference), -1).astype(np.float64)
-        b = other.reshape(len(other), -1).astype(np.float64)
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        # Untrained nets can emit embeddings near 1e-8: no absolute floor, only an exact-zero guard.
-        cosine = np.where(norms > 0, (a * b).sum(1) / np.where(norms > 0, norms, 1.0), 1.0)
-        return "rec cosine", float(cosine.mean()) if len(cosine) else 1.0
-    return "cls top-1", float((reference.argmax(-1) == other.argmax(-1)).mean()) if len(reference) else 1.0
-
-
-def box_match(reference: Sequence[np.ndarray], other: Sequence[np.ndarray], iou_thresh: float = 0.5) -> float:
-    """F1 of boxes matched one-to-one (greedy, IoU >= thresh) per image; 1.0 when neither found any."""
-    from shitu_cli.infer.pipeline import greedy_matches
-
-    matched = total = 0
-    for ref_boxes, boxes in zip(reference, other):
-        total += len(ref_boxes) + len(boxes)
-        matched += 2 * len(greedy_matches(ref_boxes, boxes, iou_thresh))
-    return matched / total if total else 1.0
-
-
-def compare(results: list[SettingResult], outputs: list[dict[str, np.ndarray]]) -> str | None:
-    """Fill speedup (vs the first row), the fastest mark, and agreement with the first ok fp32 row."""
-    ok = [r for r in results if r.status == OK]
-    if not ok:
-        return None
-    first = results[0] if results[0].status == OK else ok[0]
-    for r in ok:
-        r.speedup = first.ms_p50 / r.ms_p50 if r.ms_p50 else None
-    min(ok, key=lambda r: r.ms_p50).fastest = True
-    reference_index = next((i for i, r in enumerate(results) if r.status == OK and r.precision == "fp32"), None)
-    if reference_index is None:
-        return None
-    for result, produced in zip(results, outputs):
-        for task, value in produced.items():
-            measured = agreement(task, outputs[reference_index][task], value) if task in outputs[reference_index] else None
-            if measured:
-                result.agreement[measured[0]] = measured[1]
-    return results[reference_index].setting
+def progress_steps(options: BenchOptions) -> int:
+    """Steps of the progress bar: each setting's loading, then each round of passes."""
+    return len(expand_settings(options)) + options.runs
 
 
 # ---- the whole benchmark
@@ -445,13 +268,18 @@ def benchmark(models: dict[str, Path | None], images: Path, options: BenchOption
     if not dirs:
         raise BadInput("no model to benchmark", hint="pass --det, --rec and/or --cls DIR (exported model dirs)")
     paths, skipped = load_images(images)
-    results, outputs = [], []
+    contenders = []
     for setting in expand_settings(options):
-        result, produced = run_setting(setting, dirs, int8_dirs, paths, options.warmup, options.runs, index)
-        results.append(result)
-        outputs.append(produced)
+        contenders.append(prepare(setting, dirs, int8_dirs, paths, options.warmup, index))
         if progress:
-            progress(1, setting=setting.label, status=result.status.split(":")[0])
+            progress(1, setting=f"loading {setting.label}", status=contenders[-1].result.status.split(":")[0])
+    for round_number in range(options.runs):
+        for contender in contenders:
+            if contender.run is not None:
+                timed_pass(contender, paths)
+        if progress:
+            progress(1, setting=f"round {round_number + 1} of {options.runs}", status=OK)
+    results, outputs = map(list, zip(*(finish(c, len(paths)) for c in contenders)))
     reference = compare(results, outputs)
     system = system_info()
     report = BenchReport(
@@ -459,11 +287,21 @@ def benchmark(models: dict[str, Path | None], images: Path, options: BenchOption
         image_dir=str(images), skipped_images=skipped, boxes_per_image=_boxes_histogram(outputs, results, reference),
         warmup=options.warmup, runs=options.runs,
         results=results, reference=reference, notes=thread_notes(options.threads, system.usable_cpus),
+        pipeline=pipeline_settings(),
     )
     if record:
         report.record_path = records.update_fastest(backend_timings(report, manifests))
         report.log_path = records.append_log(log_rows(report))
     return report
+
+
+def pipeline_settings() -> dict[str, Any]:
+    """The thresholds the stages run with: predict's defaults, so boxes per image are predict's."""
+    from dataclasses import asdict
+
+    from shitu_cli.infer.options import DEFAULTS
+
+    return {key: value for key, value in asdict(DEFAULTS).items() if key in ("det_thresh", "max_boxes", "whole_image", "topk")}
 
 
 def thread_notes(threads: Sequence[int], usable_cpus: int) -> list[str]:
@@ -511,7 +349,8 @@ def backend_timings(report: BenchReport, manifests: dict[str, ModelManifest]) ->
         for stats in result.stages:
             task = stats.stage.removesuffix(" inference")
             if stats.stage.endswith(" inference") and manifests.get(task) and manifests[task].model_hash:
-                timings.append(BackendTiming(manifests[task].model_hash, result.backend, stats.p50, result.threads, bool(result.mkldnn)))
+                timings.append(BackendTiming(manifests[task].model_hash, result.backend, stats.p50, result.threads,
+                                             bool(result.mkldnn), stats.spread))
     return timings
 
 
@@ -527,7 +366,7 @@ def log_rows(report: BenchReport) -> list[dict[str, Any]]:
             "time": stamp, "cpu": report.system.cpu, "models": models, "images": report.images,
             "setting": r.setting, "backend": r.backend, "threads": r.threads,
             "mkldnn": "" if r.mkldnn is None else int(r.mkldnn), "precision": r.precision, "batch": r.batch,
-            "status": r.status, "size_mb": _round(r.size_mb), "ms_p50": _round(r.ms_p50), "ms_p90": _round(r.ms_p90),
+            "status": r.status, "size_mb": _round(r.size_mb), "ms_p50": _round(r.ms_p50), "ms_spread": _round(r.ms_spread), "ms_p90": _round(r.ms_p90),
             "ms_p99": _round(r.ms_p99), "fps": _round(r.fps),
             "agreement": ";".join(f"{k}={v:.5f}" for k, v in r.agreement.items()),
             "stages_p50": ";".join(f"{s.stage}={s.p50:.3f}" for s in r.stages),

@@ -21,6 +21,10 @@ class StageStats:
     p99: float
     mean: float
     samples: int
+    # Half the range of the passes' medians: how far this number moved with machine load while the
+    # settings took turns. 0.0 with a single pass (nothing to compare).
+    spread: float = 0.0
+    passes: int = 1
 
 
 def percentiles(values_ms: Sequence[float]) -> tuple[float, float, float]:
@@ -35,7 +39,9 @@ class StageTimer:
 
     def __init__(self) -> None:
         self.samples: dict[str, list[float]] = defaultdict(list)
+        self.pass_medians: dict[str, list[float]] = defaultdict(list)
         self._open: dict[str, float] = {}
+        self._pass_start: dict[str, int] = {}
 
     @contextmanager
     def stage(self, name: str, images: int = 1) -> Iterator[None]:
@@ -54,11 +60,21 @@ class StageTimer:
     def discard_batch(self) -> None:
         self._open = {}
 
+    def close_pass(self) -> None:
+        """End one pass over all images: each stage's median over the pass is kept, for the spread."""
+        for name, values in self.samples.items():
+            start = self._pass_start.get(name, 0)
+            if len(values) > start:
+                self.pass_medians[name].append(float(np.median(values[start:])))
+            self._pass_start[name] = len(values)
+
     def stats(self, order: Sequence[str]) -> list[StageStats]:
         names = [n for n in order if n in self.samples] + [n for n in self.samples if n not in order]
         result = []
         for name in names:
             values = self.samples[name]
             p50, p90, p99 = percentiles(values)
-            result.append(StageStats(name, p50, p90, p99, float(np.mean(values)), len(values)))
+            medians = self.pass_medians.get(name) or []
+            spread = (max(medians) - min(medians)) / 2 if len(medians) > 1 else 0.0
+            result.append(StageStats(name, p50, p90, p99, float(np.mean(values)), len(values), spread, max(1, len(medians))))
         return result

@@ -27,12 +27,13 @@ def command(
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16, int8, a comma list, or all."),
     int8: List[Path] = typer.Option([], "--int8", help="An int8 model from `shitu compress` (repeatable), used for int8 rows."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed batches before timing each setting."),
-    runs: int = typer.Option(3, "--runs", help="Timed passes over all images per setting."),
+    runs: int = typer.Option(5, "--runs", help="Timed passes over all images per setting; the settings take turns "
+                             "(A B C A B C ...), and the spread is half the range of a setting's pass medians."),
     batch: int = typer.Option(1, "--batch", help="Images per inference call."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
     """Time decode, preprocess, inference, search and end to end on this CPU for each backend/threads/precision."""
-    from shitu_cli.bench.runner import BenchOptions, benchmark, default_images, default_setup, expand_settings
+    from shitu_cli.bench.runner import BenchOptions, benchmark, default_images, default_setup, progress_steps
     from shitu_cli.models.registry import resolve_model_dir
     from shitu_cli.infer.predictor import BACKENDS, PRECISIONS
 
@@ -45,7 +46,7 @@ def command(
         batch=batch, warmup=warmup, runs=runs,
     )
     image_source = images if images is not None else default_images()
-    with render.progress("benchmarking", total=len(expand_settings(options)), unit="setting", transient=True) as bar:
+    with render.progress("benchmarking", total=progress_steps(options), unit="step", transient=True) as bar:
         report = benchmark(models, image_source, options, int8_models=int8, index=index, progress=bar)
     for note in report.notes:
         render.warn(note)
@@ -88,7 +89,11 @@ def show_report(report) -> None:
     models = ", ".join(f"{m.task} {m.arch} {m.input_size[0]}x{m.input_size[1]} ({m.path})" for m in report.models)
     render.show(f"models: {models}")
     skipped = f", {len(report.skipped_images)} unreadable skipped" if report.skipped_images else ""
-    render.show(f"images: {report.images} from {report.image_dir}{skipped}; warmup {report.warmup} batches, {report.runs} timed passes")
+    render.show(f"images: {report.images} from {report.image_dir}{skipped}; warmup {report.warmup} batches, {report.runs} timed "
+                "passes per setting, taking turns; ms p50 ± half the range of the passes' medians")
+    if report.pipeline and any(m.task == "det" for m in report.models):
+        p = report.pipeline
+        render.show(f"predict's thresholds: det {p['det_thresh']}, at most {p['max_boxes']} boxes, whole image {p['whole_image']}")
     if report.boxes_per_image:
         render.show("boxes per image: " + ", ".join(f"{n} box(es): {count} image(s)" for n, count in sorted(report.boxes_per_image.items())))
     render.show(_results_table(report))
@@ -110,7 +115,8 @@ def _results_table(report):
         ratio = "" if r.speedup is None else f"{r.speedup:.2f}x" + (" fastest" if r.fastest else "")
         agreement = " ".join(f"{AGREEMENT_NAMES.get(name, name)} {value:.4f}" for name, value in r.agreement.items())
         status = r.status if len(r.status) <= STATUS_WIDTH else r.status[: STATUS_WIDTH - 3] + "..."
-        rows.append((r.setting, status, _num(r.size_mb, 2), _num(r.ms_p50), _num(r.ms_p99), _num(r.fps, 1), ratio, agreement))
+        rows.append((r.setting, status, _num(r.size_mb, 2), _with_spread(r.ms_p50, r.ms_spread), _num(r.ms_p99), _num(r.fps, 1),
+                     ratio, agreement))
     columns = ["setting", "status", "size MB", "ms/img p50", "p99", "FPS", "vs first", "agreement"]
     table = render.table("benchmark-cpu", columns, rows)
     for column in table.columns[2:7]:
@@ -124,11 +130,17 @@ def _stages_table(report):
         total = next((s.p50 for s in r.stages if s.stage == "end to end"), None)
         for s in r.stages:
             share = "" if not total or s.stage == "end to end" else f"{100 * s.p50 / total:.0f}%"
-            rows.append((r.setting, s.stage, _num(s.p50), _num(s.p90), _num(s.p99), share))
+            rows.append((r.setting, s.stage, _with_spread(s.p50, s.spread), _num(s.p90), _num(s.p99), share))
     table = render.table("per stage, ms per image", ["setting", "stage", "p50", "p90", "p99", "share"], rows)
     for column in table.columns[2:]:
         column.justify = "right"
     return table
+
+
+def _with_spread(value, spread, digits: int = 3) -> str:
+    if value is None:
+        return ""
+    return _num(value, digits) + (f" ±{spread:.{digits}f}" if spread else "")
 
 
 def _num(value, digits: int = 3) -> str:
