@@ -13,8 +13,9 @@ from shitu_cli.infer.options import DEFAULTS
 
 
 def command(
-    images: Optional[List[str]] = typer.Argument(None, help="Images, folders (searched recursively) or globs like "
-                                                 "shots/*.jpg (quoted or expanded by the shell). Not needed with --eval."),
+    images: Optional[List[str]] = typer.Argument(None, help="Images, folders (searched recursively), globs like "
+                                                 "shots/*.jpg (quoted or expanded by the shell), http(s) URLs or videos "
+                                                 "(.mp4, .avi, ...). Not needed with --eval."),
     index: Optional[Path] = typer.Option(None, "--index", help="An index folder from `shitu build-index` (default: "
                                          "$SHITU_INDEX or `shitu config set index`, else ./index when it holds one, "
                                          "else the built-in demo gallery)."),
@@ -33,6 +34,8 @@ def command(
     whole_image: str = typer.Option(DEFAULTS.whole_image, "--whole-image",
                                     help="With --det: also recognise the whole image: always, fallback (when no box), off."),
     save_vis: Optional[Path] = typer.Option(None, "--save-vis", help="Write each image with its boxes and labels drawn into this folder."),
+    vid_stride: int = typer.Option(1, "--vid-stride", help="For videos: recognise every Nth frame (the JSON gives frame numbers; "
+                                   "--save-vis writes a drawn .mp4)."),
     eval_list: Optional[Path] = typer.Option(None, "--eval", help="A labelled `path<TAB>label` query list: report how often "
                                              "the best box is right, unknown, or wrongly labelled (IMAGES is then ignored)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Crops per recognition batch."),
@@ -43,11 +46,13 @@ def command(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
 ) -> None:
     """Recognise what is in each image: top-k labels with scores and the nearest gallery image."""
-    from shitu_cli.infer.pipeline import PipelineOptions, expand_all
+    from shitu_cli.infer.pipeline import PipelineOptions
     from shitu_cli.infer.predictor import PredictorOptions
 
     if not images and eval_list is None:
         raise BadInput("nothing to predict", hint="pass an image, a folder or a glob, or --eval LIST")
+    if vid_stride < 1:
+        raise BadInput(f"--vid-stride must be at least 1, got {vid_stride}")
     if save_vis is not None:
         from shitu_cli.infer.draw import check_output_folder
 
@@ -62,14 +67,16 @@ def command(
 
         paths, truths = map(list, zip(*read_eval_list(eval_list)))
     else:
-        paths = expand_all(images)
+        from shitu_cli.data.sources import expand_sources
+
+        paths = expand_sources(images)  # files, URLs (fetched in turn) and videos
     options = PipelineOptions(topk=topk, rec_thresh=rec_thresh, nms_thresh=nms_thresh, cover_thresh=cover_thresh,
                               det_thresh=det_thresh, max_boxes=max_boxes, whole_image=whole_image)
     runner, det_dir = _open_runner(index, rec, det, options, predictor_options, batch_size)
     for note in runner.notes:
         render.info(note)
-    results = _run(runner, paths)
-    if save_vis is not None:
+    results = _run(runner, paths) if truths is not None else _run_sources(runner, paths, vid_stride, save_vis)
+    if save_vis is not None and truths is not None:
         _draw(results, save_vis)
     if truths is not None:
         _report_eval(runner, results, truths, json_output)
@@ -82,6 +89,19 @@ def _run(runner, paths):
         return runner.predict_files(paths)
     with render.progress("predicting", total=len(paths)) as bar:
         return runner.predict_files(paths, progress=bar)
+
+
+def _run_sources(runner, sources, vid_stride: int, save_vis):
+    from shitu_cli.data.sources import predict_sources
+
+    if len(sources) == 1 and sources[0].kind != "video":
+        results = predict_sources(runner, sources, vid_stride, save_vis)
+    else:
+        with render.progress("predicting", total=len(sources)) as bar:
+            results = predict_sources(runner, sources, vid_stride, save_vis, progress=bar)
+    if save_vis is not None:
+        _drawn_notes(save_vis)
+    return results
 
 
 def _report(runner, results, model_dirs, json_output: bool) -> None:
@@ -173,12 +193,18 @@ def _index_or_default(index: Optional[Path], threads: int) -> tuple[Path, Option
 
 def _draw(results, folder: Path) -> None:
     from shitu_cli.data.images import read_image
-    from shitu_cli.infer.draw import draw_recognitions, font_notes, unique_names, write_image
+    from shitu_cli.infer.draw import draw_recognitions, unique_names, write_image
 
     names = unique_names([Path(r.path) for r in results])
     for result, name in zip(results, names):
         if result.error is None:
             write_image(folder / name, draw_recognitions(read_image(result.path), result.recognitions))
+    _drawn_notes(folder)
+
+
+def _drawn_notes(folder: Path) -> None:
+    from shitu_cli.infer.draw import font_notes
+
     for note in font_notes():
         render.warn(note)
     render.info(f"drawn images: {folder}")
@@ -217,7 +243,9 @@ def _show(results, failed, gallery_root: str | None) -> None:
             others = ", ".join(f"{m.label} {m.score:.3f}" for m in rec.matches[1:])
             nearest = _relative(rec.matches[0].gallery_path, gallery_root) if rec.matches else ""
             box = ",".join(f"{v:.0f}" for v in rec.box)
-            rows.append((_relative(result.path, image_root), box, rec.label, f"{rec.score:.3f}", nearest, others))
+            frame = getattr(result, "frame", None)  # a video's results name their frame
+            where = _relative(result.path, image_root) + (f" frame {frame}" if frame is not None else "")
+            rows.append((where, box, rec.label, f"{rec.score:.3f}", nearest, others))
     render.show(render.table(None, ["image", "box", "label", "score", "nearest gallery item", "next labels"], rows))
     render.file_problems(f"could not read {len(failed)} file(s)", [(r.path, r.error) for r in failed])
 
@@ -225,9 +253,13 @@ def _show(results, failed, gallery_root: str | None) -> None:
 def _common_parent(paths: list[str]) -> str | None:
     import os
 
+    paths = [p for p in paths if "://" not in p]  # URLs have no parent folder to share
     if len(paths) < 2:
         return None
-    return os.path.commonpath([str(Path(p).parent) for p in paths])
+    try:
+        return os.path.commonpath([str(Path(p).parent) for p in paths])
+    except ValueError:  # relative and absolute paths mixed
+        return None
 
 
 def _relative(path: str, root: str | None) -> str:

@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from shitu_cli.errors import BadInput, ImageReadError
+from shitu_cli.infer.pipeline import ImageResult
 
 URL_SCHEMES = ("http://", "https://")
 MAX_URL_BYTES = 20 * 1024 * 1024
@@ -188,3 +189,151 @@ def video_fps(path: Path) -> float:
     finally:
         capture.release()
     return float(fps) if fps and fps > 0 else 25.0
+
+
+# ----------------------------------------------------------------------------- predict's inputs
+
+
+@dataclass
+class FrameResult(ImageResult):
+    """One video frame's results: `path` is the video, `frame` the 0-based frame number."""
+
+    frame: int | None = None
+
+
+@dataclass
+class Source:
+    """One thing `shitu predict` was given to look at, after expanding folders and globs."""
+
+    name: str  # as reported: a path, or the URL as given
+    kind: str  # image | url | video
+    path: Path | None = None  # the local file (None for a URL)
+
+
+def expand_sources(targets: list[str]) -> list[Source]:
+    """IMAGE / DIR / GLOB / URL / VIDEO arguments -> sources, in the order given, each once.
+
+    Nothing is downloaded here: a URL is fetched when its turn comes, so a dead link is named
+    in the results like an unreadable file, not a reason to stop the batch.
+    """
+    from shitu_cli.infer.pipeline import expand_inputs
+
+    sources: dict[str, Source] = {}
+    for target in targets:
+        if is_url(target):
+            sources.setdefault(target, Source(target, "url"))
+            continue
+        for path in expand_inputs(target):
+            sources.setdefault(path.as_posix(), Source(path.as_posix(), "video" if is_video(path) else "image", path))
+    return list(sources.values())
+
+
+@dataclass
+class UrlLimits:
+    max_bytes: int = MAX_URL_BYTES
+    timeout_s: float = URL_TIMEOUT_S
+    max_pixels: int | None = None
+
+
+def predict_sources(pipeline, sources: list[Source], vid_stride: int = 1, save_vis: Path | None = None,
+                    progress=None, url_limits: UrlLimits | None = None) -> list:
+    """Recognise every source: images and URLs give one ImageResult each, videos one FrameResult per
+    `vid_stride`-th frame. With `save_vis`, drawn images (and a drawn video per video) go there."""
+    from shitu_cli.infer.draw import unique_names
+
+    names = unique_names([Path(_file_name(s)) for s in sources])
+    results = []
+    for source, name in zip(sources, names):
+        if source.kind == "video":
+            results.extend(_predict_video(pipeline, source, vid_stride, save_vis and save_vis / f"{Path(name).stem}.mp4"))
+        else:
+            results.append(_predict_image(pipeline, source, url_limits or UrlLimits(), save_vis and save_vis / name))
+        if progress:
+            progress(1)
+    return results
+
+
+def _file_name(source: Source) -> str:
+    if source.kind == "url":
+        from urllib.parse import unquote, urlparse
+
+        name = Path(unquote(urlparse(source.name).path)).name or "image"
+        return name if Path(name).suffix else f"{name}.jpg"
+    return Path(source.name).name
+
+
+def _predict_image(pipeline, source: Source, limits: UrlLimits, drawn: Path | None):
+    from shitu_cli.errors import ShituError
+
+    try:
+        if source.kind == "url":
+            rgb = decode_image_bytes(fetch_url(source.name, limits.max_bytes, limits.timeout_s), source.name, limits.max_pixels)
+        else:
+            from shitu_cli.data.images import read_image
+
+            rgb = read_image(source.path)
+    except ShituError as exc:
+        return ImageResult(source.name, whole_image_policy=pipeline.options.whole_image, error=exc.one_line()
+                           if source.kind == "url" else exc.message)
+    result = ImageResult(source.name, pipeline.recognise(rgb), pipeline.options.whole_image, (rgb.shape[1], rgb.shape[0]))
+    if drawn is not None:
+        from shitu_cli.infer.draw import draw_recognitions, write_image
+
+        write_image(drawn, draw_recognitions(rgb, result.recognitions))
+    return result
+
+
+def _predict_video(pipeline, source: Source, stride: int, drawn: Path | None) -> list:
+    from shitu_cli.errors import ShituError
+
+    writer = None
+    results = []
+    try:
+        for frame in video_frames(source.path, stride):
+            recognitions = pipeline.recognise(frame.rgb)
+            height, width = frame.rgb.shape[:2]
+            results.append(FrameResult(source.name, recognitions, pipeline.options.whole_image, (width, height), frame=frame.frame))
+            if drawn is not None:
+                writer = writer or _VideoOut(drawn, video_fps(source.path) / stride, width, height)
+                writer.write(_drawn_bgr(frame.rgb, recognitions))
+    except ShituError as exc:
+        if not results:
+            return [FrameResult(source.name, whole_image_policy=pipeline.options.whole_image, error=exc.message, frame=None)]
+        raise
+    finally:
+        if writer is not None:
+            writer.finish()
+    return results
+
+
+def _drawn_bgr(rgb: np.ndarray, recognitions) -> np.ndarray:
+    from shitu_cli.infer.draw import draw_recognitions
+
+    return np.ascontiguousarray(draw_recognitions(rgb, recognitions)[:, :, ::-1])
+
+
+class _VideoOut:
+    """An mp4 written to a hidden temp name and renamed when complete, like every artefact."""
+
+    def __init__(self, path: Path, fps: float, width: int, height: int):
+        import cv2
+
+        from shitu_cli.errors import writing_to
+
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp.mp4")
+        with writing_to(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), max(fps, 1.0), (width, height))
+        if not self.writer.isOpened():
+            raise BadInput("OpenCV cannot write an mp4 video here", path=self.path)
+
+    def write(self, bgr: np.ndarray) -> None:
+        self.writer.write(bgr)
+
+    def finish(self) -> None:
+        import os
+
+        self.writer.release()
+        os.replace(self.tmp, self.path)
+
