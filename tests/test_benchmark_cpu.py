@@ -78,7 +78,10 @@ def test_a_backend_that_cannot_load_the_model_is_a_failed_row(cli, bench_inputs,
     other = BACKENDS[1]
     first = cli("benchmark-cpu", "--cls", model, "--images", bench_inputs["images"], "--backend", f"paddle,{other}", *FAST, "--json")
     assert [r["status"] for r in json.loads(first.stdout)["results"]] == ["ok", "ok"]
-    (model / ".onnx" / "model.onnx").write_bytes(b"this is not an onnx protobuf")
+    from shitu_cli.infer.predictor import onnx_cache_dir
+    from shitu_cli.models.manifest import read_model_manifest
+
+    (onnx_cache_dir(model, read_model_manifest(model)) / "model.onnx").write_bytes(b"this is not an onnx protobuf")
     result = cli("benchmark-cpu", "--cls", model, "--images", bench_inputs["images"], "--backend", f"paddle,{other}", *FAST)
     assert result.exit_code == 0
     assert "failed:" in result.stdout and "model.onnx" in result.stdout

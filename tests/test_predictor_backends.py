@@ -70,11 +70,16 @@ def test_backend_matches_paddle(tiny_models, backend, task):
 
 @pytest.mark.skipif(not OTHER_BACKENDS, reason="no ONNX backend installed")
 def test_onnx_conversion_is_cached_by_model_hash(tmp_path):
+    from shitu_cli.infer.predictor import onnx_cache_dir
+    from shitu_cli.models.manifest import read_model_manifest
+
     model_dir = export_tiny(tmp_path / "cls", "cls")
+    cache = lambda: onnx_cache_dir(model_dir, read_model_manifest(model_dir))  # noqa: E731
     backend = OTHER_BACKENDS[0]
     build_predictor(model_dir, PredictorOptions(backend=backend))
-    onnx_file = model_dir / ".onnx" / "model.onnx"
-    stamp = json.loads((model_dir / ".onnx" / "source.json").read_text(encoding="utf-8"))
+    onnx_file = cache() / "model.onnx"
+    stamp = json.loads((cache() / "source.json").read_text(encoding="utf-8"))
+    assert sorted(p.name for p in model_dir.iterdir()) == ["inference.json", "inference.pdiparams", "shitu.yaml"]
     first_mtime = onnx_file.stat().st_mtime_ns
     build_predictor(model_dir, PredictorOptions(backend=backend))
     assert onnx_file.stat().st_mtime_ns == first_mtime  # reused, not converted again
@@ -82,15 +87,15 @@ def test_onnx_conversion_is_cached_by_model_hash(tmp_path):
     export_tiny(model_dir, "cls", seed=1)  # new weights, new hash: the old conversion must not be used
     x = _batch()
     fresh = build_predictor(model_dir, PredictorOptions(backend=backend)).run(x)[0]
-    assert json.loads((model_dir / ".onnx" / "source.json").read_text(encoding="utf-8"))["model_hash"] != stamp["model_hash"]
+    assert json.loads((cache() / "source.json").read_text(encoding="utf-8"))["model_hash"] != stamp["model_hash"]
     np.testing.assert_allclose(fresh, build_predictor(model_dir).run(x)[0], atol=1e-4)
 
     # same weights, another program file (a re-export): the conversion must be made again too
-    converted = onnx_file.stat().st_mtime_ns
+    converted = cache()
     program = model_dir / "inference.json"
     program.write_text(program.read_text(encoding="utf-8") + "\n", encoding="utf-8")
     build_predictor(model_dir, PredictorOptions(backend=backend))
-    assert onnx_file.stat().st_mtime_ns != converted
+    assert cache() != converted and (cache() / "model.onnx").is_file() and (converted / "model.onnx").is_file()
 
 
 @pytest.mark.skipif(not OTHER_BACKENDS, reason="no ONNX backend installed")
@@ -141,10 +146,13 @@ def test_a_model_dir_holding_onnx_runs_without_conversion(tiny_models, tmp_path)
     from shitu_cli.artifacts import read_yaml, write_yaml
 
     source = tiny_models["cls"]
-    build_predictor(source, PredictorOptions(backend=OTHER_BACKENDS[0]))  # makes source/.onnx/model.onnx
+    from shitu_cli.infer.predictor import onnx_cache_dir
+    from shitu_cli.models.manifest import read_model_manifest
+
+    build_predictor(source, PredictorOptions(backend=OTHER_BACKENDS[0]))  # converts into the shitu cache
     onnx_dir = tmp_path / "onnx_model"
     onnx_dir.mkdir()
-    shutil.copy(source / ".onnx" / "model.onnx", onnx_dir / "model.onnx")
+    shutil.copy(onnx_cache_dir(source, read_model_manifest(source)) / "model.onnx", onnx_dir / "model.onnx")
     (onnx_dir / "model.params").write_bytes(b"")
     manifest = read_yaml(source / "shitu.yaml")
     write_yaml(onnx_dir / "shitu.yaml", {**manifest, "model_file": "model.onnx", "params_file": "model.params"})

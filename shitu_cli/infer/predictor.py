@@ -1,7 +1,7 @@
 """The one place predictors are built: a model dir + options in, `run(inputs) -> outputs` out.
 
 Backends: Paddle Inference (the reference), onnxruntime and OpenVINO (both from an ONNX file
-converted once by paddle2onnx and cached by model hash), and "auto": the backend that
+converted once by paddle2onnx and cached under SHITU_HOME/onnx by model hash), and "auto": the backend that
 `shitu benchmark-cpu` measured fastest on this machine for this model, else Paddle.
 """
 
@@ -25,7 +25,6 @@ from shitu_cli.models.manifest import ModelManifest, read_model_manifest
 BACKENDS = ("paddle", "onnxruntime", "openvino")
 BACKEND_CHOICES = BACKENDS + ("auto",)
 PRECISIONS = ("fp32", "bf16", "int8")
-ONNX_DIR = ".onnx"
 ONNX_FILE = "model.onnx"
 ONNX_STAMP = "source.json"
 ONNX_OPSET = 11
@@ -256,26 +255,31 @@ def model_hash_of(manifest: ModelManifest, model_dir: Path) -> str:
     return sha256_file(Path(model_dir) / manifest.params_file)
 
 
-# ---- ONNX conversion, cached beside the model (or under SHITU_HOME when the model dir is read-only)
+# ---- ONNX conversion, cached under the shitu cache (never written into the model's folder)
 
 
 def onnx_model(model_dir: Path, manifest: ModelManifest) -> Path:
-    """The ONNX file for this model, converted by paddle2onnx on first use and reused while the hash matches."""
+    """The ONNX file for this model, converted by paddle2onnx on first use and reused while weights and program match."""
     import json
 
     if manifest.model_file.endswith(".onnx"):
         return Path(model_dir) / manifest.model_file  # already ONNX (e.g. an ONNX int8 model): nothing to convert
     source = _conversion_source(model_dir, manifest)
-    for cache in _onnx_cache_dirs(model_dir, source["model_hash"]):
-        onnx_path, stamp = cache / ONNX_FILE, cache / ONNX_STAMP
-        try:
-            stamped = json.loads(stamp.read_text(encoding="utf-8"))
-            if onnx_path.is_file() and all(stamped.get(key) == value for key, value in source.items()):
-                return onnx_path
-        except (OSError, ValueError):
-            pass  # a missing or damaged stamp means: convert again
+    cache = _onnx_cache_dir(source)
+    onnx_path, stamp = cache / ONNX_FILE, cache / ONNX_STAMP
+    try:
+        stamped = json.loads(stamp.read_text(encoding="utf-8"))
+        if onnx_path.is_file() and all(stamped.get(key) == value for key, value in source.items()):
+            return onnx_path
+    except (OSError, ValueError):
+        pass  # a missing or damaged stamp means: convert again
     data = _convert_to_onnx(model_dir, manifest)
     return _store_onnx(model_dir, source, data)
+
+
+def onnx_cache_dir(model_dir: Path, manifest: ModelManifest) -> Path:
+    """Where this model's ONNX conversion is (or would be) cached: SHITU_HOME/onnx/<weights hash>-<program hash>."""
+    return _onnx_cache_dir(_conversion_source(model_dir, manifest))
 
 
 def _conversion_source(model_dir: Path, manifest: ModelManifest) -> dict[str, str]:
@@ -287,10 +291,12 @@ def _conversion_source(model_dir: Path, manifest: ModelManifest) -> dict[str, st
             "program_hash": sha256_file(Path(model_dir) / manifest.model_file)}
 
 
-def _onnx_cache_dirs(model_dir: Path, model_hash: str) -> list[Path]:
+def _onnx_cache_dir(source: dict[str, str]) -> Path:
+    # Keyed by weights and program, so two exports of the same weights never overwrite each other's
+    # conversion; a model folder stays as its writer left it (shitu export writes an ONNX model folder).
     from shitu_cli.bench.record import shitu_home
 
-    return [Path(model_dir) / ONNX_DIR, shitu_home() / "onnx" / model_hash[:16]]
+    return shitu_home() / "onnx" / f"{source['model_hash'][:16]}-{source['program_hash'][:12]}"
 
 
 def _store_onnx(model_dir: Path, source: dict[str, str], data: bytes) -> Path:
@@ -300,14 +306,14 @@ def _store_onnx(model_dir: Path, source: dict[str, str], data: bytes) -> Path:
     from shitu_cli.artifacts import atomic_write_bytes, atomic_write_text
 
     stamp = {**source, "paddle2onnx": importlib.metadata.version("paddle2onnx"), "opset": ONNX_OPSET}
-    for cache in _onnx_cache_dirs(model_dir, source["model_hash"]):
-        try:
-            atomic_write_bytes(cache / ONNX_FILE, data)
-            atomic_write_text(cache / ONNX_STAMP, json.dumps(stamp, indent=2) + "\n")
-            return cache / ONNX_FILE
-        except OSError:
-            continue  # read-only model dir: fall back to the per-user cache
-    raise WorkFailed("cannot write the ONNX conversion anywhere", hint="set SHITU_HOME to a writable folder", path=model_dir)
+    cache = _onnx_cache_dir(source)
+    try:
+        atomic_write_bytes(cache / ONNX_FILE, data)
+        atomic_write_text(cache / ONNX_STAMP, json.dumps(stamp, indent=2) + "\n")
+    except OSError as exc:
+        raise WorkFailed(f"cannot write the ONNX conversion ({exc.strerror or exc})", hint="set SHITU_HOME to a writable folder",
+                         path=cache) from None
+    return cache / ONNX_FILE
 
 
 # Run in a child process: paddle2onnx aborts the whole process (SIGABRT) on ops it cannot
