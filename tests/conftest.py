@@ -20,6 +20,8 @@ def isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("TERM", "dumb")
+    # --backend auto measures the backends of each new model once (seconds); tests that want it turn it on.
+    monkeypatch.setenv("SHITU_AUTO_MEASURE", "0")
     return home
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from shitu_cli.infer.predictor import installed_backends
@@ -238,3 +239,16 @@ def test_auto_keeps_paddle_unless_another_backend_wins_by_more_than_the_noise():
     assert clear_winner({"paddle": timing(10.0, 0.0), "onnxruntime": timing(9.0, 0.0)}) == "onnxruntime"
     assert clear_winner({"onnxruntime": timing(4.0, 1.0), "openvino": timing(3.9, 1.0)}) == "openvino"  # no default measured
     assert clear_winner({"paddle": timing(3.0, 1.0), "openvino": timing(5.0, 0.1)}) == "paddle"
+
+
+def test_auto_pairs_the_rounds_of_one_measurement():
+    from shitu_cli.bench.record import clear_winner
+
+    def timing(rounds, stamp="t1"):
+        return {"ms_p50": float(np.median(rounds)), "ms_spread": (max(rounds) - min(rounds)) / 2, "rounds": rounds, "measured": stamp}
+
+    # load swung both 3x, but onnxruntime was faster in every round: a clear win despite the wide spreads
+    assert clear_winner({"paddle": timing([10, 30, 12]), "onnxruntime": timing([8, 25, 9])}) == "onnxruntime"
+    assert clear_winner({"paddle": timing([10, 30, 12]), "onnxruntime": timing([8, 31, 9])}) == "paddle"
+    # measured apart: medians and spreads decide
+    assert clear_winner({"paddle": timing([10, 30, 12]), "onnxruntime": timing([8, 25, 9], "t2")}) == "paddle"

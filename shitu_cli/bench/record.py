@@ -46,6 +46,7 @@ class BackendTiming:
     threads: int
     mkldnn: bool
     ms_spread: float = 0.0  # half the range of the passes' medians: the noise of this measurement
+    rounds: tuple[float, ...] = ()  # each pass's median, when the backends took turns (paired by position)
 
 
 def update_fastest(timings: Iterable[BackendTiming], path: Path | None = None) -> Path:
@@ -63,7 +64,7 @@ def update_fastest(timings: Iterable[BackendTiming], path: Path | None = None) -
         entry = machine.setdefault(model_hash, {"backends": {}})
         entry["backends"][backend] = {
             "ms_p50": round(timing.ms_p50, 4), "ms_spread": round(timing.ms_spread, 4), "threads": timing.threads,
-            "mkldnn": timing.mkldnn, "measured": stamp,
+            "mkldnn": timing.mkldnn, "measured": stamp, "rounds": [round(v, 4) for v in timing.rounds],
         }
         entry["fastest"] = clear_winner(entry["backends"])
     atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -71,12 +72,19 @@ def update_fastest(timings: Iterable[BackendTiming], path: Path | None = None) -
 
 
 def clear_winner(backends: Mapping[str, Mapping[str, Any]], default: str = "paddle") -> str:
-    """The fastest backend, but only where it beats the default by more than the noise: its median plus its
-    spread must stay below the default's median minus the default's spread. Otherwise the default stays."""
+    """The fastest backend, but only where it beats the default by more than the noise; otherwise the default.
+
+    Measured together (same time stamp, the backends taking turns, 3+ rounds): it must be faster in every
+    round, so a load change that slows both cancels out. Measured apart: its median plus its spread must
+    stay below the default's median minus the default's spread.
+    """
     fastest = min(backends, key=lambda name: backends[name]["ms_p50"])
     if default not in backends or fastest == default:
         return fastest
     best, reference = backends[fastest], backends[default]
+    ours, theirs = best.get("rounds") or [], reference.get("rounds") or []
+    if best.get("measured") == reference.get("measured") and len(ours) == len(theirs) >= 3:
+        return fastest if all(a < b for a, b in zip(ours, theirs)) else default
     noise = float(best.get("ms_spread", 0.0)) + float(reference.get("ms_spread", 0.0))
     return fastest if best["ms_p50"] + noise < reference["ms_p50"] else default
 

@@ -350,7 +350,7 @@ def backend_timings(report: BenchReport, manifests: dict[str, ModelManifest]) ->
             task = stats.stage.removesuffix(" inference")
             if stats.stage.endswith(" inference") and manifests.get(task) and manifests[task].model_hash:
                 timings.append(BackendTiming(manifests[task].model_hash, result.backend, stats.p50, result.threads,
-                                             bool(result.mkldnn), stats.spread))
+                                             bool(result.mkldnn), stats.spread, tuple(stats.pass_medians)))
     return timings
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -25,6 +25,7 @@ class StageStats:
     # settings took turns. 0.0 with a single pass (nothing to compare).
     spread: float = 0.0
     passes: int = 1
+    pass_medians: list[float] = field(default_factory=list)  # in the order the passes ran
 
 
 def percentiles(values_ms: Sequence[float]) -> tuple[float, float, float]:
@@ -76,5 +77,6 @@ class StageTimer:
             p50, p90, p99 = percentiles(values)
             medians = self.pass_medians.get(name) or []
             spread = (max(medians) - min(medians)) / 2 if len(medians) > 1 else 0.0
-            result.append(StageStats(name, p50, p90, p99, float(np.mean(values)), len(values), spread, max(1, len(medians))))
+            result.append(StageStats(name, p50, p90, p99, float(np.mean(values)), len(values), spread, max(1, len(medians)),
+                                     [round(m, 4) for m in medians]))
         return result

@@ -210,23 +210,45 @@ def build_predictor(model_dir: Path | str, options: PredictorOptions | None = No
             hint="make one with `shitu compress MODEL --quant ptq`", path=model_dir,
         )
     if options.backend == "auto":
-        options = dataclasses.replace(options, backend=resolve_auto_backend(manifest, Path(model_dir)))
+        options = dataclasses.replace(options, backend=resolve_auto_backend(manifest, Path(model_dir), options))
     if options.backend != "paddle" and not backend_installed(options.backend):
         raise WorkFailed(f"backend {options.backend} is not installed", hint=f"pip install {options.backend}")
     return PREDICTORS[options.backend](Path(model_dir), manifest, options)
 
 
-def resolve_auto_backend(manifest: ModelManifest, model_dir: Path) -> str:
-    """The fastest backend benchmark-cpu recorded here for this model (and still installed), else paddle
-    (or onnxruntime for an ONNX-only model, such as `shitu compress --onnx-int8` writes)."""
+def resolve_auto_backend(manifest: ModelManifest, model_dir: Path, options: PredictorOptions | None = None) -> str:
+    """The fastest backend recorded on this machine for this model (and still installed); on a model not
+    measured yet, a short interleaved measurement of the installed backends that agree with Paddle decides
+    and is recorded (infer/autobackend.py). Paddle where nothing else clearly wins, and for bf16/int8 runs;
+    onnxruntime for an ONNX-only model, such as `shitu compress --onnx-int8` writes."""
     from shitu_cli.bench.record import fastest_backend
 
+    options = options or PredictorOptions()
     if manifest.model_file.endswith(".onnx"):
         return "onnxruntime"
-    chosen = fastest_backend(model_hash_of(manifest, model_dir))
+    if options.precision != "fp32" or manifest.precision != "fp32":
+        return "paddle"  # the record holds fp32 timings only
+    model_hash = model_hash_of(manifest, model_dir)
+    chosen = fastest_backend(model_hash)
+    if chosen is None:
+        chosen = _measure_backends(manifest, model_dir, options)
     if chosen in BACKENDS and (chosen == "paddle" or backend_installed(chosen)):
         return chosen
     return "paddle"
+
+
+def _measure_backends(manifest: ModelManifest, model_dir: Path, options: PredictorOptions) -> str | None:
+    from shitu_cli.bench.record import fastest_backend
+    from shitu_cli.infer import autobackend
+
+    others = [name for name in BACKENDS[1:] if backend_installed(name)]
+    if not autobackend.enabled() or not others or not _importable("paddle2onnx"):
+        return None
+    try:
+        autobackend.measure_and_record(model_dir, manifest, options, ["paddle", *others])
+    except OSError:
+        return None  # an unwritable cache: choose again next time
+    return fastest_backend(model_hash_of(manifest, model_dir))
 
 
 def backend_installed(backend: str) -> bool:
