@@ -40,6 +40,7 @@ COMMANDS = {  # in workflow order, which is the order `shitu --help` lists them
     "eval": "eval",
     "benchmark-cpu": "benchmark_cpu",
     "compress": "compress",
+    "export": "export",
     "models": "models",
     "config": "config",
     "reproduce": "reproduce",

@@ -284,8 +284,9 @@ def onnx_model(model_dir: Path, manifest: ModelManifest) -> Path:
     """The ONNX file for this model, converted by paddle2onnx on first use and reused while weights and program match."""
     import json
 
-    if manifest.model_file.endswith(".onnx"):
-        return Path(model_dir) / manifest.model_file  # already ONNX (e.g. an ONNX int8 model): nothing to convert
+    if manifest.model_file.endswith((".onnx", ".xml")):
+        # already ONNX (e.g. an ONNX int8 model), or OpenVINO IR from `shitu export`: nothing to convert
+        return Path(model_dir) / manifest.model_file
     source = _conversion_source(model_dir, manifest)
     cache = _onnx_cache_dir(source)
     onnx_path, stamp = cache / ONNX_FILE, cache / ONNX_STAMP
