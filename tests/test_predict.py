@@ -353,3 +353,26 @@ def test_the_python_api_with_defaults_gives_what_predict_gives(cli, tmp_path):
     for ours, theirs in zip(api.recognitions, cli_image["recognitions"]):
         assert theirs["box"] == pytest.approx(ours.box) and theirs["score"] == pytest.approx(ours.score)
         assert [m["label"] for m in theirs["matches"]] == [m.label for m in ours.matches]
+
+
+def test_a_folder_streams_in_groups_and_gives_what_one_file_at_a_time_gives(built, tmp_path):
+    """Groups of 2 images (batch 2, no detector): reads run ahead, crops are batched across images, and a broken
+    file in the middle keeps its place."""
+    from shitu_cli.infer.pipeline import Pipeline
+
+    gallery, index, _ = built
+    files = sorted(gallery.rglob("*.jpg"))[:4]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    paths = [files[0], files[1], broken, files[2], files[3]]
+    pipeline = Pipeline(index, batch_size=2)
+    assert pipeline.images_per_group() == 2
+
+    streamed = pipeline.predict_files(paths)
+
+    assert [r.path for r in streamed] == [p.as_posix() for p in paths]
+    assert streamed[2].error and streamed[2].recognitions == []
+    for result, path in zip(streamed, paths):
+        alone = pipeline.predict_file(path)
+        assert [(r.label, r.box) for r in result.recognitions] == [(r.label, r.box) for r in alone.recognitions]
+        assert [r.score for r in result.recognitions] == pytest.approx([r.score for r in alone.recognitions], abs=1e-5)

@@ -232,21 +232,34 @@ class Pipeline:
 
     def recognise(self, rgb: np.ndarray) -> list[Recognition]:
         """All recognitions in one RGB uint8 image, after rec-thresh and per-label NMS."""
+        return self.recognise_many([rgb])[0]
+
+    def recognise_many(self, images: Sequence[np.ndarray]) -> list[list[Recognition]]:
+        """recognise() for several images, with ONE batched rec call and one search for all their crops."""
+        options = self.options
+        boxes = [self._boxes(rgb) for rgb in images]
+        crops = [crop(rgb, box) for rgb, found in zip(images, boxes) for box, _ in found]
+        if not crops:
+            return [[] for _ in images]
+        scores, ids = self._search(self.embedder.embed(crops))
+        results, row = [], 0
+        for found in boxes:
+            recognitions = [self._recognition(box, det_score, scores[row + i], ids[row + i]) for i, (box, det_score) in enumerate(found)]
+            row += len(found)
+            results.append(nms_per_label(recognitions, options.nms_thresh, options.cover_thresh))
+        return results
+
+    def _boxes(self, rgb: np.ndarray) -> list[tuple[Box, float | None]]:
+        options = self.options
+        detections = self.detector.detect(rgb, options.det_thresh, options.max_boxes) if self.detector else []
+        return boxes_to_recognise(detections, rgb.shape[1], rgb.shape[0], options.whole_image)
+
+    def _search(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from shitu_cli.index import backend
 
-        options = self.options
-        height, width = rgb.shape[:2]
-        detections = self.detector.detect(rgb, options.det_thresh, options.max_boxes) if self.detector else []
-        boxes = boxes_to_recognise(detections, width, height, options.whole_image)
-        if not boxes:
-            return []
-        features = self.embedder.embed([crop(rgb, box) for box, _ in boxes])  # one batched call for every crop
         if self._k == 0:
-            scores, ids = np.zeros((len(boxes), 0), np.float32), np.zeros((len(boxes), 0), np.int64)
-        else:
-            scores, ids = backend.search(self.index.index, features, self._k)
-        results = [self._recognition(box, det_score, s, i) for (box, det_score), s, i in zip(boxes, scores, ids)]
-        return nms_per_label(results, options.nms_thresh, options.cover_thresh)
+            return np.zeros((len(features), 0), np.float32), np.zeros((len(features), 0), np.int64)
+        return backend.search(self.index.index, features, self._k)
 
     def _recognition(self, box: Box, det_score: float | None, scores: np.ndarray, ids: np.ndarray) -> Recognition:
         matches = top_labels(scores, ids, self.index.items, self.options.topk)
@@ -257,22 +270,54 @@ class Pipeline:
 
     def predict_file(self, path: Path | str) -> ImageResult:
         """Read and recognise one file; a file that cannot be read gives an ImageResult with `error`."""
-        from shitu_cli.data.images import read_image
+        return self.predict_files([path])[0]
 
-        try:
-            rgb = read_image(path)
-        except ShituError as exc:
-            return ImageResult(Path(path).as_posix(), whole_image_policy=self.options.whole_image, error=exc.message)
-        recognitions = self.recognise(rgb)
-        return ImageResult(Path(path).as_posix(), recognitions, self.options.whole_image, (rgb.shape[1], rgb.shape[0]))
+    def predict_files(self, paths: Iterable[Path | str], progress: Callable[..., None] | None = None,
+                      workers: int = 2) -> list[ImageResult]:
+        """Recognise files as a stream: worker threads decode the next group of images while the models run
+        on this one (Pillow and OpenCV release the GIL), and each group's crops go through the rec model in
+        one batch. Unreadable files give ImageResults with `error`."""
+        from concurrent.futures import ThreadPoolExecutor
 
-    def predict_files(self, paths: Iterable[Path | str], progress: Callable[..., None] | None = None) -> list[ImageResult]:
-        results = []
-        for path in paths:
-            results.append(self.predict_file(path))
-            if progress:
-                progress(1)
+        paths = list(paths)
+        size = self.images_per_group()
+        groups = [paths[start : start + size] for start in range(0, len(paths), size)]
+        results: list[ImageResult] = []
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            pending = [pool.submit(_read, p) for p in groups[0]] if groups else []
+            for number in range(len(groups)):
+                loaded = [job.result() for job in pending]
+                pending = [pool.submit(_read, p) for p in groups[number + 1]] if number + 1 < len(groups) else []
+                results.extend(self._group_results(loaded))
+                if progress:
+                    progress(len(loaded))
         return results
+
+    def images_per_group(self) -> int:
+        """Enough images to fill about one rec batch with their crops."""
+        crops_per_image = 1 if self.detector is None else max(1, self.options.max_boxes) + (self.options.whole_image == "always")
+        return max(1, self.embedder.batch_size // crops_per_image)
+
+    def _group_results(self, loaded: list[tuple[Path | str, np.ndarray | None, str | None]]) -> list[ImageResult]:
+        policy = self.options.whole_image
+        readable = [rgb for _, rgb, _ in loaded if rgb is not None]
+        recognised = iter(self.recognise_many(readable))
+        results = []
+        for path, rgb, error in loaded:
+            if rgb is None:
+                results.append(ImageResult(Path(path).as_posix(), whole_image_policy=policy, error=error))
+            else:
+                results.append(ImageResult(Path(path).as_posix(), next(recognised), policy, (rgb.shape[1], rgb.shape[0])))
+        return results
+
+
+def _read(path: Path | str) -> tuple[Path | str, np.ndarray | None, str | None]:
+    from shitu_cli.data.images import read_image
+
+    try:
+        return path, read_image(path), None
+    except ShituError as exc:
+        return path, None, exc.message
 
 
 def _check_options(options: PipelineOptions) -> None:
