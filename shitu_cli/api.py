@@ -118,7 +118,8 @@ class Index:
             indexed = {item.path: item_id for item_id, item in self.load().items.items()}
             mine = {p.resolve().as_posix() for p in copied}
             # append hashes the whole gallery, so every indexed file reads as a duplicate of itself: keep this call's
-            report.duplicates = [d for d in report.duplicates if d.path in mine]
+            # (another process's edit may have indexed this call's file already: then it is added, not a duplicate)
+            report.duplicates = [d for d in report.duplicates if d.path in mine and d.path not in indexed]
             report.added_items = [(indexed[p.resolve().as_posix()], p.resolve().as_posix()) for p in copied
                                   if p.resolve().as_posix() in indexed]
             for path in copied:  # a duplicate of indexed content: keep the gallery equal to the index
@@ -332,6 +333,10 @@ class Pipeline:
     def recognise(self, rgb: np.ndarray):
         """The recognitions (box, label, score, matches) in one RGB uint8 image."""
         return self.current().recognise(rgb)
+
+    def predict_file(self, path: Path | str):
+        """Read and recognise one file, as the core pipeline does (an unreadable file: `error` set)."""
+        return self.current().predict_file(path)
 
 
 def _manifest_stamp(index_dir: Path) -> tuple[int, int, int]:

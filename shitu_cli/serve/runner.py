@@ -43,9 +43,9 @@ def serve(settings: ServeSettings, host: str, port: int, workers: int, announce:
 
     if workers < 1:
         raise BadInput(f"--workers must be at least 1, got {workers}")
-    service = Service(settings) if workers == 1 else None  # workers load their own; check the settings here anyway
-    if service is None:
-        Service(settings)
+    service = Service(settings)  # a bad index or model fails here; with several workers each loads its own
+    if workers > 1:
+        service = None
     sock = bind(host, port)
     common = {"log_level": "warning", "timeout_graceful_shutdown": 5, "access_log": False}
     if workers == 1:
@@ -59,10 +59,9 @@ def serve(settings: ServeSettings, host: str, port: int, workers: int, announce:
 
     os.environ[SETTINGS_ENV] = settings.to_json()
     config = uvicorn.Config("shitu_cli.serve.app:app_from_env", factory=True, workers=workers, **common)
-    server = uvicorn.Server(config)
     announce(url_of(sock))
     with stopping_quietly():
-        Multiprocess(config, target=server.run, sockets=[sock]).run()
+        Multiprocess(config, sockets=[sock]).run()
 
 
 class _Stopped(Exception):
