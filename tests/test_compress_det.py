@@ -41,7 +41,7 @@ def test_a_lost_box_and_a_moved_box_lower_agreement():
 
 
 def test_agreement_counts_only_boxes_the_pipeline_acts_on_and_needs_the_same_class():
-    before = [_rows([0, 0.9, 10, 10, 50, 50], [0, 0.3, 60, 60, 90, 90])]  # the 0.3 box is below predict's 0.5
+    before = [_rows([0, 0.9, 10, 10, 50, 50], [0, 0.1, 60, 60, 90, 90])]  # the 0.1 box is below predict's 0.2
     after = [_rows([0, 0.7, 11, 11, 50, 50])]
     assert box_agreement(before, after)["agreement"] == 1.0
     assert box_agreement(before, [_rows([1, 0.7, 11, 11, 50, 50])])["agreement"] == 0.0

@@ -270,7 +270,7 @@ class Pipeline:
 
     def predict_file(self, path: Path | str) -> ImageResult:
         """Read and recognise one file; a file that cannot be read gives an ImageResult with `error`."""
-        return self.predict_files([path])[0]
+        return self._group_results([_read(path)])[0]
 
     def predict_files(self, paths: Iterable[Path | str], progress: Callable[..., None] | None = None,
                       workers: int = 2) -> list[ImageResult]:
