@@ -250,14 +250,24 @@ def test_missing_val_json_is_refused(scenes, tmp_path):
     assert result.exit_code == 2 and "val.json is missing" in result.stderr
 
 
-def test_missing_image_files_are_named(scenes, tmp_path):
+def test_unreadable_and_missing_images_are_skipped_and_named(scenes, tmp_path):
     root, _ = scenes
     copy = tmp_path / "scenes"
     shutil.copytree(root, copy)
     (copy / "images" / "train_000.jpg").unlink()
-    result = _invoke("train-det", copy, "-o", tmp_path / "run", *TINY)
-    assert result.exit_code == 2
-    assert "1 image file(s) listed in train.json are missing" in result.stderr and "train_000.jpg" in result.stderr
+    (copy / "images" / "train_001.jpg").write_bytes((root / "images" / "train_001.jpg").read_bytes()[:300])
+    result = _invoke("train-det", copy, "-o", tmp_path / "run", *TINY, "--json")
+    assert result.exit_code == 0, result.stderr
+    skipped = {s["path"]: s["reason"] for s in json.loads(result.stdout)["skipped"]}
+    assert skipped.keys() == {"images/train_000.jpg", "images/train_001.jpg"}
+    assert skipped["images/train_000.jpg"] == "file not found"
+    assert json.loads(result.stdout)["train_images"] == 10
+
+    for image in (copy / "images").glob("val_*.jpg"):
+        image.unlink()
+    nothing = _invoke("train-det", copy, "-o", tmp_path / "run2", *TINY)
+    assert nothing.exit_code == 2
+    assert "none of the 4 images listed in val.json can be read" in nothing.stderr
 
 
 def test_dataset_without_boxes_is_refused(scenes, tmp_path):

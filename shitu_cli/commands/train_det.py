@@ -45,8 +45,9 @@ def command(
         "stopped_by": result.stopped_by,
     }
     if json_output:
-        render.print_json(summary)
+        render.print_json({**summary, "skipped": result.skipped})
     else:
+        render.file_problems("skipped images (left out of training)", [(s.path, s.reason) for s in result.skipped])
         rows = [(k.replace("_", " "), ", ".join(v) if isinstance(v, list) else v) for k, v in summary.items()]
         render.show(render.table("train-det", ["field", "value"], rows))
     if result.stopped_by:

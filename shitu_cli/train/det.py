@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +25,7 @@ from shitu_cli.train.det_data import DetDataset, coco_image_dir, prepare_dataset
 from shitu_cli.train.det_export import (
     EXPORT_DIR, MODEL_SECTIONS, best_weights, export_detector, load_trained_model, write_model_sections,
 )
+from shitu_cli.train.image_check import SkippedImage
 from shitu_cli.train.stop import Interrupted, StopRequest, StopTraining
 
 # The library surface; compress, demo and tests import these names from here.
@@ -55,6 +56,7 @@ class TrainDetResult:
     history: list[dict[str, float]]
     stopped_by: str | None = None  # SIGINT / SIGTERM when a signal ended training early
     epochs_done: int = 0
+    skipped: list[SkippedImage] = field(default_factory=list)  # listed images that could not be read, left out
 
 
 # ---------------------------------------------------------------- training
@@ -212,7 +214,8 @@ def _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, o
     result = TrainDetResult(run_dir, export_dir, name, data.labels, state["best_map"], state["best_map50"],
                             state["best_epoch"], resolved.epochs, data.train_images, data.val_images,
                             round(time.perf_counter() - started, 2), history,
-                            stopped_by=stop.signal_name if stop else None, epochs_done=len(history))
+                            stopped_by=stop.signal_name if stop else None, epochs_done=len(history),
+                            skipped=data.skipped)
     _write_run_recipe(run_dir, dataset, document, merge_classes, data, result)
     return result
 
@@ -269,7 +272,8 @@ def _write_run_recipe(run_dir: Path, dataset, document: dict[str, Any], merge_cl
         options={"dataset": str(Path(dataset).resolve()), "out": str(Path(run_dir).resolve()), "recipe": document,
                  "merge_classes": merge_classes},
         inputs={"dataset": str(Path(dataset).resolve()), "format": data.kind, "recipe": document["name"],
-                "sha256": data.checksums, "train_images": data.train_images, "val_images": data.val_images},
+                "sha256": data.checksums, "train_images": data.train_images, "val_images": data.val_images,
+                "skipped_images": [{"path": s.path, "reason": s.reason} for s in data.skipped]},
         metrics=metrics,
     ), [p for p in written if p.is_file()])
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from shitu_cli.artifacts import atomic_write_text, sha256_file
-from shitu_cli.data.images import ImageReadError, image_size
+from shitu_cli.data.images import image_size
 from shitu_cli.errors import BadInput
+from shitu_cli.train.image_check import SkippedImage, unreadable_images
 
 MERGED_CLASS = "foreground"
 
@@ -30,6 +31,7 @@ class DetDataset:
     train_boxes: int
     val_boxes: int
     checksums: dict[str, str] = field(default_factory=dict)
+    skipped: list[SkippedImage] = field(default_factory=list)  # listed images that cannot be read, left out
 
 
 # ---------------------------------------------------------------- datasets
@@ -50,9 +52,9 @@ def prepare_dataset(root: Path, work_dir: Path, merge_classes: bool = False) -> 
                        hint="run `shitu split-dataset` to write train.json and val.json")
     labels = [MERGED_CLASS] if merge_classes else [c["name"] for c in sorted(train["categories"], key=lambda c: c["id"])]
     work_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
+    counts, skipped = {}, []
     for split, document in (("train", train), ("val", val)):
-        normal = _normalise(document, labels, image_dir, merge_classes, root / f"{split}.json")
+        normal = _normalise(document, labels, image_dir, merge_classes, root / f"{split}.json", skipped)
         if not normal["annotations"]:
             raise BadInput(f"the {split} split has no box annotations", path=root / f"{split}.json",
                            hint="a detector needs boxes: check the annotations' image_id and bbox fields")
@@ -60,7 +62,7 @@ def prepare_dataset(root: Path, work_dir: Path, merge_classes: bool = False) -> 
         counts[split] = (len(normal["images"]), len(normal["annotations"]))
     checksums = {p.name: sha256_file(p) for p in (root / "train.json", root / "val.json") if p.is_file()}
     return DetDataset(root, kind, work_dir / "train.json", work_dir / "val.json", labels,
-                      counts["train"][0], counts["val"][0], counts["train"][1], counts["val"][1], checksums)
+                      counts["train"][0], counts["val"][0], counts["train"][1], counts["val"][1], checksums, skipped)
 
 
 def _val_json(root: Path) -> Path:
@@ -91,27 +93,30 @@ def coco_image_dir(root: Path, document: dict[str, Any]) -> Path:
     return root
 
 
-def _normalise(document: dict[str, Any], labels: list[str], image_dir: Path, merge: bool, source: Path) -> dict[str, Any]:
-    """Absolute file names, category ids 1..K in label order, area/iscrowd/size filled in."""
+def _normalise(document: dict[str, Any], labels: list[str], image_dir: Path, merge: bool, source: Path,
+               skipped: list[SkippedImage]) -> dict[str, Any]:
+    """Absolute file names, category ids 1..K in label order, area/iscrowd/size filled in; images that are
+    missing or do not decode are left out (with their boxes) and added to `skipped`."""
     names = {c["id"]: c["name"] for c in document["categories"]}
     new_id = {name: i + 1 for i, name in enumerate(labels)}
-    images, missing = [], []
+    paths = {image["id"]: (image_dir / image["file_name"]).resolve() for image in document["images"]}
+    bad = unreadable_images(list(paths.values()))
+    images = []
     for image in document["images"]:
-        path = (image_dir / image["file_name"]).resolve()
-        if not path.is_file():
-            missing.append(image["file_name"])
+        path = paths[image["id"]]
+        if path in bad:
+            skipped.append(SkippedImage(image["file_name"], bad[path].reason))
             continue
         entry = {"id": image["id"], "file_name": str(path)}
-        try:
-            entry["width"], entry["height"] = image.get("width") or 0, image.get("height") or 0
-            if not (entry["width"] and entry["height"]):
-                entry["width"], entry["height"] = image_size(path)
-        except ImageReadError as exc:
-            raise BadInput(f"image listed in {source.name} cannot be read ({exc.message})", path=path) from None
+        entry["width"], entry["height"] = image.get("width") or 0, image.get("height") or 0
+        if not (entry["width"] and entry["height"]):
+            entry["width"], entry["height"] = image_size(path)
         images.append(entry)
-    if missing:
-        raise BadInput(f"{len(missing)} image file(s) listed in {source.name} are missing, e.g. {missing[0]!r}",
-                       path=image_dir, hint="file_name must be relative to the dataset folder")
+    if document["images"] and not images:
+        example = skipped[-1]
+        raise BadInput(f"none of the {len(document['images'])} images listed in {source.name} can be read "
+                       f"(e.g. {example.path!r}: {example.reason})", path=image_dir,
+                       hint="file_name must be relative to the dataset folder")
     known = {i["id"] for i in images}
     annotations = []
     for ann in document["annotations"]:
