@@ -13,8 +13,8 @@ from shitu_cli import render
 def command(
     dataset: Optional[Path] = typer.Argument(None, help="COCO dir (train.json + val.json, e.g. from `shitu split-dataset`) or VOC dir. Not needed with --resume."),
     out: Path = typer.Option(..., "--out", "-o", help="Run dir: checkpoints, metrics.csv, curves.png, recipe.yaml, export/. A folder holding an earlier run is refused (use --resume, or a new folder)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name under recipes/det (pp-shituv2-mainbody, small, tiny) or a .yml path. [default: pp-shituv2-mainbody]"),
-    merge_classes: Optional[bool] = typer.Option(None, "--merge-classes/--keep-classes", help="Map every category to one class, 'foreground' (PP-ShiTu's mainbody setup), or keep them. [default: keep]"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name under recipes/det (pp-shituv2-mainbody, small, tiny) or a .yml path. \\[default: pp-shituv2-mainbody]"),
+    merge_classes: Optional[bool] = typer.Option(None, "--merge-classes/--keep-classes", help="Map every category to one class, 'foreground' (PP-ShiTu's mainbody setup), or keep them. \\[default: keep]"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (recipe default otherwise)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Base learning rate (cosine decay after a linear warmup)."),
