@@ -173,7 +173,7 @@ def _train_rec(dataset, out, recipe, pretrained, resume: bool, progress: Progres
     state_file = Checkpoints(run_dir).state_file
     done_epochs = int((read_yaml(state_file) or {}).get("epoch", 0)) if resume and state_file.is_file() else 0
     fitted, sampler = _fit(model, data, settings, evaluate, run_dir, resume, done_epochs, progress, stop)
-    if evaluate is None and not fitted.stopped_by:  # nothing calibrated the final weights; export and best.pdparams must agree
+    if evaluate is None:  # nothing calibrated the final weights yet; export and best.pdparams must agree
         calibrate_batch_norm(model, calibration)
         Checkpoints(run_dir).save("best.pdparams", model.state_dict())
     final = _best_row_metrics(fitted)
