@@ -12,7 +12,7 @@ class PipelineOptions:
     """The one home of predict's defaults: `shitu predict`'s flags, the demo and benchmark-cpu read them here.
 
     det_thresh and cover_thresh were tuned on the demo's query scenes (ground-truth boxes): see
-    benchmarks/vs_paddleclas.md.
+    benchmarks/vs_paddleclas_thresholds.md (and benchmarks/vs_paddleclas.md against PaddleClas).
     """
 
     topk: int = 5
