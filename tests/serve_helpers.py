@@ -86,7 +86,9 @@ def multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> tuple[b
 
 
 def start_server(args: list[str], log: Path, env: dict[str, str] | None = None, wait: float = 180) -> Server:
-    """`shitu serve ARGS --port 0`, waiting for the URL line it says once it listens."""
+    """`shitu serve ARGS --port 0` (one worker unless ARGS say otherwise), waiting for the URL line it says once it listens."""
+    if "--workers" not in map(str, args):
+        args = [*args, "--workers", "1"]
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", "COLUMNS": "200", **(env or {})}
     handle = open(log, "w", encoding="utf-8")
     process = subprocess.Popen([sys.executable, "-m", "shitu_cli", "serve", *map(str, args), "--host", "127.0.0.1", "--port", "0"],

@@ -20,7 +20,9 @@ def command(
     token: Optional[str] = typer.Option(None, "--token", help="Gallery edits need this token (default: $SHITU_TOKEN). "
                                         "Send it as `Authorization: Bearer TOKEN`."),
     read_token: bool = typer.Option(False, "--token-for-reading", help="Ask the token for recognising too, not only for edits."),
-    workers: int = typer.Option(1, "--workers", help="Server processes (see benchmarks/serve_load.md: one is best on 2 cores)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Server processes, each with its own models (default: one "
+                                          "per usable core, the fastest on 2 cores: benchmarks/serve_load.md)."),
+    pool: int = typer.Option(1, "--pool", help="Model copies in each process: how many searches run at once."),
     topk: int = typer.Option(5, "--topk", help="How many distinct labels to report per box."),
     rec_thresh: float = typer.Option(0.5, "--rec-thresh", help="Below this cosine similarity the label is 'unknown'."),
     det_thresh: Optional[float] = typer.Option(None, "--det-thresh", help="With --det: the detector score a box needs."),
@@ -48,7 +50,7 @@ def command(
     options = {"topk": topk, "rec_thresh": rec_thresh} | ({"det_thresh": det_thresh} if det_thresh is not None else {})
     settings = ServeSettings(
         index=str(index), det=str(resolve_model_dir(det)) if det else None, rec=str(resolve_model_dir(rec)) if rec else None,
-        backend=backend, threads=threads, mkldnn=mkldnn, token=token, read_token=read_token, allow_urls=not no_urls,
+        backend=backend, threads=threads, mkldnn=mkldnn, pool=pool, token=token, read_token=read_token, allow_urls=not no_urls,
         options=options, limits=Limits(max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                                        max_pixels=int(max_megapixels * 1_000_000), request_timeout_s=timeout,
                                        url_timeout_s=url_timeout))
@@ -57,5 +59,9 @@ def command(
         render.info(f"shitu serve: {url}  (Ctrl-C stops)")
         render.info(f"index {index}; gallery edits {'need the token' if token else 'are open to anyone who can reach it (no --token)'}")
 
-    serve(settings, host, port, workers, announce)
+    serve(settings, host, port, workers if workers is not None else usable_cores(), announce)
     render.info("shitu serve: stopped")
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

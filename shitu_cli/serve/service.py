@@ -1,14 +1,14 @@
 """What `shitu serve` does, without HTTP: recognise image bytes, and edit the gallery live.
 
-Recognition runs one image at a time (a Paddle predictor is not safe to call from two threads at
-once); each search runs on the core pipeline of the generation committed when it started, so an
+Each predictor recognises one image at a time (a Paddle predictor is not safe to call from two
+threads at once); `pool` predictors in one process serve that many searches at once. Each search runs on the core pipeline of the generation committed when it started, so an
 edit committing meanwhile never changes a search half-way. Edits go through `shitu_cli.api.Index`,
 hence build_index's crash-safe writer and its file lock, and are served from the next request on.
 """
 
 from __future__ import annotations
 
-import threading
+import queue
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +37,7 @@ class ServeSettings:
     backend: str = "auto"
     threads: int = 1
     mkldnn: bool = True
+    pool: int = 1  # pipelines (model copies) in this process: searches that can run at once
     token: str | None = None
     read_token: bool = False  # also ask the token for recognising, not only for edits
     allow_urls: bool = True
@@ -63,9 +64,14 @@ class Service:
 
         self.settings = settings
         self.index = Index(settings.index)
-        self.pipeline = Pipeline(self.index, det=settings.det, rec=settings.rec, backend=settings.backend,
-                                 threads=settings.threads, mkldnn=settings.mkldnn, **settings.options)
-        self._infer_lock = threading.Lock()
+        if settings.pool < 1:
+            raise BadInput(f"--pool must be at least 1, got {settings.pool}")
+        pipelines = [Pipeline(self.index, det=settings.det, rec=settings.rec, backend=settings.backend,
+                              threads=settings.threads, mkldnn=settings.mkldnn, **settings.options) for _ in range(settings.pool)]
+        self.pipeline = pipelines[0]  # health, gallery and edits read the generation through this one
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for pipeline in pipelines:
+            self._free.put(pipeline)
 
     # ---- reading
 
@@ -73,9 +79,12 @@ class Service:
         """predict --json's document for one image, and the index generation it was searched in."""
         from shitu_cli.infer.pipeline import ImageResult
 
-        core = self.pipeline.current()  # this search's generation, whatever commits meanwhile
-        with self._infer_lock:
+        pipeline = self._free.get()  # blocks while every predictor is busy
+        try:
+            core = pipeline.current()  # this search's generation, whatever commits meanwhile
             recognitions = core.recognise(rgb)
+        finally:
+            self._free.put(pipeline)
         result = ImageResult(name, recognitions, core.options.whole_image, (rgb.shape[1], rgb.shape[0]))
         document = {"index": self.index.path.resolve(), "models": self.models(), "images": [result], "count": 1, "failed": 0}
         return document, core.index.manifest.generation
