@@ -21,7 +21,8 @@ def command(
     val: float = typer.Option(0.2, "--val", help="Validation fraction (rec: fraction of classes held out for gallery/query)."),
     test: float = typer.Option(0.1, "--test", help="Test fraction (rec: query fraction of each held-out class, at least one image)."),
     seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Shuffle seed; recorded in recipe.yaml."),
-    format: str = typer.Option("auto", "--format", "-f", help="auto, imagenet, coco, voc or rec (auto never picks rec)."),
+    format: str = typer.Option("auto", "--format", "-f", help="auto, imagenet, coco, voc, rec, paddlex (PaddleX 3 ClsDataset) or paddlex-rec (PaddleX 3 ShiTuRecDataset, "
+                          "also PaddleClas's `path id` rec lists); auto never picks rec or paddlex*."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where the lists go (default: the dataset folder, as PaddleX does)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
@@ -71,4 +72,5 @@ def _show_summary(result) -> None:
     render.show(f"  to {result.out_dir}, with paths relative to {result.dataset_dir}")
     dialect = result.extra.get("list_dialect")
     if dialect:
-        render.show(f"  list lines: `{dialect}`" + (" (class names in labels.txt)" if "class_id" in dialect else ""))
+        render.show(f"  list lines: `{dialect}`" + ((" (class names in label.txt)" if result.format.startswith("paddlex") else " (class names in labels.txt)")
+                    if "class_id" in dialect else ""))

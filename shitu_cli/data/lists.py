@@ -21,6 +21,8 @@ from shitu_cli.errors import BadInput
 
 SPACE, TAB = " ", "\t"
 LABELS_FILE = "labels.txt"
+PADDLEX_LABELS_FILE = "label.txt"  # PaddleX 3: `id name` a line
+ID_LIST_FORMATS = ("imagenet", "paddlex", "paddlex-rec")  # split-dataset formats whose lists end in a class id
 RECIPE_FILE = "recipe.yaml"
 
 
@@ -46,6 +48,22 @@ def rec_list_text(entries: Iterable[tuple[str, str]]) -> str:
 
 def labels_text(names: Iterable[str]) -> str:
     return "".join(f"{name}\n" for name in names)
+
+
+def paddlex_labels_text(names: Iterable[str]) -> str:
+    """PaddleX 3's label.txt: `id name` lines, ids from 0 in order."""
+    return "".join(f"{i} {name}\n" for i, name in enumerate(names))
+
+
+def read_paddlex_labels(path: Path | str) -> dict[int, str]:
+    """PaddleX 3's label.txt: id -> name (the name is everything after the first space)."""
+    names = {}
+    for number, line in _lines(path):
+        fields = line.strip().split(maxsplit=1)
+        if len(fields) != 2 or not _is_int(fields[0]):
+            raise BadInput(f"line {number} is not `id name`: {line!r}", path=path)
+        names[int(fields[0])] = fields[1]
+    return names
 
 
 def read_image_list(path: Path | str) -> list[tuple[str, int]]:
@@ -118,6 +136,9 @@ def read_labelled_list(list_file: Path | str) -> list[ListedImage]:
     recipe = _split_recipe(list_file.parent)
     labels_file = list_file.parent / LABELS_FILE
     class_names = set(read_labels(labels_file)) if recipe is None and labels_file.is_file() else set()
+    paddlex_labels = list_file.parent / PADDLEX_LABELS_FILE
+    if recipe is None and not class_names and paddlex_labels.is_file():
+        class_names = set(read_paddlex_labels(paddlex_labels).values())
     rows = []
     for number, line in _lines(list_file):
         tabbed = TAB in line
@@ -126,7 +147,7 @@ def read_labelled_list(list_file: Path | str) -> list[ListedImage]:
             raise BadInput(f"line {number} is not `relpath<TAB>label` or `relpath class_id`: {line!r}", path=list_file)
         rel, label = _posix(fields[0].strip()), fields[1].strip()
         if recipe is not None:
-            is_id = recipe.get("format") == "imagenet"
+            is_id = recipe.get("format") in ID_LIST_FORMATS
         else:  # a TAB list of ids travelled without its recipe when labels.txt names no class like its label
             is_id = _is_int(label) and (not tabbed or (bool(class_names) and label not in class_names))
         if is_id and not _is_int(label):
@@ -172,10 +193,17 @@ def _split_recipe(folder: Path) -> dict[str, Any] | None:
     return data["options"]
 
 
-def _class_names(list_file: Path, rows: list[tuple[int, str, str, int | None]]) -> list[str]:
-    """labels.txt beside the list, checked against the ids the list uses; [] when there is none."""
+def _class_names(list_file: Path, rows: list[tuple[int, str, str, int | None]]) -> list[str] | dict[int, str]:
+    """labels.txt (or PaddleX's label.txt) beside the list, checked against the ids the list uses; [] when there is none."""
     ids = [(number, label_id) for number, _, _, label_id in rows if label_id is not None]
     labels_file = list_file.parent / LABELS_FILE
+    paddlex_file = list_file.parent / PADDLEX_LABELS_FILE
+    if ids and not labels_file.is_file() and paddlex_file.is_file():
+        names = read_paddlex_labels(paddlex_file)
+        for number, label_id in ids:
+            if label_id not in names:
+                raise BadInput(f"line {number} uses class id {label_id}, which {paddlex_file.name} does not name", path=list_file)
+        return names
     if not ids or not labels_file.is_file():
         return []
     names = read_labels(labels_file)

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 from shitu_cli.data.lists import TAB, image_list_text, labels_text, list_delimiter, rec_list_text
 from shitu_cli.data.split_detection import build_coco, build_voc, coco_candidates
+from shitu_cli.data.split_paddlex import PADDLEX_FORMATS, paddlex_files
 from shitu_cli.data.split_rules import PARTS, REC_PARTS, Plan, check_fractions, split_classes, split_groups
 from shitu_cli.data.split_scan import (
     Built,
@@ -32,7 +33,7 @@ __all__ = ["DEFAULT_SEED", "FORMATS", "PARTS", "REC_PARTS", "Plan", "Skipped", "
            "resolve_format", "split_classes", "split_dataset", "split_groups"]
 
 DEFAULT_SEED = 42
-FORMATS = ("imagenet", "coco", "voc", "rec")
+FORMATS = ("imagenet", "coco", "voc", "rec", "paddlex", "paddlex-rec")
 CORE = "shitu_cli.data.split:split_dataset"
 
 
@@ -166,7 +167,10 @@ def _build_class_folders(root: Path, out_dir: Path, val: float, test: float, see
     warnings = [f"class {name!r} has no readable images; left out of labels.txt" for name, items in groups.items() if not items]
     groups = {name: items for name, items in groups.items() if items}
     labels = sorted(groups)
-    if fmt == "rec":
+    label_id = {name: i for i, name in enumerate(labels)}
+    id_of = {rel: label_id[name] for name, items in groups.items() for rel in items}
+    delimiter = list_delimiter(rel for items in groups.values() for rel in items)
+    if fmt in ("rec", "paddlex-rec"):
         plan = split_classes(groups, val, test, seed)
         label_of = {rel: name for name, items in groups.items() for rel in items}
         files = {f"{part}_list.txt": _rec_list(plan.parts[part], label_of) for part in REC_PARTS}
@@ -176,9 +180,6 @@ def _build_class_folders(root: Path, out_dir: Path, val: float, test: float, see
             warnings.append("no class could be held out; gallery and query lists are empty")
     else:
         plan = split_groups(groups, val, test, seed)
-        label_id = {name: i for i, name in enumerate(labels)}
-        id_of = {rel: label_id[name] for name, items in groups.items() for rel in items}
-        delimiter = list_delimiter(rel for items in groups.values() for rel in items)
         files = {f"{part}_list.txt": _image_list(plan.parts[part], id_of, delimiter) for part in PARTS}
         dialect = "path<TAB>class_id" if delimiter == TAB else "path class_id"
         warnings += _small_class_warnings(plan.kept_in_train, groups, "too few to split")
@@ -186,6 +187,8 @@ def _build_class_folders(root: Path, out_dir: Path, val: float, test: float, see
             warnings.append('some paths hold spaces, so the lists separate path and class id with a TAB: '
                             'in a PaddleClas dataset config set `delimiter: "\\t"`')
     files["labels.txt"] = labels_text(labels).encode("utf-8")
+    if fmt in PADDLEX_FORMATS:
+        files, dialect = paddlex_files(fmt, plan.parts, id_of, delimiter, labels)
     inputs = {"images_found": len(all_paths), "images_used": len(good), "files_skipped": len(skipped) + len(bad), "classes": len(labels)}
     return Built(files, plan, sorted_skips(skipped + bad), warnings, inputs, {"list_dialect": dialect})
 
@@ -215,7 +218,16 @@ def _build_rec(root, out_dir, val, test, seed, progress) -> Built:
 
 
 
-_BUILDERS = {"imagenet": _build_imagenet, "rec": _build_rec, "voc": build_voc, "coco": build_coco}
+def _build_paddlex(root, out_dir, val, test, seed, progress) -> Built:
+    return _build_class_folders(root, out_dir, val, test, seed, progress, "paddlex")
+
+
+def _build_paddlex_rec(root, out_dir, val, test, seed, progress) -> Built:
+    return _build_class_folders(root, out_dir, val, test, seed, progress, "paddlex-rec")
+
+
+_BUILDERS = {"imagenet": _build_imagenet, "rec": _build_rec, "voc": build_voc, "coco": build_coco,
+             "paddlex": _build_paddlex, "paddlex-rec": _build_paddlex_rec}
 
 
 # ----------------------------------------------------------------------------- writing

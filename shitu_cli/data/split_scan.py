@@ -88,6 +88,8 @@ def require_images(root: Path, found: int, usable: int, fmt: str) -> None:
 LAYOUT_HINTS = {
     "imagenet": "put images in one folder per class: DATASET/<class>/<image>.jpg",
     "rec": "put images in one folder per class: DATASET/<class>/<image>.jpg",
+    "paddlex": "put images in one folder per class: DATASET/<class>/<image>.jpg",
+    "paddlex-rec": "put images in one folder per class: DATASET/<class>/<image>.jpg",
     "coco": "list images in annotations.json and keep them in images/ or beside it",
     "voc": "put images in JPEGImages/ and one xml per image in Annotations/",
 }
