@@ -64,7 +64,11 @@ def test_manifest_describes_the_ppdet_export(trained):
     assert manifest["labels"] == ["foreground"] == infer_cfg["label_list"]
     assert manifest["preprocess"]["mean"] == [0.485, 0.456, 0.406]
     assert manifest["model_hash"] == sha256_file(run / "export" / "model.pdiparams")
-    assert manifest["recipe_hash"] == sha256_file(run / "ppdet.yml")
+    from shitu_cli.artifacts import sha256_bytes
+
+    portable = (run / "ppdet.yml").read_text(encoding="utf-8").replace(str(run.resolve()), "<RUN_DIR>")
+    assert str(run.resolve()) in (run / "ppdet.yml").read_text(encoding="utf-8")  # ppdet reads it from any cwd
+    assert manifest["recipe_hash"] == sha256_bytes(portable.encode("utf-8"))
 
 
 def test_recipe_yaml_holds_the_resolved_config(trained):
@@ -78,6 +82,18 @@ def test_recipe_yaml_holds_the_resolved_config(trained):
     assert recipe["options"]["merge_classes"] is True
     assert recipe["metrics"]["best_map"] == summary["best_map"]
     assert recipe["outputs"]["export/model.pdiparams"] == sha256_file(run / "export" / "model.pdiparams")
+
+
+def test_reproduce_replays_the_run_byte_for_byte_elsewhere(trained, tmp_path):
+    import subprocess
+    import sys
+
+    run, _ = trained
+    result = subprocess.run([sys.executable, "-m", "shitu_cli", "reproduce", str(run / "recipe.yaml"),
+                             "-o", str(tmp_path / "again"), "--json"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["identical"] and {f["path"] for f in report["files"]} >= {"export/model.pdiparams", "export/shitu.yaml"}
 
 
 def test_exported_boxes_match_the_dygraph_model(trained, scenes):

@@ -199,8 +199,9 @@ def _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, o
             from shitu_cli.models.registry import resolve_weights
 
             resolved.pretrained = str(resolve_weights(resolved.pretrained))  # a weights name, or a clear error
-    data = prepare_dataset(Path(dataset), run_dir / "data", merge_classes)
-    atomic_write_text(run_dir / PPDET_CONFIG, dump_yaml(build_ppdet_config(document, resolved, data, run_dir)))
+    # Absolute paths in ppdet.yml: ppdet reads them from any cwd, and run_config_hash can take the run dir out.
+    data = prepare_dataset(Path(dataset), run_dir.resolve() / "data", merge_classes)
+    atomic_write_text(run_dir / PPDET_CONFIG, dump_yaml(build_ppdet_config(document, resolved, data, run_dir.resolve())))
     document = {**document, "name": name, "shitu": asdict(resolved)}
     _write_run_recipe(run_dir, dataset, document, merge_classes, data, None)  # so a killed run can be resumed
 
@@ -266,7 +267,8 @@ def _write_run_recipe(run_dir: Path, dataset, document: dict[str, Any], merge_cl
                    "epochs_done": result.epochs_done}
         if result.stopped_by:
             metrics["stopped_by"] = result.stopped_by
-        written = [run_dir / "metrics.csv", run_dir / PPDET_CONFIG] + sorted(p for p in result.export_dir.iterdir() if p.is_file())
+        # ppdet.yml names the run dir, so it is not an output a replay elsewhere can match (shitu.yaml hashes it portably).
+        written = [run_dir / "metrics.csv"] + sorted(p for p in result.export_dir.iterdir() if p.is_file())
     write_recipe(run_dir, Recipe(
         command="train-det", core="shitu_cli.train.det:train_det", seed=document["shitu"]["seed"],
         options={"dataset": str(Path(dataset).resolve()), "out": str(Path(run_dir).resolve()), "recipe": document,

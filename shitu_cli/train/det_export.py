@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shitu_cli.artifacts import atomic_write_text, dump_yaml, read_yaml, sha256_file
+from shitu_cli.artifacts import atomic_write_text, dump_yaml, read_yaml, sha256_bytes
 from shitu_cli.errors import BadInput
 from shitu_cli.train.det_config import CHECKPOINTS, PPDET_CONFIG, load_ppdet_config
 
@@ -99,13 +99,20 @@ def _write_manifest(export_dir: Path, cfg, recipe_name: str, nms) -> None:
                               interpolation=_INTERP_NAMES.get(int(steps["Resize"].get("interp", 1)), "linear")),
         labels=[str(label) for label in infer_cfg["label_list"]],
         input_names=["image", "scale_factor"],
-        recipe_hash=sha256_file(Path(cfg["save_dir"]) / PPDET_CONFIG),  # the resolved config it was trained from
+        recipe_hash=run_config_hash(Path(cfg["save_dir"])),  # the resolved config it was trained from
         extra={"recipe": recipe_name, "infer_cfg": "infer_cfg.yml", "is_scale": bool(norm.get("is_scale", True)),
                "nms": {"score_threshold": float(nms.score_threshold), "nms_threshold": float(nms.nms_threshold),
                        "keep_top_k": int(nms.keep_top_k)},
                "outputs": "boxes [N,6] = class, score, x1, y1, x2, y2 in original pixels; count [batch]"},
     )
     write_model_manifest(export_dir, manifest)
+
+
+def run_config_hash(run_dir: Path) -> str:
+    """sha256 of the run's ppdet.yml with the run dir's own path taken out: the same training config
+    hashes the same wherever the run (or its `shitu reproduce`) lives."""
+    text = (Path(run_dir) / PPDET_CONFIG).read_text(encoding="utf-8")
+    return sha256_bytes(text.replace(str(Path(run_dir).resolve()), "<RUN_DIR>").encode("utf-8"))
 
 
 _INTERP_NAMES = {0: "nearest", 1: "linear", 2: "cubic", 3: "area", 4: "lanczos"}
