@@ -12,7 +12,7 @@ from shitu_cli import demo
 # The built-in models find most demo objects; the margin below the measured recall
 # (see CHANGELOG / README) absorbs CPU-to-CPU float differences, not regressions.
 MIN_RECALL = 0.8  # measured: 16 of 17 objects (0.94)
-# Boxes that cover no object: measured 0 with predict's defaults (6 before the cover rule; PaddleClas 1).
+# Boxes that cover no object: measured 0 with predict's defaults (6 before the cover rule; PaddleClas 0, benchmarks/vs_paddleclas.md).
 MAX_EXTRA_BOXES = 1
 
 
