@@ -32,8 +32,9 @@ def command(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per recognition batch."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for Paddle Inference and faiss."),
     mkldnn: bool = typer.Option(True, "--mkldnn/--no-mkldnn", help="Use oneDNN (3-5x faster on most CPUs)."),
-    backend: str = typer.Option("auto", "--backend", help="paddle, onnxruntime, openvino, or auto (the fastest "
-                                "`shitu benchmark-cpu` recorded here for the model, else paddle)."),
+    backend: str = typer.Option("auto", "--backend", help="paddle, onnxruntime, openvino, or auto: the fastest "
+                                "backend measured on this CPU for this model (the first use times the backends that give "
+                                "Paddle's outputs, a few seconds; `shitu benchmark-cpu` measures too), else paddle."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
     """Build or update a gallery index: re-running on a changed folder syncs it (added, removed, re-embedded)."""

@@ -41,8 +41,9 @@ def command(
     batch_size: int = typer.Option(32, "--batch-size", help="Crops per recognition batch."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for inference."),
     mkldnn: bool = typer.Option(True, "--mkldnn/--no-mkldnn", help="Use oneDNN (3-5x faster on most CPUs)."),
-    backend: str = typer.Option("auto", "--backend", help="paddle, onnxruntime, openvino, or auto (the fastest "
-                                "`shitu benchmark-cpu` recorded here for the model, else paddle)."),
+    backend: str = typer.Option("auto", "--backend", help="paddle, onnxruntime, openvino, or auto: the fastest "
+                                "backend measured on this CPU for this model (the first use times the backends that give "
+                                "Paddle's outputs, a few seconds; `shitu benchmark-cpu` measures too), else paddle."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
 ) -> None:
     """Recognise what is in each image: top-k labels with scores and the nearest gallery image."""
