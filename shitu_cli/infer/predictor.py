@@ -1,8 +1,9 @@
 """The one place predictors are built: a model dir + options in, `run(inputs) -> outputs` out.
 
 Backends: Paddle Inference (the reference), onnxruntime and OpenVINO (both from an ONNX file
-converted once by paddle2onnx and cached under SHITU_HOME/onnx by model hash), and "auto": the backend that
-`shitu benchmark-cpu` measured fastest on this machine for this model, else Paddle.
+converted once by paddle2onnx and cached under SHITU_HOME/onnx by model hash), and "auto": the backend
+measured fastest on this machine for this model (by `shitu benchmark-cpu`, or by infer/autobackend.py on
+the model's first auto use), else Paddle.
 """
 
 from __future__ import annotations
