@@ -51,3 +51,19 @@ def test_closeness_ranks_a_nearer_copy_of_the_outputs_higher():
     labels = [str(i // 3) for i in range(12)]
     agreement, cosine = closeness_to("rec", original, -original, labels)
     assert cosine == -1.0 and 0.0 <= agreement <= 1.0
+
+
+def test_a_detector_is_scored_by_map_against_the_original_boxes():
+    from shitu_cli.compress.measure import map_against
+
+    def rows(*boxes):
+        return np.array(boxes, np.float32).reshape(-1, 6)
+
+    original = [rows([0, 0.9, 10, 10, 50, 50], [0, 0.8, 60, 60, 90, 90])]
+    assert map_against(original, original, ["object"]) == pytest.approx(1.0)
+    shifted = [rows([0, 0.9, 12, 12, 52, 52], [0, 0.8, 60, 60, 90, 90])]  # one box 2 px off: found, less exactly
+    lost = [rows([0, 0.9, 10, 10, 50, 50])]
+    assert 0.5 < map_against(original, shifted, ["object"]) < 1.0
+    assert map_against(original, lost, ["object"]) < map_against(original, shifted, ["object"])
+    # boxes below predict's threshold are not the original's answer: finding nothing then agrees
+    assert map_against([rows([0, 0.05, 10, 10, 50, 50])], [rows()], ["object"]) == 1.0

@@ -117,3 +117,4 @@ def show_algo_choice(choice: dict) -> None:
         else:
             rows.append((trial["algo"], f"{trial['agreement']:.4f}", f"{trial['closeness']:.4f}", "picked" if trial["chosen"] else ""))
     render.show(render.table(title, ["algo", "agreement", "closeness", ""], rows))
+    render.show(f"closeness: {choice['closeness']}; picked: the best by {' then '.join(choice['ranked_by'])}")

@@ -169,6 +169,20 @@ def _acted_on(rows: np.ndarray) -> np.ndarray:
     return rows[rows[:, 1] >= DET_THRESH][:DET_MAX_BOXES]
 
 
+def map_against(reference: list[np.ndarray], found: list[np.ndarray], class_names: list[str]) -> float:
+    """COCO mAP of `found` with the boxes the original acted on (`reference` above predict's threshold) as the
+    ground truth: how well a compressed detector finds, ranks and places the original's boxes."""
+    def name(index: float) -> str:
+        return class_names[int(index)] if 0 <= int(index) < len(class_names) else "?"
+
+    truth = [Sample(Path(str(i)), None, tuple((x1, y1, x2, y2, name(c)) for c, _, x1, y1, x2, y2 in _acted_on(rows).tolist()))
+             for i, rows in enumerate(reference)]
+    scored = detection_map(Detections(list(found), truth), class_names)
+    if scored is None:  # the original acted on no box: agreeing with it is finding none either
+        return float(all(len(_acted_on(rows)) == 0 for rows in found))
+    return scored[1]
+
+
 def detection_map(found: Detections, class_names: list[str]) -> tuple[str, float] | None:
     """COCO mAP@[.5:.95] (pycocotools) against the ground-truth boxes of a COCO --eval json; None without one.
 
