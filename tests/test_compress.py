@@ -186,6 +186,9 @@ def test_bad_input_is_a_one_line_error(cli, cls_run, tmp_path):
     lonely = cli("compress", tmp_path / "lonely", "--calib", data_dir, "-o", tmp_path / "m")
     assert lonely.exit_code == 2 and "--onnx-int8" in lonely.stderr
 
+    unknown = cli("compress", run_dir, "--calib", data_dir, "-o", tmp_path / "m", "--algo", "best")
+    assert unknown.exit_code == 2 and "unknown PTQ algorithm 'best'" in unknown.stderr and "auto" in unknown.stderr
+
     clobber = cli("compress", run_dir, "--calib", data_dir, "-o", run_dir / "export")
     assert clobber.exit_code == 2 and "overwrite" in clobber.stderr
     assert not (tmp_path / "m").exists()
