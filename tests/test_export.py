@@ -109,3 +109,44 @@ def test_the_output_is_never_the_source_or_a_full_folder(cli, models, tmp_path):
     taken = cli("export", models / "rec", "--format", "onnx", "-o", full)
     assert taken.exit_code == 2 and "not an empty folder" in taken.stderr
     assert listing(full) == ["keep.txt"]
+
+
+@pytest.mark.skipif(not {"onnxruntime", "openvino"} <= set(installed_backends()), reason="needs onnxruntime and openvino")
+def test_an_int8_onnx_model_exports_with_int8_and_only_with_it(cli, models, tmp_path):
+    """An ONNX INT8 model (made here by the quantiser `shitu compress --onnx-int8` uses) becomes OpenVINO IR."""
+    import dataclasses
+
+    import numpy as np
+
+    from shitu_cli.compress.onnx_int8 import quantize_onnx
+    from shitu_cli.data.images import read_image
+    from shitu_cli.infer.predictor import onnx_model
+    from shitu_cli.infer.preprocess import preprocess_batch
+    from shitu_cli.models.manifest import read_model_manifest, write_model_manifest
+
+    source = models / "rec"
+    manifest = read_model_manifest(source)
+    photos = sorted((ROOT / "assets" / "demo" / "gallery").rglob("*.jpg"))
+    batch = preprocess_batch([read_image(p) for p in photos], manifest.preprocess, manifest.input_size)
+    int8_dir = tmp_path / "rec-int8"
+    quantize_onnx(onnx_model(source, manifest), int8_dir / "model.onnx",
+                  lambda: ({manifest.input_names[0]: batch[i:i + 6]} for i in range(0, len(batch), 6)))
+    write_model_manifest(int8_dir, dataclasses.replace(manifest, model_file="model.onnx", params_file="model.onnx",
+                                                       precision="int8", method="onnx-int8-minmax",
+                                                       parent_model_hash=manifest.model_hash))
+
+    refused = cli("export", int8_dir, "--format", "openvino", "-o", tmp_path / "no")
+    assert refused.exit_code == 2 and "pass --int8" in refused.stderr
+    result = cli("export", int8_dir, "--format", "openvino", "--int8", "-o", tmp_path / "rec-int8-ov", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["precision"] == "int8" and report["backend"] == "openvino"
+    assert 0 < report["max_abs_diff"] < report["scale"]  # reported: two runtimes' INT8 kernels round differently
+    assert any("INT8 kernels of openvino round unlike" in note for note in report["notes"])
+    exported = read_model_manifest(tmp_path / "rec-int8-ov")
+    assert exported.precision == "int8" and exported.method == "onnx-int8-minmax+export-openvino"
+    xml = (tmp_path / "rec-int8-ov" / "model.xml").read_text(encoding="utf-8")
+    assert "FakeQuantize" in xml or "i8" in xml  # the quantisation survived the conversion
+    assert np.isfinite(report["max_abs_diff"])
+    same = json.loads(cli("export", int8_dir, "--format", "onnx", "--int8", "-o", tmp_path / "rec-int8-onnx", "--json").stdout)
+    assert same["max_abs_diff"] == 0.0 and same["files"] == ["model.onnx"]  # ONNX INT8 stays as it is

@@ -114,3 +114,9 @@ def test_a_broken_video_and_a_bad_stride_are_refused(cli, demo, tmp_path):
     assert result.exit_code == 2 and "fake.mp4" in result.stderr
     stride = cli("predict", fake, "--index", index, "--vid-stride", "0")
     assert stride.exit_code == 2 and "--vid-stride must be at least 1" in stride.stderr
+
+
+def test_a_stream_url_is_refused_by_name(cli, demo):
+    _, index = demo
+    result = cli("predict", "rtsp://127.0.0.1:8554/shelf", "--index", index)
+    assert result.exit_code == 2 and "rtsp://127.0.0.1:8554/shelf: only http(s) URLs" in result.stderr

@@ -223,6 +223,9 @@ def expand_sources(targets: list[str]) -> list[Source]:
         if is_url(target):
             sources.setdefault(target, Source(target, "url"))
             continue
+        if "://" in target:  # rtsp://, ftp://, ...: named whole (a Path would fold its //)
+            raise BadInput(f"{target}: only http(s) URLs, files, folders and globs can be read "
+                           "(webcams and RTSP streams are not supported yet)")
         for path in expand_inputs(target):
             sources.setdefault(path.as_posix(), Source(path.as_posix(), "video" if is_video(path) else "image", path))
     return list(sources.values())

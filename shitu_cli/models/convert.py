@@ -21,8 +21,10 @@ RUN_WITH = {"onnx": "onnxruntime", "openvino": "openvino", "paddle": "paddle"}
 CORE = "shitu_cli.models.convert:export_model"
 SAMPLE_COUNT = 4
 # Largest output difference from the source that still counts as the same model, relative to the
-# outputs' own scale: float32 kernels of two runtimes differ in the 6th digit; an INT8 model by more.
-TOLERANCE = {"fp32": 1e-3, "int8": 5e-2}
+# outputs' own scale: float32 kernels of two runtimes differ in the 6th digit. INT8 kernels of two runtimes
+# round differently (measured: OpenVINO vs onnxruntime on one QDQ model, cosine 0.86-1.0, each as far from
+# the fp32 parent as the other), so an INT8 export's difference is reported, not judged.
+FP32_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -55,14 +57,17 @@ def export_model(model_dir: Path | str, out: Path | str, fmt: str, int8: bool = 
         files = _WRITERS[fmt](model_dir, manifest, staging)
         _write_manifest(staging, manifest, fmt, files)
         diff, scale, backend = compare_outputs(model_dir, staging, manifest.task, RUN_WITH[fmt], samples)
-        tolerance = TOLERANCE["int8" if int8 else "fp32"] * max(1.0, scale)
-        if diff > tolerance:
+        tolerance = FP32_TOLERANCE * max(1.0, scale)
+        if not int8 and diff > tolerance:
             raise WorkFailed(f"the {fmt} export differs from the source by up to {diff:.3g} on the sample images "
                              f"(allowed {tolerance:.3g}); nothing was written", path=model_dir)
     report = ExportReport(model_dir, out, fmt, "int8" if int8 else "fp32", files, len(samples), diff, scale, backend,
                           [Path(p).resolve().as_posix() for p in images] if images else None)
     if fmt == "openvino":
         report.notes.append("run it with --backend openvino (OpenVINO IR)")
+    if int8 and diff > FP32_TOLERANCE * max(1.0, scale):
+        report.notes.append(f"INT8 kernels of {RUN_WITH[fmt]} round unlike the source's runtime (max difference {diff:.3g}): "
+                            "check its quality on your data, e.g. with `shitu eval`")
     report.recipe = _write_recipe(report)
     return report
 
