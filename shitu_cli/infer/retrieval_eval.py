@@ -4,6 +4,8 @@ labelled queries against a gallery folder or list, against a built index, or lea
 Scores are pure nearest-neighbour retrieval (no --rec-thresh, no "unknown"); the metric definitions are
 `shitu_cli.train.metrics.retrieval_metrics`, the ones training reports. A query never retrieves its own
 file: that is what leave-one-out means, and it also keeps a query that sits in the gallery honest.
+Against an index, the ranking is exact over the vectors it stores (not an IVF/HNSW approximate
+search), so the figures measure the model, not the index type.
 """
 
 from __future__ import annotations
