@@ -110,15 +110,14 @@ class Index:
         with self._edit_lock:
             copied = _copy_into(gallery / label, images, names)
             try:
-                report = self._build(gallery, append=True)
+                report = self._build(gallery, append=True, only=copied)
             except BaseException:
                 for path in copied:
                     path.unlink(missing_ok=True)
                 raise
             indexed = {item.path: item_id for item_id, item in self.load().items.items()}
             mine = {p.resolve().as_posix() for p in copied}
-            # append hashes the whole gallery, so every indexed file reads as a duplicate of itself: keep this call's
-            # (another process's edit may have indexed this call's file already: then it is added, not a duplicate)
+            # another process's edit may have indexed this call's file already: then it is added, not a duplicate
             report.duplicates = [d for d in report.duplicates if d.path in mine and d.path not in indexed]
             report.added_items = [(indexed[p.resolve().as_posix()], p.resolve().as_posix()) for p in copied
                                   if p.resolve().as_posix() in indexed]
@@ -156,10 +155,10 @@ class Index:
         with self._edit_lock:
             return self._build(gallery, append=False)
 
-    def _build(self, gallery: Path, append: bool):
+    def _build(self, gallery: Path, append: bool, only: list[Path] | None = None):
         from shitu_cli.index import build_index
 
-        return build_index(gallery, self.path, append=append, **self._build_settings())
+        return build_index(gallery, self.path, append=append, only=only, **self._build_settings())
 
     def _build_settings(self) -> dict[str, Any]:
         """The embedding settings the index was built with (its recipe.yaml), so edits embed alike."""

@@ -101,3 +101,16 @@ def test_importing_shitu_cli_loads_no_heavy_library():
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []
     assert "Pipeline" in dir(__import__("shitu_cli"))
+
+
+def test_add_indexes_only_its_own_images_and_sync_catches_up(workdir):
+    from shitu_cli import Index
+
+    index = Index.build("gallery/", "index/")
+    stray = workdir / "gallery" / "rocket" / "dropped-in.jpg"
+    shutil.copy(workdir / "shelf.jpg", stray)  # put there by hand, not through the API
+    report = index.add(["my_cat.jpg"], label="cat")
+    assert [path for _, path in report.added_items] == [(workdir / "gallery" / "cat" / "my_cat.jpg").as_posix()]
+    indexed = {item.path for item in index.load().items.values()}
+    assert stray.as_posix() not in indexed  # an add hashes and embeds its own files only
+    assert index.sync().added == 1 and stray.as_posix() in {item.path for item in index.load().items.values()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -68,6 +68,7 @@ def build_index(
     det: Path | str | None = None,
     det_thresh: float = 0.3,
     predictor_backend: str = "auto",
+    only: Sequence[Path] | None = None,
 ) -> BuildReport:
     """Make INDEX_DIR `out` hold GALLERY's images as `rec` embeds them.
 
@@ -75,6 +76,8 @@ def build_index(
     added, deleted removed, changed re-embedded), or with `append` only adds content not
     indexed yet. `remove` (a list file of paths, or a label) drops items instead. With `det`
     (a mainbody detector), each image's main-object crop is embedded instead of the whole image.
+    With `append`, `only` limits the work to these gallery files (the server's live adds: nothing
+    else of a large gallery is hashed again).
     Without `out`, the index is ./index; without `rec`, the index's own model, else
     `default_rec_model()`. The report's notes say which were used.
     """
@@ -90,7 +93,8 @@ def build_index(
         else:
             rec = _rec_model(rec, current, notes)
             report, result = _update(current, Path(gallery), out, rec, index_type, append, removals_expected,
-                                     batch_size, PredictorOptions(predictor_backend, threads, mkldnn), progress, det, det_thresh)
+                                     batch_size, PredictorOptions(predictor_backend, threads, mkldnn), progress, det, det_thresh,
+                                     only if append else None)
         with writing_to(out):
             report.files = commit_state(out, result, gallery, removals_expected, current)
         report.count, report.index = result.index.ntotal, result.choice
@@ -154,11 +158,14 @@ def _check_arguments(gallery, remove, append) -> None:
 
 
 def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_type, append, removals_expected,
-            batch_size, options, progress, det, det_thresh) -> tuple[BuildReport, IndexState]:
+            batch_size, options, progress, det, det_thresh, only=None) -> tuple[BuildReport, IndexState]:
     from shitu_cli.infer.embedder import Embedder
 
     backend.choose_index(index_type, 0)  # refuse an unknown type before any work
     pairs, skipped = read_gallery(gallery)
+    if only is not None:
+        wanted = {Path(p).resolve() for p in only}
+        pairs = [(path, label) for path, label in pairs if path in wanted]
     model_dir = Path(rec) if rec is not None else _model_of(current)
     embedder = Embedder(model_dir, options, batch_size=batch_size)
     main_object = _main_object(det, det_thresh, options)
