@@ -235,3 +235,19 @@ def test_several_worker_processes_serve_each_committed_generation(tmp_path):
     finally:
         code = server.stop(signal.SIGINT)
     assert code == 0 and "shitu serve: stopped" in server.stderr() and "Traceback" not in server.stderr()
+
+
+def test_a_request_over_the_time_limit_is_a_504_json_error(tmp_path):
+    _, index = demo_index(tmp_path)
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(1)  # accepts, never answers: the URL fetch outlasts the request limit
+    server = start_server(["--index", index, "--timeout", "1", "--url-timeout", "5"], tmp_path / "serve.log",
+                          {"SHITU_HOME": str(tmp_path / "home")})
+    try:
+        answer = server.post_json("/recognise", {"url": f"http://127.0.0.1:{stalled.getsockname()[1]}/x.jpg"})
+        assert answer.status == 504 and "took over 1 s" in answer.body["error"]
+        assert server.get("/health").status == 200  # the server carries on
+    finally:
+        assert server.stop() == 0
+        stalled.close()
