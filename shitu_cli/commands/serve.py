@@ -36,9 +36,13 @@ def command(
     backend: str = typer.Option("auto", "--backend", help="paddle, onnxruntime, openvino, or auto."),
 ) -> None:
     """Serve recognition over HTTP (POST /recognise), a web page at /, and live gallery edits (POST /gallery/...)."""
-    from shitu_cli.errors import BadInput
+    from shitu_cli.errors import BadInput, WorkFailed
     from shitu_cli.models.registry import resolve_model_dir
-    from shitu_cli.serve.runner import serve
+
+    try:
+        from shitu_cli.serve.runner import serve
+    except ImportError as exc:  # the server's packages are not needed by the rest of shitu
+        raise WorkFailed(f"shitu serve needs the {exc.name} package", hint="pip install fastapi uvicorn python-multipart") from None
     from shitu_cli.serve.service import Limits, ServeSettings
 
     token = token if token is not None else os.environ.get("SHITU_TOKEN") or None
