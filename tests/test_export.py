@@ -111,6 +111,7 @@ def test_the_output_is_never_the_source_or_a_full_folder(cli, models, tmp_path):
     assert listing(full) == ["keep.txt"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not {"onnxruntime", "openvino"} <= set(installed_backends()), reason="needs onnxruntime and openvino")
 def test_an_int8_onnx_model_exports_with_int8_and_only_with_it(cli, models, tmp_path):
     """An ONNX INT8 model (made here by the quantiser `shitu compress --onnx-int8` uses) becomes OpenVINO IR."""
