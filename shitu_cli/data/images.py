@@ -72,6 +72,21 @@ def read_image(path: Path | str, max_side: int | None = None) -> np.ndarray:
         raise ImageReadError(f"corrupt or truncated image ({exc})", path=path) from None
 
 
+def decode_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as an image (missing, not an image, corrupt, truncated), or None.
+
+    JPEGs decode at 1/8 scale, which still reads every byte; Pillow decodes outside the GIL, so
+    callers may check many files on a thread pool.
+    """
+    from shitu_cli.errors import ImageReadError
+
+    try:
+        read_image(path, max_side=32)
+    except ImageReadError as exc:
+        return exc.message
+    return None
+
+
 def _load_strictly(image: Image.Image) -> None:
     """Decode the pixels, refusing truncated data even where another library relaxed Pillow.
 

@@ -53,22 +53,14 @@ def unusable_name(path: Path, root: Path, is_image_name: Callable[[Path], bool])
 
 
 def readable_images(root: Path, paths: list[Path], progress: Progress | None) -> tuple[set[Path], list[Skipped]]:
-    """Decode every candidate (JPEGs at 1/8 scale, which still reads every byte) and sort out the bad."""
+    """Decode every candidate and sort out the bad."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from shitu_cli.data.images import read_image
-    from shitu_cli.errors import ImageReadError
-
-    def check(path: Path) -> str | None:
-        try:
-            read_image(path, max_side=32)
-        except ImageReadError as exc:
-            return exc.message
-        return None
+    from shitu_cli.data.images import decode_problem
 
     good, bad = set(), []
     with ThreadPoolExecutor(max_workers=4) as pool:  # Pillow decodes outside the GIL
-        for done, (path, reason) in enumerate(zip(paths, pool.map(check, paths)), start=1):
+        for done, (path, reason) in enumerate(zip(paths, pool.map(decode_problem, paths)), start=1):
             if reason is None:
                 good.add(path)
             else:

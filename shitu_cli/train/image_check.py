@@ -16,23 +16,12 @@ class SkippedImage:
 
 
 def unreadable_images(paths: Sequence[Path], root: Path | None = None) -> dict[Path, SkippedImage]:
-    """{path: why} for every path that does not decode (missing, not an image, corrupt, truncated).
-
-    JPEGs decode at 1/8 scale, which still reads every byte; Pillow decodes outside the GIL.
-    """
-    from shitu_cli.data.images import read_image
-    from shitu_cli.errors import ImageReadError
-
-    def check(path: Path) -> str | None:
-        try:
-            read_image(path, max_side=32)
-        except ImageReadError as exc:
-            return exc.message
-        return None
+    """{path: why} for every path that does not decode (missing, not an image, corrupt, truncated)."""
+    from shitu_cli.data.images import decode_problem
 
     unique = list(dict.fromkeys(paths))
     with ThreadPoolExecutor(max_workers=4) as pool:
-        reasons = list(pool.map(check, unique))
+        reasons = list(pool.map(decode_problem, unique))
     return {path: SkippedImage(_shown(path, root), reason) for path, reason in zip(unique, reasons) if reason is not None}
 
 
