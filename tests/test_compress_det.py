@@ -265,3 +265,36 @@ def test_an_old_format_detector_without_its_architecture_is_quantized_as_is(cli,
     report = json.loads(result.stdout)
     assert report["written"] and report["after"]["precision"] == "int8"
     assert report["after"]["agreement"]["agreement"] >= 0.9 and report["quality_drop"] <= 1.0
+
+
+class _WritesMarker:
+    """Unpickling this runs `open(marker, 'w')`: the payload an untrusted .pdiparams.info could carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_an_old_format_exports_pdiparams_info_is_never_unpickled(tmp_path):
+    """Paddle's loader for old-format programs (reached with FLAGS_enable_pir_api=0) unpickles
+    `<stem>.pdiparams.info` unrestricted; the detector's weights are read without it."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    from shitu_cli.compress.det import export_legacy_detector, rebuild_detector
+    from shitu_cli.compress.source import resolve_source
+
+    legacy = tmp_path / "legacy"
+    export_legacy_detector(rebuild_detector(resolve_source(DEMO_DET)), legacy, (96, 96))
+    marker = tmp_path / "payload-ran"
+    (legacy / "inference.pdiparams.info").write_bytes(pickle.dumps(_WritesMarker(marker)))
+    script = ("import sys; from pathlib import Path; from shitu_cli.compress.det import _exported_parameters; "
+              "print(len(_exported_parameters(Path(sys.argv[1]), 'inference')))")
+    env = {**os.environ, "FLAGS_enable_pir_api": "0"}
+    done = subprocess.run([sys.executable, "-c", script, str(legacy)], env=env, capture_output=True, text=True)
+    assert not marker.exists()
+    assert done.returncode == 0 and int(done.stdout.split()[-1]) > 50, done.stderr[-2000:]

@@ -83,10 +83,27 @@ def _detector_from_export(export_dir: Path, sections: Path) -> Any:
     paddle.set_device("cpu")
     cfg = load_ppdet_config(sections)
     model = create(cfg.architecture)
-    exported = {p.name: p.numpy() for p in paddle.jit.load(str(export_dir / Path(_model_stem(export_dir)))).parameters()}
+    exported = _exported_parameters(export_dir, _model_stem(export_dir))
     model.set_state_dict(_weights_by_creation_order(model, exported, sections))
     model.eval()
     return model
+
+
+def _exported_parameters(export_dir: Path, stem: str) -> dict[str, Any]:
+    """{name: array} of an export's weights. Paddle's loader for old-format programs unpickles a
+    `<stem>.pdiparams.info` file beside them with no restriction (official tars ship one), so such
+    a model is read from a temporary folder holding only its program and weights."""
+    import tempfile
+
+    import paddle
+
+    if not (export_dir / f"{stem}.pdiparams.info").exists():
+        return {p.name: p.numpy() for p in paddle.jit.load(str(export_dir / stem)).parameters()}
+    with tempfile.TemporaryDirectory(prefix="shitu-export-") as tmp:
+        for path in export_dir.glob(f"{stem}.*"):
+            if not path.name.endswith(".pdiparams.info"):
+                shutil.copyfile(path, Path(tmp) / path.name)
+        return {p.name: p.numpy() for p in paddle.jit.load(str(Path(tmp) / stem)).parameters()}
 
 
 def _model_stem(export_dir: Path) -> str:
