@@ -69,6 +69,7 @@ EXPERIMENTS: dict[str, dict] = {
     "lr0.01-light-aug": {"recipe": "pp-shituv2", "overrides": {**BASE, **LIGHT, "lr": 0.01}},
     "light-aug-seed1": {"recipe": "pp-shituv2", "overrides": {**BASE, **LIGHT, "seed": 1}},
     "default-knobs-seed1": {"recipe": "pp-shituv2", "overrides": {**BASE, "seed": 1}},
+    "mid-aug": {"recipe": "pp-shituv2", "overrides": {**BASE, "rotate_degrees": 20.0, "crop_scale_min": 0.65}},
     "combo-epochs4": {"recipe": "pp-shituv2", "overrides": {**BASE, **LIGHT, "epochs": 4}},
     "combo-size96": {"recipe": "pp-shituv2", "overrides": {**BASE, **LIGHT, "input_size": 96}},
     "combo-x1_0": {"recipe": "pp-shituv2", "overrides": {**BASE, **LIGHT, "backbone": "PPLCNet_x1_0"}},
@@ -299,7 +300,7 @@ def table() -> None:
         history = _history(PROBE_DIR / "runs" / f"{row['dataset']}-{row['name']}")
         curve = " ".join(f"{r['mAP']:.2f}" for r in history if r.get("mAP") is not None) or "-"
         print(f"| {row['dataset']} | {row['name']} | {final['recall1']:.3f} | {final['recall5']:.3f} | {final['mAP']:.3f} | "
-              f"{untrained} | {row.get('best_epoch', '-')} | {curve} | {row.get('wall_s', '-')} | {row.get('peak_rss_mb', '-')} |")
+              f"{untrained} | {row.get('best_epoch', '-')} | {curve} | {row.get('wall_s') or '-'} | {row.get('peak_rss_mb') or '-'} |")
 
 
 def main(argv: list[str]) -> None:
