@@ -23,6 +23,7 @@ training, and the report says which.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
 import subprocess
@@ -211,17 +212,17 @@ def _apply_patches(patch: dict) -> None:
 
         losses.RecLossConfig.__init__ = init
     if patch.get("bnneck") is False:
-        import shitu_cli.train.rec as rec
-
-        original_arch = rec.rec_arch
+        # rec_arch / embedding_layer live in train.rec_model since the train-rec split; patch every
+        # module that holds a name for them.
+        modules = [importlib.import_module(name) for name in ("shitu_cli.train.rec", "shitu_cli.train.rec_model")
+                   if importlib.util.find_spec(name)]
+        original_arch = getattr(modules[-1], "rec_arch")
+        original_layer = getattr(modules[-1], "embedding_layer")
 
         def arch(settings, class_num):
             config = original_arch(settings, class_num)
             config.pop("Neck")  # backbone features straight into the FC head and the triplet
             return config
-
-        rec.rec_arch = arch
-        original_layer = rec.embedding_layer
 
         def embedding_layer(model):
             import paddle
@@ -230,7 +231,11 @@ def _apply_patches(patch: dict) -> None:
                 model.neck = paddle.nn.Identity()
             return original_layer(model)
 
-        rec.embedding_layer = embedding_layer
+        for module in modules:
+            if hasattr(module, "rec_arch"):
+                module.rec_arch = arch
+            if hasattr(module, "embedding_layer"):
+                module.embedding_layer = embedding_layer
 
 
 def run_one(name: str, dataset: str, out: Path) -> dict:
