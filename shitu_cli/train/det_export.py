@@ -59,7 +59,8 @@ def export_detector(run_dir: Path, recipe_name: str) -> Path:
 
     ppdet_compat.apply()
     cfg = load_ppdet_config(Path(run_dir) / PPDET_CONFIG)
-    trainer = Trainer(cfg, mode="test")
+    with fresh_name_scopes():  # weight names as in a fresh process, so the export's bytes do not depend on what ran before
+        trainer = Trainer(cfg, mode="test")
     _check_fits(trainer.model, best_weights(run_dir))
     trainer.load_weights(str(best_weights(run_dir)))
     nms = trainer.model.head.nms
