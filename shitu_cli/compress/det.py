@@ -122,13 +122,14 @@ def _weights_by_creation_order(model: Any, exported: dict[str, np.ndarray], sect
     """
     own_state = model.state_dict()
     ours = _group_by_kind({param.name: key for key, param in own_state.items()})
-    theirs = _group_by_kind({re.sub(r"_0$", "", name): name for name in exported})
+    # Constants the net builds itself (the DFL projection: "buffer.<path>" in train-det exports, "eager_tmp_N"
+    # in older ones) are not weights.
+    weights = [name for name in exported if not name.startswith(("buffer.", "eager_tmp"))]
+    theirs = _group_by_kind({re.sub(r"_0$", "", name): name for name in weights})
     # Start from the model's own values: training-only weights (PicoHead's scale_reg) and buffers the
     # net fills itself are not in an export.
     state: dict[str, np.ndarray] = {key: value.numpy() for key, value in own_state.items()}
     for kind, names in theirs.items():
-        if kind[0].startswith("eager_tmp"):
-            continue  # constants the net builds itself (the DFL projection), not weights
         mine = ours.get(kind, [])
         if len(mine) != len(names):
             _mismatch(sections, f"it builds {len(mine)} {kind[0]}.{kind[1]} weights, the export has {len(names)}")

@@ -61,6 +61,7 @@ def export_detector(run_dir: Path, recipe_name: str) -> Path:
     cfg = load_ppdet_config(Path(run_dir) / PPDET_CONFIG)
     with fresh_name_scopes():  # weight names as in a fresh process, so the export's bytes do not depend on what ran before
         trainer = Trainer(cfg, mode="test")
+    _name_buffers_by_path(trainer.model)
     _check_fits(trainer.model, best_weights(run_dir))
     trainer.load_weights(str(best_weights(run_dir)))
     nms = trainer.model.head.nms
@@ -75,6 +76,13 @@ def export_detector(run_dir: Path, recipe_name: str) -> Path:
         write_model_sections(read_yaml(Path(run_dir) / PPDET_CONFIG), staging / MODEL_SECTIONS)
         _write_manifest(staging, cfg, recipe_name, nms)
     return final
+
+
+def _name_buffers_by_path(model) -> None:
+    """Buffers such as the DFL head's `project` are named from a process-wide eager-tensor counter
+    ("eager_tmp_1116") that no name guard resets; the export stores that name, so give each its path."""
+    for path, buffer in model.named_buffers():
+        buffer.name = f"buffer.{path}"
 
 
 def write_model_sections(config: dict[str, Any], path: Path) -> None:
