@@ -137,6 +137,7 @@ def test_qat_is_refused_for_a_detector(cli, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # ~50 s: detector pruning is the slowest compress path; `make test-slow` runs it
 def test_prune_distill_then_ptq_shrinks_the_detector_backbone(cli, tmp_path):
     """Mechanics, not quality: a tiny fine-tune on 12 images cannot repair 30% fewer filters (the report
     measures a longer run), so --max-drop is lifted here."""
