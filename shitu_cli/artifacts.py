@@ -37,10 +37,10 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` so that `path` holds either its old content or all of the new, never half."""
+def staged_bytes(path: Path, data: bytes) -> Path:
+    """`data` in a synced temp file beside `path`, with the permissions a new file would get; the caller
+    renames it into place (or unlinks it)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates 0600; an artifact should get the permissions any new file would.
@@ -49,9 +49,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return Path(tmp_name)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` so that `path` holds either its old content or all of the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = staged_bytes(path, data)
+    try:
+        os.replace(staged, path)
+    except BaseException:
+        staged.unlink(missing_ok=True)
         raise
 
 

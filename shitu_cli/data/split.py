@@ -238,6 +238,7 @@ def _write_all(out_dir: Path, files: dict[str, bytes]) -> list[Path]:
     read-only folder shows), then renamed into place, which needs no space."""
     import os
 
+    from shitu_cli.artifacts import staged_bytes
     from shitu_cli.errors import writing_to
 
     staged: list[tuple[Path, Path]] = []
@@ -245,34 +246,13 @@ def _write_all(out_dir: Path, files: dict[str, bytes]) -> list[Path]:
         with writing_to(out_dir):
             out_dir.mkdir(parents=True, exist_ok=True)
             for name, data in files.items():
-                staged.append((_stage(out_dir / name, data), out_dir / name))
+                staged.append((staged_bytes(out_dir / name, data), out_dir / name))
             for temp, final in staged:
                 os.replace(temp, final)
     finally:
         for temp, _ in staged:
             temp.unlink(missing_ok=True)  # gone already once renamed
     return [final for _, final in staged]
-
-
-def _stage(path: Path, data: bytes) -> Path:
-    """`data` in a synced temp file beside `path`, with the permissions a new file would get."""
-    import os
-    import tempfile
-
-    from shitu_cli.artifacts import current_umask
-
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    temp = Path(name)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return temp
 
 
 def _write_recipe(result: SplitResult, inputs: dict[str, object]) -> Path:
