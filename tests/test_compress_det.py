@@ -235,6 +235,7 @@ def test_ptq_from_a_train_det_run_dir_and_from_its_export_alone(cli, det_run, tm
         assert (out / "inference.pdmodel").is_file() and (out / "infer_cfg.yml").is_file()
 
 
+@pytest.mark.slow  # ~50 s: a second full det PTQ; `make test-slow` runs it
 def test_an_int8_detector_reproduces_byte_for_byte(cli, demo_int8, tmp_path):
     """Paddle's PTQ writes its ops in a run-dependent order; the saved program is put in a canonical one."""
     out, _ = demo_int8

@@ -194,6 +194,7 @@ def test_mix_batch_keeps_targets_distributions():
         np.testing.assert_allclose(soft.sum(axis=1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow  # ~70-100 s: the cls learning proof; `make test-slow` runs it
 def test_tiny_pplcnet_learns_the_digits_dataset(tmp_path, cli):
     """A real small dataset a dependency ships; about a minute on 2 cores, so it runs in CI."""
     from tests.synth import write_digits
