@@ -100,6 +100,30 @@ def show(renderable: Any) -> None:
     out_console.print(renderable)
 
 
+def epoch_line(summary: Any) -> str:
+    """One line per finished epoch (a train.loop.EpochSummary): what a log file or CI output shows."""
+    width = len(str(summary.epochs))
+    parts = [f"epoch {summary.epoch:>{width}}/{summary.epochs}", f"loss {summary.loss:.4f}"]
+    parts += [f"{name} {value:.4f}" for name, value in summary.metrics.items() if isinstance(value, (int, float))]
+    parts += [f"{summary.images_per_second:.1f} img/s", f"{summary.seconds:.1f} s", f"eta {duration(summary.eta_seconds)}"]
+    return "  ".join(parts)
+
+
+def print_epoch(summary: Any) -> None:
+    # soft_wrap: a log line is never cut at the 80 columns rich assumes off a terminal
+    err_console.print(epoch_line(summary), highlight=False, soft_wrap=True)
+
+
+def duration(seconds: float) -> str:
+    """3s, 4m05s, 2h03m: short enough for a log line."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 @contextmanager
 def progress(description: str, total: int | None, *, unit: str = "img", transient: bool = False) -> Iterator["ProgressHandle"]:
     """A progress bar on stderr; `handle.advance(n, **fields)` moves it and updates live fields."""
@@ -124,7 +148,10 @@ class ProgressHandle:
     def __init__(self, bar: Progress, task_id: Any, unit: str):
         self._bar, self._task_id, self._unit = bar, task_id, unit
 
-    def __call__(self, advance: int = 1, **fields: Any) -> None:
+    def __call__(self, advance: int = 1, epoch_end: Any = None, **fields: Any) -> None:
+        if epoch_end is not None:  # printed above the bar on a terminal; off one, the line is the progress
+            print_epoch(epoch_end)
+            return
         status = "  ".join(f"{k}={_cell(v)}" for k, v in fields.items())
         self._bar.update(self._task_id, advance=advance, status=status)
 

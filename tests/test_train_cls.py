@@ -35,7 +35,16 @@ def trained(shapes, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "cls"
     result = _invoke("train-cls", shapes, "-o", run_dir, *TINY, "--epochs", "3", "--json")
     assert result.exit_code == 0, result.stderr
+    (run_dir.parent / "stderr.txt").write_text(result.stderr, encoding="utf-8")
     return run_dir, json.loads(result.stdout)
+
+
+def test_a_line_per_epoch_off_a_terminal(trained):
+    run_dir, _ = trained
+    lines = [line for line in (run_dir.parent / "stderr.txt").read_text(encoding="utf-8").splitlines()
+             if line.startswith("epoch ")]
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], lines
+    assert all(" top1 " in line and " img/s " in line and " eta " in line for line in lines), lines
 
 
 def test_run_dir_holds_metrics_confusion_export_and_recipe(trained):

@@ -37,7 +37,15 @@ def trained(scenes, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "det"
     result = _invoke("train-det", root, "-o", run, *TINY, "--merge-classes", "--json")
     assert result.exit_code == 0, result.stderr
+    (run.parent / "stderr.txt").write_text(result.stderr, encoding="utf-8")
     return run, json.loads(result.stdout)
+
+
+def test_a_line_per_epoch_off_a_terminal(trained):
+    run, _ = trained
+    lines = [line for line in (run.parent / "stderr.txt").read_text(encoding="utf-8").splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 1 and lines[0].startswith("epoch 1/1  loss "), lines
+    assert " mAP " in lines[0] and " img/s " in lines[0] and lines[0].endswith("eta 0s"), lines
 
 
 def test_run_dir_holds_every_output(trained):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -43,7 +44,18 @@ def trained(lists, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "tiny"
     result = CliRunner().invoke(app, ["train-rec", str(lists), "-o", str(run), *TINY, "--json"])
     assert result.exit_code == 0, result.stderr
+    (run.parent / "stderr.txt").write_text(result.stderr, encoding="utf-8")
     return run, json.loads(result.stdout)
+
+
+def test_a_line_per_epoch_off_a_terminal(trained):
+    """Off a terminal (a log, CI) each epoch prints loss, the eval metrics, img/s and the time left."""
+    run, summary = trained
+    lines = [line for line in (run.parent / "stderr.txt").read_text(encoding="utf-8").splitlines() if line.startswith("epoch ")]
+    assert len(lines) == summary["epochs"], lines
+    assert re.match(r"epoch 1/\d+  loss \d+\.\d{4}  recall1 [01]\.\d{4}  recall5 [01]\.\d{4}  mAP [01]\.\d{4}  "
+                    r"\d+\.\d img/s  \d+\.\d s  eta \d+(s|m\d\ds)$", lines[0]), lines[0]
+    assert lines[-1].endswith("eta 0s")
 
 
 def test_run_dir_holds_every_output(trained):

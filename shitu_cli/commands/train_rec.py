@@ -59,19 +59,20 @@ def command(
 
 
 class _TrainingProgress:
-    """A bar opened at the first step (so an input error prints alone); off a terminal, one line per epoch."""
+    """A bar opened at the first step (so an input error prints alone); a line per finished epoch, which off
+    a terminal is all there is."""
 
     def __init__(self, stack: contextlib.ExitStack):
-        self.stack, self.bar, self.total, self.epoch = stack, None, None, None
+        self.stack, self.bar, self.total = stack, None, None
 
-    def __call__(self, advance: int = 0, total: int | None = None, completed: int | None = None, **fields) -> None:
+    def __call__(self, advance: int = 0, total: int | None = None, completed: int | None = None,
+                 epoch_end=None, **fields) -> None:
         if total is not None:
             self.total = total
+        if epoch_end is not None:
+            render.print_epoch(epoch_end)
+            return
         if not render.err_console.is_terminal:
-            epoch = fields.get("epoch")
-            if epoch is not None and epoch != self.epoch:
-                self.epoch = epoch
-                render.info(f"training epoch {epoch}")
             return
         if self.bar is None:
             self.bar = self.stack.enter_context(render.progress("training", total=self.total, unit="step"))

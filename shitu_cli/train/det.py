@@ -26,6 +26,7 @@ from shitu_cli.train.det_export import (
     EXPORT_DIR, MODEL_SECTIONS, best_weights, export_detector, load_trained_model, write_model_sections,
 )
 from shitu_cli.train.image_check import SkippedImage
+from shitu_cli.train.loop import EpochSummary
 from shitu_cli.train.stop import Interrupted, StopRequest, StopTraining
 
 # The library surface; compress, demo and tests import these names from here.
@@ -64,13 +65,14 @@ class TrainDetResult:
 
 def _progress_callback(trainer, on_step, history: list[dict[str, float]], state: dict[str, Any], run_dir: Path,
                        stop: StopRequest | None = None):
-    """A ppdet Callback that reports each step, records per-epoch loss and mAP, and keeps `last.*`."""
+    """A ppdet Callback that reports each step and each finished epoch, records per-epoch loss and mAP, and keeps `last.*`."""
     from ppdet.engine.callbacks import Callback
 
     class Progress(Callback):
         def __init__(self):
             super().__init__(trainer)
             self.losses: list[float] = []
+            self.started, self.train_seconds, self.images = time.perf_counter(), 0.0, 0
 
         def on_step_end(self, status):
             if status.get("mode") != "train":
@@ -88,6 +90,8 @@ def _progress_callback(trainer, on_step, history: list[dict[str, float]], state:
             if status.get("mode") == "train":
                 history.append({"epoch": epoch, "lr": float(status["learning_rate"]),
                                 "loss": float(np.mean(self.losses)) if self.losses else float("nan")})
+                self.train_seconds = time.perf_counter() - self.started
+                self.images = len(self.losses) * int(trainer.cfg.TrainReader["batch_size"])
                 self.losses = []
                 _keep_last(trainer, run_dir / CHECKPOINTS, epoch, trainer.cfg.epoch)
             elif status.get("mode") == "eval" and trainer._metrics:
@@ -96,10 +100,28 @@ def _progress_callback(trainer, on_step, history: list[dict[str, float]], state:
                 row["mAP"], row["mAP50"] = (float(stats[0]), float(stats[1])) if len(stats) > 1 else (0.0, 0.0)
                 if state["best_map"] is None or row["mAP"] >= state["best_map"]:
                     state.update(best_map=row["mAP"], best_map50=row["mAP50"], best_epoch=epoch)
+            evaluated_next = status.get("mode") == "train" and _evaluates(trainer, epoch)
             if status.get("mode") == "eval" or epoch % trainer.cfg.snapshot_epoch:
                 _save_progress(run_dir, history, state)
+            if not evaluated_next:  # one line per epoch, after its evaluation when it has one
+                self._report(history[-1])
+
+        def _report(self, row: dict[str, float]) -> None:
+            seconds = time.perf_counter() - self.started
+            self.started = time.perf_counter()
+            if on_step is not None:
+                on_step(advance=0, epoch_end=EpochSummary(
+                    epoch=int(row["epoch"]), epochs=int(trainer.cfg.epoch), loss=row["loss"],
+                    metrics={k: v for k, v in row.items() if k in ("mAP", "mAP50")},
+                    images_per_second=self.images / max(self.train_seconds, 1e-9), seconds=seconds,
+                    eta_seconds=seconds * (int(trainer.cfg.epoch) - int(row["epoch"]))))
 
     return Progress()
+
+
+def _evaluates(trainer, epoch: int) -> bool:
+    """Whether ppdet's Trainer.train(validate=True) evaluates after this (1-based) epoch."""
+    return epoch % trainer.cfg.snapshot_epoch == 0 or epoch == trainer.end_epoch
 
 
 def _keep_last(trainer, checkpoints: Path, epoch: int, epochs: int) -> None:

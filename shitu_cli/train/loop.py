@@ -66,7 +66,20 @@ class FitResult:
     epochs_done: int = 0
 
 
-StepCallback = Callable[..., None]  # called as on_step(advance=1, **live_fields)
+StepCallback = Callable[..., None]  # on_step(advance=1, **live_fields); at an epoch's end on_step(advance=0, epoch_end=EpochSummary)
+
+
+@dataclass
+class EpochSummary:
+    """What a finished epoch prints as one line: loss, the evaluated metrics, speed and time left."""
+
+    epoch: int
+    epochs: int
+    loss: float
+    metrics: dict[str, float]
+    images_per_second: float
+    seconds: float
+    eta_seconds: float
 
 
 def seed_everything(seed: int) -> None:
@@ -146,6 +159,7 @@ def fit(
         seed_everything(config.seed * 1000 + epoch)
         model.train()
         losses: list[float] = []
+        epoch_started = time.perf_counter()
         for batch in make_loader(epoch):
             tick = time.perf_counter()
             loss, logs = loss_fn(model, batch)
@@ -164,6 +178,7 @@ def fit(
                 break
         if stop:
             break  # a part-trained epoch is dropped: resume restarts it from the last checkpoint
+        train_seconds = time.perf_counter() - epoch_started  # decoding included, evaluation not
         row = {"epoch": epoch, "lr": float(optimizer.get_lr()), "loss": float(np.mean(losses)) if losses else float("nan")}
         if evaluate is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
             eval_model = ema.module if ema is not None else model
@@ -177,6 +192,9 @@ def fit(
         state["epoch"] = epoch
         checkpoints.save_last(model, optimizer, schedule, ema, state)
         write_metrics(run_dir, state["history"])
+        if on_step is not None:
+            on_step(advance=0, epoch_end=_epoch_summary(row, config.epochs, len(losses) * batch_size, train_seconds,
+                                                        time.perf_counter() - epoch_started))
 
     if stop:
         _best_so_far(checkpoints, state, stop)
@@ -195,6 +213,14 @@ def fit(
         stopped_by=stop.signal_name if stop else None,
         epochs_done=state["epoch"],
     )
+
+
+def _epoch_summary(row: dict[str, float], epochs: int, images: int, train_seconds: float, seconds: float) -> EpochSummary:
+    metrics = {k: v for k, v in row.items() if k not in ("epoch", "lr", "loss")}
+    epoch = int(row["epoch"])
+    return EpochSummary(epoch=epoch, epochs=epochs, loss=row["loss"], metrics=metrics,
+                        images_per_second=images / max(train_seconds, 1e-9), seconds=seconds,
+                        eta_seconds=seconds * (epochs - epoch))
 
 
 def _best_so_far(checkpoints: Checkpoints, state: dict[str, Any], stop: StopRequest) -> None:
