@@ -26,7 +26,11 @@ def command(
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate recall@1/5 and mAP every N epochs."),
     holdout: Optional[float] = typer.Option(None, "--holdout", help="Class folders only: fraction of classes held out for gallery/query (0.2)."),
     query_fraction: Optional[float] = typer.Option(None, "--query-fraction", help="Class folders only: share of each held-out class used as queries (0.3)."),
-    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Local .pdparams to start from (ImageNet/SSLD backbone or a RecModel checkpoint)."),
+    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Start from: a model name (PP-ShiTuV2-rec, PPLCNet_x1_0 ... after `shitu models pull`), a local .pdparams (ImageNet/SSLD backbone or a RecModel checkpoint), or an ONNX image model (.onnx, converted by x2paddle; it replaces the backbone)."),
+    pretrained_output: Optional[str] = typer.Option(None, "--pretrained-output", help="With --pretrained model.onnx: the output to fine-tune from (default: the only feature output, e.g. embedding)."),
+    pretrained_mean: Optional[str] = typer.Option(None, "--pretrained-mean", help="With --pretrained model.onnx: the normalisation mean R,G,B it expects (default ImageNet's; e.g. 0.5,0.5,0.5)."),
+    pretrained_std: Optional[str] = typer.Option(None, "--pretrained-std", help="With --pretrained model.onnx: the normalisation std R,G,B it expects (default ImageNet's)."),
+    backbone_lr_scale: Optional[float] = typer.Option(None, "--backbone-lr-scale", help="The backbone's learning rate as a fraction of --lr (e.g. 0.1 to fine-tune a pretrained backbone gently; 0 freezes it). Default 1."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch, with its own settings; only --epochs (more or fewer) and --num-workers may change."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON summary instead of tables."),
 ) -> None:
@@ -35,11 +39,14 @@ def command(
     Ctrl-C (or SIGTERM) stops after the current step, keeps the last epoch's checkpoint and exports the best epoch so far.
     """
     from shitu_cli.train.rec import train_rec
+    from shitu_cli.train.rec_settings import parse_rgb
     from shitu_cli.train.stop import exit_code_for
 
     overrides = {"backbone": backbone, "embedding_size": embedding_size, "input_size": input_size, "epochs": epochs,
                  "batch_size": batch_size, "lr": lr, "seed": seed, "num_workers": num_workers, "eval_every": eval_every,
-                 "holdout": holdout, "query_fraction": query_fraction}
+                 "holdout": holdout, "query_fraction": query_fraction, "pretrained_output": pretrained_output,
+                 "pretrained_mean": parse_rgb(pretrained_mean, "--pretrained-mean"),
+                 "pretrained_std": parse_rgb(pretrained_std, "--pretrained-std"), "backbone_lr_scale": backbone_lr_scale}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     with contextlib.ExitStack() as stack:
         result = train_rec(dataset, out, recipe=recipe, pretrained=pretrained, resume=resume,

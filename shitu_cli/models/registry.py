@@ -241,6 +241,18 @@ def resolve_weights(name_or_path: str | os.PathLike) -> Path:
     raise BadInput("weights file not found", path=path, hint="pass a .pdparams file or a name from `shitu models list`")
 
 
+def resolve_training_weights(name_or_path: str | os.PathLike) -> Path:
+    """`resolve_weights`, where an official inference model's name stands for its training weights
+    (PP-ShiTuV2-rec -> PP-ShiTuV2-rec-pretrained, PPLCNet_x1_0 -> PPLCNet_x1_0-pretrained): what
+    train --pretrained means by a model name."""
+    text = str(name_or_path)
+    twin = OFFICIAL_MODELS.get(f"{text}-pretrained")
+    official = OFFICIAL_MODELS.get(text)
+    if not Path(text).expanduser().exists() and official and official.kind == INFERENCE and twin and twin.kind == WEIGHTS:
+        return resolve_weights(twin.name)
+    return resolve_weights(text)
+
+
 OFFICIAL_REC = "PP-ShiTuV2-rec"
 
 

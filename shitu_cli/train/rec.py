@@ -20,7 +20,9 @@ from shitu_cli.train.image_check import SkippedImage
 from shitu_cli.train.metrics import l2_normalize
 from shitu_cli.train.rec_data import RecData, list_checksums, read_rec_lists, resolve_data
 from shitu_cli.train.rec_eval import Embedder, calibrate_batch_norm, calibration_images, make_evaluate
-from shitu_cli.train.rec_model import build_rec_model, embedding_layer, load_pretrained, re_parameterize, rec_arch
+from shitu_cli.train.rec_model import (
+    build_rec_model, embedding_layer, load_pretrained, pretrained_reference, re_parameterize, rec_arch,
+)
 from shitu_cli.train.rec_settings import (
     DEFAULT_RECIPE, RECIPE_DIR, RecSettings, load_recipe, recipe_path, resolve_settings, settings_hash,
 )
@@ -163,7 +165,7 @@ def _train_rec(dataset, out, recipe, pretrained, resume: bool, progress: Progres
         settings = resolve_settings(recipe, overrides)
     data = resolve_data(Path(dataset), run_dir, settings)
     seed_everything(settings.seed)
-    model = build_rec_model(settings, len(data.train_classes))
+    model = build_rec_model(settings, len(data.train_classes), pretrained)  # an .onnx backbone shapes the model
     # A resumed run starts from its own checkpoint; the pretrained file is only recorded.
     pretrained_info = load_pretrained(model, pretrained, settings.backbone) if pretrained and not resume else None
     _write_run_recipe(run_dir, settings, data, dataset, recipe, pretrained)  # so a killed run can be resumed
@@ -258,11 +260,12 @@ def export_rec(model, export_dir: Path, settings: RecSettings, data: RecData) ->
         reference = wrapper(paddle.to_tensor(probe)).numpy()
     folded = re_parameterize(wrapper)
     manifest = ModelManifest(
-        task="rec", arch=f"RecModel/{settings.backbone}", input_size=size, model_file="", params_file="",
+        task="rec", arch=getattr(model, "arch_name", f"RecModel/{settings.backbone}"), input_size=size, model_file="", params_file="",
         preprocess=Preprocess(resize="direct"), embedding_dim=settings.embedding_size,
         recipe_hash=settings_hash(settings),
         extra={"backbone": settings.backbone, "output": "BNNeck features, not L2-normalised",
-               "train_classes": len(data.train_classes), "re_parameterized_blocks": folded},
+               "train_classes": len(data.train_classes), "re_parameterized_blocks": folded,
+               **getattr(model, "manifest_extra", {})},
     )
     export_layer(wrapper, export_dir, [[None, 3, *size]], manifest)
     predictor = build_predictor(export_dir, PredictorOptions(), task="rec")
@@ -294,7 +297,7 @@ def _write_run_recipe(run_dir: Path, settings: RecSettings, data: RecData, datas
 
     # Every setting is explicit in `options`, so a replay needs no recipe file; the base one is noted in inputs.
     options = {"dataset": Path(dataset).resolve().as_posix(), "recipe": None,
-               "pretrained": Path(pretrained).resolve().as_posix() if pretrained else None, **asdict(settings)}
+               "pretrained": pretrained_reference(pretrained), **asdict(settings)}
     inputs = {"base_recipe": recipe_path(recipe).resolve().as_posix(), "lists_dir": data.lists_dir.as_posix(),
               "image_root": data.root.as_posix(), "lists": list_checksums(data),
               "train_images": len(data.train), "train_classes": len(data.train_classes),

@@ -26,10 +26,50 @@ def rec_arch(settings: RecSettings, class_num: int) -> dict[str, Any]:
     }
 
 
-def build_rec_model(settings: RecSettings, class_num: int):
+def build_rec_model(settings: RecSettings, class_num: int, pretrained: Path | str | None = None):
+    """ppcls's RecModel, or with `pretrained` an .onnx file, its converted network as the backbone
+    (the ONNX weights are loaded here; load_pretrained then only reports them)."""
+    from shitu_cli.models.onnx_import import is_onnx_file
     from shitu_cli.models.ppcls import build_arch
 
-    return build_arch(rec_arch(settings, class_num))
+    if is_onnx_file(pretrained):
+        from shitu_cli.train.rec_onnx import build_onnx_rec_model
+
+        model = build_onnx_rec_model(settings, class_num, pretrained)
+    else:
+        onnx_only = [f"--{n.replace('_', '-')}" for n in ("pretrained_output", "pretrained_mean", "pretrained_std")
+                     if getattr(settings, n) is not None]
+        if onnx_only:
+            raise BadInput(f"{', '.join(onnx_only)} applies to an ONNX backbone only",
+                           hint="pass --pretrained model.onnx, or leave these options out")
+        model = build_arch(rec_arch(settings, class_num))
+    scale_backbone_lr(model, settings.backbone_lr_scale)
+    return model
+
+
+def scale_backbone_lr(model, scale: float) -> None:
+    """The backbone learns at `scale` x the schedule's lr (Paddle reads each parameter's own
+    learning_rate); 0 freezes it. Pretrained features survive a fresh head's first steps that way."""
+    if scale == 1.0:
+        return
+    for param in model.backbone.parameters():
+        if scale == 0:
+            param.stop_gradient = True
+        else:
+            param.optimize_attr["learning_rate"] = scale
+
+
+def pretrained_reference(pretrained: Path | str | None) -> str | None:
+    """How recipe.yaml records --pretrained: a file as its absolute path, a model name as the name,
+    so that reproduce resolves it again from the model cache."""
+    if not pretrained:
+        return None
+    from shitu_cli.models.registry import OFFICIAL_MODELS, read_registry
+
+    text = str(pretrained)
+    if not Path(text).expanduser().exists() and (text in OFFICIAL_MODELS or text in read_registry()):
+        return text
+    return Path(text).expanduser().resolve().as_posix()
 
 
 def _size_dependent(key: str) -> bool:
@@ -40,9 +80,12 @@ def _size_dependent(key: str) -> bool:
 def load_pretrained(model, path: Path | str, backbone: str) -> dict[str, Any]:
     """Load a local .pdparams: a whole RecModel checkpoint or backbone-only (ImageNet/SSLD) weights."""
     from shitu_cli.models.legacy import load_weights
-    from shitu_cli.models.registry import resolve_weights
+    from shitu_cli.models.registry import resolve_training_weights
 
-    path = resolve_weights(path)  # a .pdparams path, or a name such as PPLCNet_x1_0-pretrained
+    if getattr(model, "pretrained_info", None) is not None:
+        return model.pretrained_info  # an ONNX backbone: converted and loaded by build_rec_model
+    # a .pdparams path, or a name: PPLCNet_x1_0-pretrained, or PP-ShiTuV2-rec for its training weights
+    path = resolve_training_weights(path)
     state = load_weights(path)  # arrays only: a downloaded pickle never runs code
     if not isinstance(state, dict) or not state:
         raise BadInput("holds no named weights", hint="pass a .pdparams file saved from a state_dict", path=path)

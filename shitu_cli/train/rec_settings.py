@@ -44,6 +44,12 @@ class RecSettings:
     eval_batch_size: int = 32
     seed: int = 42
     num_workers: int = 2
+    # --pretrained model.onnx: which output to fine-tune from (None: the only feature output) and the
+    # normalisation the ONNX model expects (None: ImageNet's); the rest of shitu keeps ImageNet's.
+    pretrained_output: str | None = None
+    pretrained_mean: list | None = None
+    pretrained_std: list | None = None
+    backbone_lr_scale: float = 1.0  # the backbone's lr relative to --lr (below 1: fine-tune it gently)
     holdout: float = 0.2  # self-split only: fraction of classes held out for gallery/query
     query_fraction: float = 0.3  # self-split only: share of each held-out class that queries
 
@@ -110,8 +116,36 @@ def check_settings(s: RecSettings) -> None:
         raise BadInput(f"--lr must be positive, got {s.lr}")
     if s.num_workers < 0:
         raise BadInput(f"--num-workers must be 0 or more, got {s.num_workers}")
+    if not s.backbone_lr_scale >= 0:
+        raise BadInput(f"--backbone-lr-scale must be 0 or more, got {s.backbone_lr_scale}")
+    for name in ("pretrained_mean", "pretrained_std"):
+        _check_rgb(name, getattr(s, name), positive=name.endswith("std"))
     if not 0 < s.crop_scale_min <= 1:
         raise BadInput(f"crop_scale_min must be in (0, 1], got {s.crop_scale_min}")
+
+
+def _check_rgb(name: str, value: Any, positive: bool) -> None:
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        return
+    ok = isinstance(value, (list, tuple)) and len(value) == 3
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 or not positive) for v in value)
+    if not ok:
+        raise BadInput(f"{flag} must be three {'positive ' if positive else ''}numbers R,G,B, got {value!r}",
+                       hint=f"e.g. {flag} 0.5,0.5,0.5")
+
+
+def parse_rgb(text: str | None, flag: str) -> list[float] | None:
+    """'0.5,0.5,0.5' -> [0.5, 0.5, 0.5]; None stays None."""
+    if text is None:
+        return None
+    try:
+        values = [float(part) for part in str(text).split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise BadInput(f"{flag} must be three numbers R,G,B, got {text!r}", hint=f"e.g. {flag} 0.5,0.5,0.5")
+    return values
 
 
 def settings_hash(settings: RecSettings) -> str:
