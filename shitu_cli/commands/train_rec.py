@@ -31,6 +31,18 @@ def command(
     pretrained_mean: Optional[str] = typer.Option(None, "--pretrained-mean", help="With --pretrained model.onnx: the normalisation mean R,G,B it expects (default ImageNet's; e.g. 0.5,0.5,0.5)."),
     pretrained_std: Optional[str] = typer.Option(None, "--pretrained-std", help="With --pretrained model.onnx: the normalisation std R,G,B it expects (default ImageNet's)."),
     backbone_lr_scale: Optional[float] = typer.Option(None, "--backbone-lr-scale", help="The backbone's learning rate as a fraction of --lr (e.g. 0.1 to fine-tune a pretrained backbone gently; 0 freezes it). Default 1."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Distil from this teacher: an .onnx model (onnxruntime), a Paddle export dir (shitu.yaml) or a shitu run dir. Its outputs are cached per image under $SHITU_HOME/teacher-cache."),
+    unlabeled: Optional[Path] = typer.Option(None, "--unlabeled", help="A folder of images without labels; they feed only the distillation loss (needs --teacher)."),
+    teacher_output: Optional[str] = typer.Option(None, "--teacher-output", help="ONNX teacher: the output to learn (e.g. embedding or logits); default the first 2-D output."),
+    teacher_size: Optional[int] = typer.Option(None, "--teacher-size", help="Teacher input size in pixels, when the file does not fix it."),
+    teacher_mean: Optional[str] = typer.Option(None, "--teacher-mean", help="Teacher normalisation mean R,G,B (e.g. 0.5,0.5,0.5); default from the file, else ImageNet's."),
+    teacher_std: Optional[str] = typer.Option(None, "--teacher-std", help="Teacher normalisation std R,G,B; default from the file, else ImageNet's."),
+    teacher_views: Optional[int] = typer.Option(None, "--teacher-views", help="Views per image the teacher runs on (1 = whole image; more = seeded crops too). Default 2."),
+    label_weight: Optional[float] = typer.Option(None, "--label-weight", help="With --teacher: weight of CE + triplet on labelled images (0 = distil without labels). Default 1."),
+    cosine_weight: Optional[float] = typer.Option(None, "--cosine-weight", help="With --teacher: weight of the cosine loss to the (centred) teacher embedding, through a projection head. Default 1."),
+    relation_weight: Optional[float] = typer.Option(None, "--relation-weight", help="With --teacher: weight of batch similarity matching (the teacher's neighbours). Default 1."),
+    unlabeled_per_batch: Optional[int] = typer.Option(None, "--unlabeled-per-batch", help="With --teacher: pool images (unlabelled + training) added to every batch. Default 32."),
+    teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="Where cached teacher outputs live (default $SHITU_HOME/teacher-cache)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch, with its own settings; only --epochs (more or fewer) and --num-workers may change."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON summary instead of tables."),
 ) -> None:
@@ -48,9 +60,16 @@ def command(
                  "pretrained_mean": parse_rgb(pretrained_mean, "--pretrained-mean"),
                  "pretrained_std": parse_rgb(pretrained_std, "--pretrained-std"), "backbone_lr_scale": backbone_lr_scale}
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    distill = {"teacher_output": teacher_output, "teacher_size": teacher_size, "teacher_mean": teacher_mean,
+               "teacher_std": teacher_std, "teacher_views": teacher_views, "label_weight": label_weight,
+               "cosine_weight": cosine_weight, "relation_weight": relation_weight,
+               "unlabeled_per_batch": unlabeled_per_batch,
+               "cache_dir": str(teacher_cache) if teacher_cache else None}
+    distill = {k: v for k, v in distill.items() if v is not None} or None
     with contextlib.ExitStack() as stack:
         result = train_rec(dataset, out, recipe=recipe, pretrained=pretrained, resume=resume,
-                           progress=_TrainingProgress(stack), **overrides)
+                           progress=_TrainingProgress(stack), teacher=teacher, unlabeled=unlabeled, distill=distill,
+                           **overrides)
     for note in result.warnings:
         render.warn(note)
     if json_output:
@@ -100,7 +119,7 @@ def summary(result) -> dict:
         "export_normalised_diff": result.export_normalised_diff,
         "pretrained": result.pretrained, "resumed_from_epoch": result.resumed_from_epoch,
         "seconds": result.seconds, "warnings": result.warnings, "skipped": result.skipped,
-        "epochs_done": result.epochs_done, "stopped_by": result.stopped_by,
+        "epochs_done": result.epochs_done, "stopped_by": result.stopped_by, "distillation": result.distillation,
     }
 
 
@@ -111,6 +130,11 @@ def _table(result):
                  f"{result.gallery_images} gallery, {result.query_images} query"),
         ("schedule", f"{result.epochs} epochs x {result.steps_per_epoch} steps, batch {result.batch_size}"),
     ]
+    if result.distillation:
+        d = result.distillation
+        rows.append(("teacher", f"{d['teacher']['path']} ({d['teacher']['output']}, {d['teacher']['dim']}-d); "
+                                f"{d['pool_images']} images x {d['views']} views: {d['cache_hits']} from the cache, "
+                                f"{d['cache_misses']} run now ({d['cache_dir']})"))
     for name in ("recall1", "recall5", "mAP"):
         if name in result.final:
             rows.append((name, f"{result.final[name]:.4f} (untrained {result.initial[name]:.4f})"))

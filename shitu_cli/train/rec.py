@@ -72,6 +72,7 @@ class TrainRecResult:
     skipped: list[SkippedImage] = field(default_factory=list)  # listed images that could not be read, left out
     epochs_done: int = 0
     stopped_by: str | None = None  # SIGINT / SIGTERM when a signal ended training early
+    distillation: dict[str, Any] | None = None  # teacher, cache hits/misses, pool size (rec_distill)
 
 
 # ----------------------------------------------------------------------------- training
@@ -133,20 +134,25 @@ def _comparable(_key: str, value: Any) -> Any:
 
 
 def train_rec(dataset: Path | str | None, out: Path | str, recipe: str | None = None, pretrained: Path | str | None = None,
-              resume: bool = False, progress: Progress | None = None, **overrides: Any) -> TrainRecResult:
+              resume: bool = False, progress: Progress | None = None, teacher: Path | str | None = None,
+              unlabeled: Path | str | None = None, distill: dict[str, Any] | None = None,
+              **overrides: Any) -> TrainRecResult:
     """Train a recogniser on `dataset` into the run dir `out`; see the module docstring for the outputs.
 
     With `resume`, the run's recipe.yaml supplies dataset and settings (`dataset` may be None); Ctrl-C or
     SIGTERM stop training after the current step and the best epoch so far is exported.
+    With `teacher` (an .onnx, a Paddle export or a run dir) the student also learns the teacher's
+    embeddings, on `unlabeled` images too; `distill` holds rec_distill.DistillSettings fields.
     """
     from shitu_cli.train.stop import stop_on_signals
 
     with stop_on_signals() as stop:
-        return _train_rec(dataset, out, recipe, pretrained, resume, progress, overrides, stop)
+        return _train_rec(dataset, out, recipe, pretrained, resume, progress, overrides, stop,
+                          (teacher, unlabeled, distill))
 
 
 def _train_rec(dataset, out, recipe, pretrained, resume: bool, progress: Progress | None, overrides: dict[str, Any],
-               stop: StopRequest) -> TrainRecResult:
+               stop: StopRequest, distill_args: tuple = (None, None, None)) -> TrainRecResult:
     import time
 
     from shitu_cli.train.checkpoints import Checkpoints
@@ -163,18 +169,22 @@ def _train_rec(dataset, out, recipe, pretrained, resume: bool, progress: Progres
         raise BadInput("no DATASET given", hint="pass the dataset folder (or --resume an earlier run)")
     else:
         settings = resolve_settings(recipe, overrides)
+    distiller = _plan_distillation(run_dir, resume, distill_args)  # the teacher is checked before anything trains
     data = resolve_data(Path(dataset), run_dir, settings)
     seed_everything(settings.seed)
     model = build_rec_model(settings, len(data.train_classes), pretrained)  # an .onnx backbone shapes the model
     # A resumed run starts from its own checkpoint; the pretrained file is only recorded.
     pretrained_info = load_pretrained(model, pretrained, settings.backbone) if pretrained and not resume else None
-    _write_run_recipe(run_dir, settings, data, dataset, recipe, pretrained)  # so a killed run can be resumed
+    if distiller is not None:
+        distiller.fit_targets(data.train, settings.seed, settings.num_workers)
+        model = distiller.wrap(model, settings.embedding_size)  # + a projection head, dropped at export
+    _write_run_recipe(run_dir, settings, data, dataset, recipe, pretrained, distiller=distiller)  # for --resume
     calibration = calibration_images(data, settings)
     evaluate = make_evaluate(data, settings, calibration)
     initial = _initial_metrics(model, evaluate)
     state_file = Checkpoints(run_dir).state_file
     done_epochs = int((read_yaml(state_file) or {}).get("epoch", 0)) if resume and state_file.is_file() else 0
-    fitted, sampler = _fit(model, data, settings, evaluate, run_dir, resume, done_epochs, progress, stop)
+    fitted, sampler = _fit(model, data, settings, evaluate, run_dir, resume, done_epochs, progress, stop, distiller)
     if evaluate is None:  # nothing calibrated the final weights yet; export and best.pdparams must agree
         calibrate_batch_norm(model, calibration)
         Checkpoints(run_dir).save("best.pdparams", model.state_dict())
@@ -194,9 +204,22 @@ def _train_rec(dataset, out, recipe, pretrained, resume: bool, progress: Progres
         pretrained=pretrained_info, resumed_from_epoch=done_epochs,
         seconds=round(time.perf_counter() - started, 2), warnings=notes, skipped=data.skipped,
         epochs_done=fitted.epochs_done, stopped_by=fitted.stopped_by,
+        distillation=distiller.record() if distiller else None,
     )
-    _write_run_recipe(run_dir, settings, data, dataset, recipe, pretrained, result)
+    _write_run_recipe(run_dir, settings, data, dataset, recipe, pretrained, result, distiller)
     return result
+
+
+def _plan_distillation(run_dir: Path, resume: bool, distill_args: tuple):
+    import os
+
+    from shitu_cli.train.rec_distill import plan_distillation, resumed_distillation
+    from shitu_cli.train.run_dir import saved_recipe
+
+    teacher, unlabeled, distill = distill_args
+    if resume:
+        teacher, unlabeled, distill = resumed_distillation(saved_recipe(run_dir, "train-rec").options, *distill_args)
+    return plan_distillation(teacher, unlabeled, distill, threads=min(4, os.cpu_count() or 1))
 
 
 def _initial_metrics(model, evaluate) -> dict[str, float]:
@@ -207,8 +230,8 @@ def _initial_metrics(model, evaluate) -> dict[str, float]:
 
 
 def _fit(model, data: RecData, settings: RecSettings, evaluate, run_dir: Path, resume: bool, done_epochs: int,
-         progress: Progress | None, stop: StopRequest | None = None):
-    """The shared loop with PK batches and CE + triplet; returns (FitResult, sampler)."""
+         progress: Progress | None, stop: StopRequest | None = None, distiller=None):
+    """The shared loop with PK batches and CE + triplet (+ distillation); returns (FitResult, sampler)."""
     import warnings
 
     from shitu_cli.train.loop import fit
@@ -220,14 +243,17 @@ def _fit(model, data: RecData, settings: RecSettings, evaluate, run_dir: Path, r
     loss_knobs = {f.name: getattr(settings, f.name) for f in fields(RecLossConfig) if hasattr(settings, f.name)}
     loss = RecLoss(RecLossConfig(**loss_knobs))
     sampler, make_loader = make_train_loader(data, settings)
+    loss_fn, batch_size = (lambda m, batch: loss(m(batch[0]), batch[1])), sampler.batch_size
+    if distiller is not None:
+        make_loader = distiller.loader(sampler, settings.input_size, settings.seed, settings.num_workers)
+        loss_fn, batch_size = distiller.loss(loss), batch_size + distiller.settings.unlabeled_per_batch
     if progress:
         progress(total=settings.epochs * len(sampler), completed=done_epochs * len(sampler))
     with warnings.catch_warnings():
         # paddle's BatchNorm1D/2D warn on every training forward that they track global stats.
         warnings.filterwarnings("ignore", message="When training, we now always track")
-        fitted = fit(model, make_loader, len(sampler), lambda m, batch: loss(m(batch[0]), batch[1]), evaluate,
-                     _loop_config(settings), run_dir, resume=resume, on_step=progress, batch_size=sampler.batch_size,
-                     stop=stop)
+        fitted = fit(model, make_loader, len(sampler), loss_fn, evaluate, _loop_config(settings), run_dir,
+                     resume=resume, on_step=progress, batch_size=batch_size, stop=stop)
     return fitted, sampler
 
 
@@ -290,7 +316,7 @@ class ExportCheck:
 
 
 def _write_run_recipe(run_dir: Path, settings: RecSettings, data: RecData, dataset, recipe, pretrained,
-                      result: TrainRecResult | None = None) -> None:
+                      result: TrainRecResult | None = None, distiller=None) -> None:
     """recipe.yaml: at the start (no result: settings only, what --resume reads), and again at the end."""
     from shitu_cli.recipes import Recipe, write_recipe
     from shitu_cli.train.loop import CURVES_PNG, METRICS_CSV
@@ -298,11 +324,15 @@ def _write_run_recipe(run_dir: Path, settings: RecSettings, data: RecData, datas
     # Every setting is explicit in `options`, so a replay needs no recipe file; the base one is noted in inputs.
     options = {"dataset": Path(dataset).resolve().as_posix(), "recipe": None,
                "pretrained": pretrained_reference(pretrained), **asdict(settings)}
+    if distiller is not None:  # teacher, unlabeled, distill: train_rec's own keywords, so reproduce replays them
+        options.update(distiller.options())
     inputs = {"base_recipe": recipe_path(recipe).resolve().as_posix(), "lists_dir": data.lists_dir.as_posix(),
               "image_root": data.root.as_posix(), "lists": list_checksums(data),
               "train_images": len(data.train), "train_classes": len(data.train_classes),
               "gallery_images": len(data.gallery), "query_images": len(data.query), "split": data.split,
               "skipped_images": [{"path": s.path, "reason": s.reason} for s in data.skipped]}
+    if distiller is not None:
+        inputs["distillation"] = distiller.record()  # teacher sha256, output, preprocessing, cache dir
     metrics: dict[str, Any] = {"status": "training"}
     written: list[Path] = []
     if result is not None:
