@@ -8,9 +8,11 @@ from typing import Optional
 import typer
 
 from shitu_cli import render
+from shitu_cli.commands import scale_out
 
 
 def command(
+    ctx: typer.Context,
     dataset: Optional[Path] = typer.Argument(None, help="Folder with train_list.txt, val_list.txt and labels.txt, or a folder of class folders (split here). Not needed with --resume."),
     out: Path = typer.Option(..., "--out", "-o", help="Run dir: checkpoints, metrics, confusion matrix, export/ and recipe.yaml. A folder holding an earlier run is refused (use --resume, or a new folder)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="PPLCNet_x0_25 ... PPLCNet_x2_5 or PPLCNetV2_base. \\[default: PPLCNet_x1_0]"),
@@ -40,11 +42,16 @@ def command(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Base settings: a shipped name (pplcnet, tiny, digits), a .yml path, or a run's recipe.yaml; flags override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch, with its own settings; only --epochs (more or fewer) and --num-workers may change."),
     json_output: bool = typer.Option(False, "--json", help="Print the run summary as one JSON document."),
+    nproc: Optional[int] = scale_out.nproc_option(),
+    devices: Optional[str] = scale_out.devices_option(),
+    nnodes: Optional[int] = scale_out.nnodes_option(),
+    master: Optional[str] = scale_out.master_option(),
 ) -> None:
     """Train a PP-LCNet image classifier, keep the best epoch by val top-1, and export it for `shitu predict`.
 
     Ctrl-C (or SIGTERM) stops after the current step, keeps the last epoch's checkpoint and exports the best epoch so far.
     """
+    scale_out.relaunch_if_asked(ctx, "train-cls", out, resume, nproc, devices, nnodes, master)  # exits when it relaunched
     from shitu_cli.train.cls import requested_settings, resolve_settings, train_cls
     from shitu_cli.train.stop import exit_code_for
 
@@ -60,6 +67,8 @@ def command(
     settings = requested_settings(recipe, flags) if resume else resolve_settings(recipe, flags)
     with render.progress(f"training {settings.get('model', 'the run')}", total=None, unit="step") as bar:
         summary = train_cls(dataset, out, resume=resume, progress=bar, **settings)
+    if summary is None:  # a data-parallel worker other than rank 0: rank 0 reports
+        return
     for note in summary.notes + (summary.split or {}).get("warnings", []):
         render.info(note)
     if json_output:

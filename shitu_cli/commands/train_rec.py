@@ -9,9 +9,11 @@ from typing import Optional
 import typer
 
 from shitu_cli import render
+from shitu_cli.commands import scale_out
 
 
 def command(
+    ctx: typer.Context,
     dataset: Optional[Path] = typer.Argument(None, help="split-dataset rec lists (train/gallery/query_list.txt), or a folder of class folders to split here. Not needed with --resume."),
     out: Path = typer.Option(..., "--out", "-o", help="The run folder: checkpoints, metrics, export/ and recipe.yaml go here. A folder holding an earlier run is refused (use --resume, or a new folder)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Base settings: pp-shituv2 (default), tiny, or a .yml path."),
@@ -45,11 +47,16 @@ def command(
     teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="Where cached teacher outputs live (default $SHITU_HOME/teacher-cache)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch, with its own settings; only --epochs (more or fewer) and --num-workers may change."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON summary instead of tables."),
+    nproc: Optional[int] = scale_out.nproc_option(),
+    devices: Optional[str] = scale_out.devices_option(),
+    nnodes: Optional[int] = scale_out.nnodes_option(),
+    master: Optional[str] = scale_out.master_option(),
 ) -> None:
     """Train a PP-ShiTuV2 recogniser (CE + triplet, PK batches, EMA) and export it to RUN_DIR/export.
 
     Ctrl-C (or SIGTERM) stops after the current step, keeps the last epoch's checkpoint and exports the best epoch so far.
     """
+    scale_out.relaunch_if_asked(ctx, "train-rec", out, resume, nproc, devices, nnodes, master)  # exits when it relaunched
     from shitu_cli.train.rec import train_rec
     from shitu_cli.train.rec_settings import parse_rgb
     from shitu_cli.train.stop import exit_code_for
@@ -70,6 +77,8 @@ def command(
         result = train_rec(dataset, out, recipe=recipe, pretrained=pretrained, resume=resume,
                            progress=_TrainingProgress(stack), teacher=teacher, unlabeled=unlabeled, distill=distill,
                            **overrides)
+    if result is None:  # a data-parallel worker other than rank 0: rank 0 reports
+        return
     for note in result.warnings:
         render.warn(note)
     if json_output:

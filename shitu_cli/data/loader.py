@@ -49,6 +49,8 @@ def load_batches(
     try:
         position = 0
         for batch in batches:
+            # A data-parallel rank's share of a global batch says where it starts in the global stream.
+            position = getattr(batch, "start", position)
             jobs = [(position + k, i) for k, i in enumerate(batch)]
             position += len(batch)
             images = list(pool.map(lambda job: load(*job), jobs)) if pool else [load(*job) for job in jobs]

@@ -20,6 +20,7 @@ from shitu_cli.train.cls_model import (
 from shitu_cli.train.cls_settings import (
     DEFAULTS, auto_ema_decay, check_settings, complete_settings, parse_decay_epochs, requested_settings, resolve_settings,
 )
+from shitu_cli.train.distributed import check_divisible, current_world, shard_batches
 from shitu_cli.train.image_check import SkippedImage
 from shitu_cli.train.stop import StopRequest
 
@@ -100,9 +101,12 @@ def train_cls(
 
 
 def _train_cls(dataset: Path | str | None, out: Path | str, resume: bool, progress: Progress | None,
-               settings: dict[str, Any], stop: StopRequest) -> ClsTrainSummary:
+               settings: dict[str, Any], stop: StopRequest) -> ClsTrainSummary | None:
+    """The run; under paddle.distributed.launch every rank trains and rank 0 alone evaluates, exports and
+    records (the others return None)."""
     import time
 
+    from shitu_cli.train import distributed
     from shitu_cli.train.run_dir import check_run_dir
 
     started = time.perf_counter()
@@ -115,11 +119,15 @@ def _train_cls(dataset: Path | str | None, out: Path | str, resume: bool, progre
     check_settings(settings)
     teacher = _load_teacher(settings)
     unlabeled = _unlabeled_images(settings["unlabeled"])
-    data = resolve_dataset(Path(dataset), run_dir, settings["val"], settings["seed"])
+    world = distributed.start()
+    with distributed.main_first(world):  # rank 0 writes a split of class folders; the others then read it
+        data = resolve_dataset(Path(dataset), run_dir, settings["val"], settings["seed"])
     _check_teacher_classes(teacher, data)
     run = _Run(data, settings, run_dir, teacher, unlabeled, progress, load_pretrained_weights=not resume)
     _write_run_recipe(Path(dataset), run_dir, settings, data, None, [], len(unlabeled))  # so a killed run can resume
     fit_result = run.train(resume, stop)
+    if not world.is_main:
+        return None
     final = run.final_evaluation()
     export_dir, diff = run.export()
     written = [p for p in (run_dir / n for n in ("metrics.csv", "curves.png", CONFUSION_PNG)) if p.is_file()]
@@ -192,7 +200,10 @@ class _Run:
         self.input_size = (size, size)
         self.preprocess = eval_preprocess(size)
         self.augment = TrainAugment(self.input_size, crop_scale=(settings["min_crop"], 1.0), flip=bool(settings["flip"]))
-        self.batch_size = min(settings["batch_size"], len(data.train))
+        self.batch_size = min(settings["batch_size"], len(data.train))  # the global batch, over all ranks
+        self.world = current_world()
+        check_divisible(self.batch_size, self.world, f"a batch of {self.batch_size} images",
+                        hint=f"use a --batch-size that is a multiple of {self.world.size}")
         self.steps_per_epoch = len(_epoch_batches(len(data.train), self.batch_size, np.arange(len(data.train))))
         seed_everything(settings["seed"])
         self.model = build_classifier(settings["model"], len(data.labels))
@@ -209,6 +220,7 @@ class _Run:
 
         seed, workers = self.settings["seed"] * 1000 + epoch, self.settings["num_workers"]
         batches = _epoch_batches(len(self.data.train), self.batch_size, np.random.permutation(len(self.data.train)))
+        batches = shard_batches(batches, self.world)  # every rank drew the same permutation (seeded per epoch)
         labelled = load_batches(self.data.train, batches, self.preprocess, self.input_size, self.augment, seed, workers)
         extra = self._unlabeled_loader(len(batches), seed, workers)
         for (images, labels), unlabeled in zip(labelled, extra):
@@ -223,7 +235,7 @@ class _Run:
         # One batch of unlabelled images per step, cycling through a fresh permutation as needed.
         need = steps * self.batch_size
         order = np.concatenate([np.random.permutation(len(self.unlabeled)) for _ in range(math.ceil(need / len(self.unlabeled)))])
-        batches = [list(order[i * self.batch_size : (i + 1) * self.batch_size]) for i in range(steps)]
+        batches = shard_batches([list(order[i * self.batch_size : (i + 1) * self.batch_size]) for i in range(steps)], self.world)
         for images, _ in load_batches(self.unlabeled, batches, self.preprocess, self.input_size, self.augment, seed + 7, workers):
             yield images
 
@@ -299,7 +311,8 @@ class _Run:
         if set_total:
             set_total(s["epochs"] * self.steps_per_epoch)
         try:
-            return fit(self.model, self.make_loader, self.steps_per_epoch, self.loss_fn, self.evaluate, config,
+            evaluate = self.evaluate if self.world.is_main else None  # rank 0 alone evaluates
+            return fit(self.model, self.make_loader, self.steps_per_epoch, self.loss_fn, evaluate, config,
                        self.run_dir, resume=resume, on_step=self.progress, batch_size=self.batch_size, stop=stop)
         except (ValueError, RuntimeError) as exc:
             raise WorkFailed(f"training failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})", path=self.run_dir) from None
@@ -349,12 +362,18 @@ def _write_run_recipe(dataset: Path, run_dir: Path, settings: dict[str, Any], da
     """recipe.yaml: at the start (summary None: settings only, what --resume reads), and again at the end."""
     from shitu_cli.artifacts import sha256_file
     from shitu_cli.recipes import Recipe, write_recipe
+    from shitu_cli.train.distributed import describe
+
+    world = current_world()
+    if not world.is_main:
+        return
 
     lists = {name: sha256_file(data.lists_dir / name) for name in ("train_list.txt", "val_list.txt", "labels.txt")}
     options = {"dataset": str(Path(dataset).resolve()), "out": str(run_dir.resolve()), **settings}
     inputs = {"lists_dir": str(data.lists_dir), "list_sha256": lists, "train_images": len(data.train),
               "val_images": len(data.val), "unlabeled_images": unlabeled, "classes": len(data.labels),
-              "skipped_images": [{"path": s.path, "reason": s.reason} for s in data.skipped]}
+              "skipped_images": [{"path": s.path, "reason": s.reason} for s in data.skipped],
+              "distributed": describe(world, min(settings["batch_size"], len(data.train)))}
     if data.split:
         inputs["split"] = data.split
     metrics: dict[str, Any] = {"status": "training"}

@@ -140,7 +140,14 @@ def fit(
 
     When `stop` is set (a signal), the loop leaves after the current step: the last epoch's checkpoint
     stays as it is (resume goes on from there) and the model gets the best weights so far.
+
+    Under paddle.distributed.launch every rank runs this with its share of each global batch (the
+    loader's job); the model trains through DataParallel, and rank 0 alone evaluates and writes
+    checkpoints and metrics. The other ranks return with their (identical) trained weights.
     """
+    from shitu_cli.train import distributed
+
+    world = distributed.start() if distributed.current_world().distributed else distributed.World()
     run_dir = Path(run_dir)
     started = time.perf_counter()
     optimizer, schedule = build_optimizer(model, config, steps_per_epoch)
@@ -149,11 +156,14 @@ def fit(
     state = {"epoch": 0, "best_value": None, "best_epoch": None, "history": []}
     if resume:
         state = checkpoints.load_last(model, optimizer, schedule, ema) or state
-    elif checkpoints.state_file.exists():
+    elif checkpoints.state_file.exists() and world.is_main:
         checkpoints.state_file.unlink()
+    train_model = distributed.wrap_model(model, world)  # after loading: DataParallel starts every rank from rank 0's weights
+    stopping = False
 
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
-        if stop:
+        stopping = distributed.agree_stop(stop, world)
+        if stopping:
             break
         # Seeding per epoch is what makes a resumed run land on the same result.
         seed_everything(config.seed * 1000 + epoch)
@@ -162,7 +172,7 @@ def fit(
         epoch_started = time.perf_counter()
         for batch in make_loader(epoch):
             tick = time.perf_counter()
-            loss, logs = loss_fn(model, batch)
+            loss, logs = loss_fn(train_model, batch)
             loss.backward()
             optimizer.step()
             optimizer.clear_grad()
@@ -174,12 +184,17 @@ def fit(
             if on_step is not None:
                 ips = batch_size / max(time.perf_counter() - tick, 1e-9)
                 on_step(advance=1, epoch=epoch, loss=round(float(loss), 4), ips=round(ips, 1), **logs)
-            if stop:
+            stopping = distributed.agree_stop(stop, world)
+            if stopping:
                 break
-        if stop:
+        if stopping:
             break  # a part-trained epoch is dropped: resume restarts it from the last checkpoint
         train_seconds = time.perf_counter() - epoch_started  # decoding included, evaluation not
-        row = {"epoch": epoch, "lr": float(optimizer.get_lr()), "loss": float(np.mean(losses)) if losses else float("nan")}
+        mean_loss = distributed.mean_over_ranks(float(np.mean(losses)) if losses else float("nan"), world)
+        if not world.is_main:
+            state["epoch"] = epoch
+            continue  # rank 0 evaluates and writes; the others go on to the next epoch's first all-reduce
+        row = {"epoch": epoch, "lr": float(optimizer.get_lr()), "loss": mean_loss}
         if evaluate is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
             eval_model = ema.module if ema is not None else model
             metrics = evaluate(eval_model)
@@ -196,11 +211,14 @@ def fit(
             on_step(advance=0, epoch_end=_epoch_summary(row, config.epochs, len(losses) * batch_size, train_seconds,
                                                         time.perf_counter() - epoch_started))
 
-    if stop:
-        _best_so_far(checkpoints, state, stop)
-    elif state["best_epoch"] is None:  # no evaluation ran: the final weights are the best we know
-        checkpoints.save("best.pdparams", (ema.module if ema is not None else model).state_dict())
-    load_into(model, checkpoints.best)
+    stopping = distributed.agree_stop(stop, world)  # a signal during the last evaluation counts too
+    distributed.unwrap_model(model)
+    if world.is_main:
+        if stopping:
+            _best_so_far(checkpoints, state, stop)
+        elif state["best_epoch"] is None:  # no evaluation ran: the final weights are the best we know
+            checkpoints.save("best.pdparams", (ema.module if ema is not None else model).state_dict())
+        load_into(model, checkpoints.best)
     history = state["history"]
     return FitResult(
         best_metric=config.best_metric,

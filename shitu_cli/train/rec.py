@@ -155,6 +155,7 @@ def _train_rec(dataset, out, recipe, pretrained, resume: bool, progress: Progres
                stop: StopRequest, distill_args: tuple = (None, None, None)) -> TrainRecResult:
     import time
 
+    from shitu_cli.train import distributed
     from shitu_cli.train.checkpoints import Checkpoints
     from shitu_cli.train.loop import seed_everything
     from shitu_cli.train.run_dir import check_run_dir
@@ -170,7 +171,9 @@ def _train_rec(dataset, out, recipe, pretrained, resume: bool, progress: Progres
     else:
         settings = resolve_settings(recipe, overrides)
     distiller = _plan_distillation(run_dir, resume, distill_args)  # the teacher is checked before anything trains
-    data = resolve_data(Path(dataset), run_dir, settings)
+    world = distributed.start()  # under paddle.distributed.launch: this rank's device and the process group
+    with distributed.main_first(world):  # rank 0 writes a split of class folders; the others then read it
+        data = resolve_data(Path(dataset), run_dir, settings)
     seed_everything(settings.seed)
     model = build_rec_model(settings, len(data.train_classes), pretrained)  # an .onnx backbone shapes the model
     # A resumed run starts from its own checkpoint; the pretrained file is only recorded.
@@ -180,11 +183,13 @@ def _train_rec(dataset, out, recipe, pretrained, resume: bool, progress: Progres
         model = distiller.wrap(model, settings.embedding_size)  # + a projection head, dropped at export
     _write_run_recipe(run_dir, settings, data, dataset, recipe, pretrained, distiller=distiller)  # for --resume
     calibration = calibration_images(data, settings)
-    evaluate = make_evaluate(data, settings, calibration)
+    evaluate = make_evaluate(data, settings, calibration) if world.is_main else None  # rank 0 alone evaluates
     initial = _initial_metrics(model, evaluate)
     state_file = Checkpoints(run_dir).state_file
     done_epochs = int((read_yaml(state_file) or {}).get("epoch", 0)) if resume and state_file.is_file() else 0
     fitted, sampler = _fit(model, data, settings, evaluate, run_dir, resume, done_epochs, progress, stop, distiller)
+    if not world.is_main:
+        return None  # rank 0 alone exports and records the run
     if evaluate is None:  # nothing calibrated the final weights yet; export and best.pdparams must agree
         calibrate_batch_norm(model, calibration)
         Checkpoints(run_dir).save("best.pdparams", model.state_dict())
@@ -319,7 +324,11 @@ def _write_run_recipe(run_dir: Path, settings: RecSettings, data: RecData, datas
                       result: TrainRecResult | None = None, distiller=None) -> None:
     """recipe.yaml: at the start (no result: settings only, what --resume reads), and again at the end."""
     from shitu_cli.recipes import Recipe, write_recipe
+    from shitu_cli.train.distributed import current_world, describe
     from shitu_cli.train.loop import CURVES_PNG, METRICS_CSV
+
+    if not current_world().is_main:
+        return
 
     # Every setting is explicit in `options`, so a replay needs no recipe file; the base one is noted in inputs.
     options = {"dataset": Path(dataset).resolve().as_posix(), "recipe": None,
@@ -330,7 +339,8 @@ def _write_run_recipe(run_dir: Path, settings: RecSettings, data: RecData, datas
               "image_root": data.root.as_posix(), "lists": list_checksums(data),
               "train_images": len(data.train), "train_classes": len(data.train_classes),
               "gallery_images": len(data.gallery), "query_images": len(data.query), "split": data.split,
-              "skipped_images": [{"path": s.path, "reason": s.reason} for s in data.skipped]}
+              "skipped_images": [{"path": s.path, "reason": s.reason} for s in data.skipped],
+              "distributed": describe(current_world(), settings.batch_size)}
     if distiller is not None:
         inputs["distillation"] = distiller.record()  # teacher sha256, output, preprocessing, cache dir
     metrics: dict[str, Any] = {"status": "training"}

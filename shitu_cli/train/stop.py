@@ -12,11 +12,15 @@ import contextlib
 import importlib
 import signal
 import threading
+import time
 from typing import Iterator
 
 from shitu_cli.errors import ShituError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# paddle.distributed.launch stops a worker with SIGTERM sent up to 3 times, 0.2 s apart: repeats
+# that close together are the same request, not the user insisting.
+REPEAT_GRACE_S = 1.0
 
 
 class StopRequest:
@@ -25,6 +29,8 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self.signal_number: int | None = None
+        self._first_at = 0.0
+        self._adopted = False  # set by a peer's stop, not by a signal to this process
 
     def __bool__(self) -> bool:
         return self.signal_name is not None
@@ -34,7 +40,17 @@ class StopRequest:
         """The shell's convention for a process ended by a signal: 128 + its number (130 for Ctrl-C)."""
         return 128 + (self.signal_number or signal.SIGINT)
 
+    def adopt(self, number: int) -> None:
+        """Take a stop another training process received (data-parallel ranks stop together)."""
+        self.signal_number, self.signal_name = number, signal.Signals(number).name
+        self._adopted = True
+
     def _handle(self, number: int, _frame) -> None:
+        if self._adopted:  # the launcher's own signal, arriving after the peers' stop: not a second one
+            self._adopted, self._first_at = False, time.monotonic()
+            return
+        if self and number == signal.SIGTERM and time.monotonic() - self._first_at < REPEAT_GRACE_S:
+            return
         if self:
             signal.signal(number, signal.SIG_DFL)
             if number == signal.SIGINT:
@@ -42,6 +58,7 @@ class StopRequest:
             signal.raise_signal(number)
             return
         self.signal_number, self.signal_name = number, signal.Signals(number).name
+        self._first_at = time.monotonic()
 
 
 def exit_code_for(signal_name: str) -> int:

@@ -1,0 +1,219 @@
+"""Data-parallel training under `paddle.distributed.launch`: which process this is, the device it
+trains on, the DataParallel wrapper, each rank's share of a global batch, and the few collectives
+the loop needs (agreeing on a stop, letting rank 0 go first).
+
+The contract: `batch_size` in a recipe is the GLOBAL batch. N processes each take 1/N of every
+global batch, DataParallel averages their gradients, so the optimiser sees the same mean gradient
+over the same images as one process would (up to float summation order, batch norm's per-process
+statistics on the CPU, and losses that mine within a batch). lr, warm-up and steps per epoch are
+therefore unchanged by N; a larger global batch wants a linearly larger lr (Goyal et al. 2017),
+which the user asks for with --batch-size and --lr together.
+
+Without the launcher's environment every function here is a no-op for a world of one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from shitu_cli.errors import BadInput
+
+# What paddle.distributed.launch sets in each worker's environment.
+ENV_RANK = "PADDLE_TRAINER_ID"
+ENV_WORLD_SIZE = "PADDLE_TRAINERS_NUM"
+ENV_LOCAL_RANK = "PADDLE_LOCAL_RANK"
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: rank 0 of 1 when not launched."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 evaluates and writes every output of the run; the others only train."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def current_world() -> World:
+    """The world the launcher described in the environment (no paddle import)."""
+    try:
+        size = int(os.environ.get(ENV_WORLD_SIZE, "1") or 1)
+        rank = int(os.environ.get(ENV_RANK, "0") or 0)
+        local = int(os.environ.get(ENV_LOCAL_RANK, str(rank)) or 0)
+    except ValueError:
+        return World()
+    return World(rank=rank, size=max(size, 1), local_rank=local) if size > 1 else World()
+
+
+def gpu_available() -> bool:
+    """True when Paddle was built with CUDA and sees a GPU: training then runs there."""
+    import paddle
+
+    return bool(paddle.is_compiled_with_cuda()) and paddle.device.cuda.device_count() > 0
+
+
+def device_for(world: World) -> str:
+    """'gpu:<id>' on a CUDA build with a GPU (the launcher's --devices pick the id), else 'cpu'."""
+    if not gpu_available():
+        return "cpu"
+    selected = os.environ.get("FLAGS_selected_gpus", "").split(",")[0]
+    return f"gpu:{int(selected) if selected.strip().isdigit() else world.local_rank}"
+
+
+def start(world: World | None = None) -> World:
+    """Pick this process's device and, under the launcher, join the process group (once)."""
+    import paddle
+    import paddle.distributed as dist
+
+    world = world or current_world()
+    paddle.set_device(device_for(world))
+    if world.distributed and not dist.is_initialized():
+        dist.init_parallel_env()
+    return world
+
+
+def uses_sync_batch_norm(world: World) -> bool:
+    """Sync BN on GPUs when several processes train: each GPU's share of a PK batch is small, and
+    Paddle has no CPU kernel for it (on the CPU each process normalises by its own share's statistics)."""
+    return world.distributed and gpu_available()
+
+
+def wrap_model(model, world: World):
+    """The layer to train through: the model itself, or a DataParallel around it (which also makes
+    every rank start from rank 0's weights). With sync BN the model's BN layers are swapped in place;
+    `unwrap_model` swaps them back before evaluation on one process and export."""
+    import paddle
+
+    if not world.distributed:
+        return model
+    if uses_sync_batch_norm(world):
+        _convert_batch_norms(model)
+    return paddle.DataParallel(model)
+
+
+def unwrap_model(model) -> None:
+    """Undo `wrap_model`'s sync BN swap (same weights and statistics, plain BatchNorm layers again)."""
+    import paddle
+
+    for parent in model.sublayers(include_self=True):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, paddle.nn.SyncBatchNorm):
+                setattr(parent, name, _plain_batch_norm(child))
+
+
+def _convert_batch_norms(model) -> None:
+    import paddle
+
+    for parent in model.sublayers(include_self=True):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, paddle.nn.layer.norm._BatchNormBase) and not isinstance(child, paddle.nn.SyncBatchNorm):
+                setattr(parent, name, paddle.nn.SyncBatchNorm.convert_sync_batchnorm(child))
+
+
+def _plain_batch_norm(sync):
+    import paddle
+
+    plain = paddle.nn.BatchNorm2D(sync._num_features, momentum=sync._momentum, epsilon=sync._epsilon,
+                                  data_format=sync._data_format, name=sync._name)
+    # The same Parameter objects, as convert_sync_batchnorm does the other way: optimiser state still applies.
+    plain.weight, plain.bias = sync.weight, sync.bias
+    plain._mean, plain._variance = sync._mean, sync._variance
+    plain.training = sync.training
+    return plain
+
+
+class Shard(list):
+    """One rank's part of a global batch (sample indices), with `start`: where it begins in the epoch's
+    global sample stream, so per-sample augmentation seeds are those a single process would use."""
+
+    start: int = 0
+
+
+def shard_batches(batches: Sequence[Sequence[int]], world: World, unit: int = 1) -> list[Sequence[int]]:
+    """Each global batch's contiguous 1/N share for this rank, in groups of `unit` samples (K images of
+    one class for PK batches, so every rank gets whole classes); the batches unchanged for one process."""
+    if not world.distributed:
+        return list(batches)
+    shards, start = [], 0
+    for batch in batches:
+        groups = len(batch) // unit
+        first, last = (groups * world.rank) // world.size, (groups * (world.rank + 1)) // world.size
+        shard = Shard(batch[first * unit : last * unit])
+        shard.start = start + first * unit
+        shards.append(shard)
+        start += len(batch)
+    return shards
+
+
+def check_divisible(groups: int, world: World, what: str, hint: str, minimum: int = 1) -> None:
+    """BadInput unless `groups` (classes or images of a global batch) split evenly, `minimum` each, over the ranks."""
+    if world.distributed and (groups % world.size or groups // world.size < minimum):
+        raise BadInput(f"{what} cannot be split evenly over {world.size} processes "
+                       f"(at least {minimum} each)", hint=hint)
+
+
+def agree_stop(stop, world: World) -> bool:
+    """True on every rank once any rank got SIGINT/SIGTERM; all ranks must call it at the same steps.
+
+    A stop seen by one rank only would leave the others waiting in the next gradient all-reduce, so the
+    flag is all-reduced (max of the signal numbers) and a rank that got none takes the peer's signal."""
+    if not world.distributed:
+        return bool(stop)
+    import paddle
+    import paddle.distributed as dist
+
+    number = paddle.to_tensor([int(stop.signal_number or 0) if stop is not None else 0], dtype="int64")
+    dist.all_reduce(number, op=dist.ReduceOp.MAX)
+    agreed = int(number.numpy()[0])
+    if agreed and stop is not None and not stop:
+        stop.adopt(agreed)
+    return agreed > 0
+
+
+def mean_over_ranks(value: float, world: World) -> float:
+    """The mean of a per-rank number (an epoch's loss) over all ranks; every rank must call it."""
+    if not world.distributed:
+        return value
+    import paddle
+    import paddle.distributed as dist
+
+    total = paddle.to_tensor([value], dtype="float64")
+    dist.all_reduce(total)
+    return float(total.numpy()[0]) / world.size
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        import paddle.distributed as dist
+
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(world: World) -> Iterator[None]:
+    """Rank 0 runs the block first (it writes, e.g. a split of class folders); the others wait, then run it."""
+    if not world.is_main:
+        barrier(world)
+    yield
+    if world.is_main:
+        barrier(world)
+
+
+def describe(world: World, global_batch: int | None = None) -> dict[str, Any]:
+    """What the recipe records about the processes that trained."""
+    record: dict[str, Any] = {"world_size": world.size, "device": "gpu" if gpu_available() else "cpu",
+                              "sync_batch_norm": uses_sync_batch_norm(world)}
+    if global_batch is not None:
+        record.update({"global_batch": global_batch, "batch_per_process": global_batch // world.size})
+    return record
