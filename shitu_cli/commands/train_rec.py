@@ -122,7 +122,7 @@ def summary(result) -> dict:
         "epochs": result.epochs, "steps_per_epoch": result.steps_per_epoch, "batch_size": result.batch_size,
         "train_images": result.train_images, "train_classes": result.train_classes,
         "gallery_images": result.gallery_images, "query_images": result.query_images,
-        "best_epoch": result.best_epoch, "best_recall1": result.best_recall1,
+        "best_epoch": result.best_epoch, "best_metric": result.best_metric, "best_recall1": result.best_recall1,
         "recall1": result.final.get("recall1"), "recall5": result.final.get("recall5"), "mAP": result.final.get("mAP"),
         "initial": result.initial, "export_max_abs_diff": result.export_max_abs_diff,
         "export_normalised_diff": result.export_normalised_diff,
@@ -148,7 +148,7 @@ def _table(result):
         if name in result.final:
             rows.append((name, f"{result.final[name]:.4f} (untrained {result.initial[name]:.4f})"))
     if result.best_epoch is not None:
-        rows.append(("best epoch", str(result.best_epoch)))
+        rows.append(("best epoch", f"{result.best_epoch} (by {result.best_metric})"))
     rows.append(("export check", f"max |diff| {result.export_normalised_diff:.1e} on unit embeddings "
                                  f"({result.export_max_abs_diff:.1e} raw) vs the trained model"))
     rows.append(("time", f"{result.seconds:.1f} s"))

@@ -65,20 +65,16 @@ def _folder_label(image: Path, root: Path) -> str | None:
 
 
 def _list_samples(list_path: Path) -> list[Sample]:
-    from shitu_cli.data.lists import read_image_list, read_pair_list, read_rec_list
+    """A VOC pair list (image xml) gives unlabelled images; any labelled list is read the way training reads it."""
+    from shitu_cli.data.lists import list_image_root, read_labelled_list, read_pair_list
 
     text = list_path.read_text(encoding="utf-8-sig", errors="replace")
     first = next((line for line in text.splitlines() if line.strip()), "")
-    if "\t" in first:
-        entries = [(rel, label) for rel, label in read_rec_list(list_path)]
-    elif first.rsplit(maxsplit=1)[-1].lower().endswith(".xml"):
-        entries = [(image, None) for image, _ in read_pair_list(list_path)]
-    elif first.rsplit(maxsplit=1)[-1].lstrip("-").isdigit():
-        entries = [(rel, str(label)) for rel, label in read_image_list(list_path)]
-    else:
-        entries = [(rel, label) for rel, label in read_rec_list(list_path)]
-    root = _list_root(list_path, [rel for rel, _ in entries])
-    return [Sample(root / rel, label) for rel, label in entries]
+    if "\t" not in first and first.rsplit(maxsplit=1)[-1].lower().endswith(".xml"):
+        images = [image for image, _ in read_pair_list(list_path)]
+        root = list_image_root(list_path, images)
+        return [Sample(root / image, None) for image in images]
+    return [Sample(entry.path, entry.label) for entry in read_labelled_list(list_path)]
 
 
 def _coco_samples(json_path: Path) -> list[Sample]:
@@ -94,21 +90,6 @@ def _coco_samples(json_path: Path) -> list[Sample]:
             boxes[ann["image_id"]].append((x, y, x + w, y + h, names.get(ann.get("category_id"), "?")))
     root = coco_image_dir(json_path.parent, document)
     return [Sample(root / image["file_name"], None, tuple(boxes[image["id"]])) for image in document["images"]]
-
-
-def _list_root(list_path: Path, rels: list[str]) -> Path:
-    """Paths in a list are relative to the dataset dir: the list's folder, or the one its recipe.yaml names."""
-    here = list_path.parent
-    if not rels or (here / rels[0]).exists():
-        return here
-    recipe = here / "recipe.yaml"
-    if recipe.is_file():
-        from shitu_cli.recipes import read_recipe
-
-        dataset_dir = read_recipe(recipe).options.get("dataset_dir")
-        if dataset_dir and (Path(dataset_dir) / rels[0]).exists():
-            return Path(dataset_dir)
-    return here  # missing files are then skipped and reported one by one
 
 
 def iter_readable(images: ImageSet) -> Iterator[tuple[np.ndarray, Sample]]:

@@ -20,6 +20,7 @@ from shitu_cli.train.image_check import SkippedImage
 from shitu_cli.train.metrics import l2_normalize
 from shitu_cli.train.rec_data import RecData, list_checksums, read_rec_lists, resolve_data
 from shitu_cli.train.rec_eval import Embedder, calibrate_batch_norm, calibration_images, make_evaluate
+from shitu_cli.train.rec_quality import quality_notes
 from shitu_cli.train.rec_model import (
     build_rec_model, embedding_layer, load_pretrained, pretrained_reference, re_parameterize, rec_arch,
 )
@@ -73,6 +74,7 @@ class TrainRecResult:
     epochs_done: int = 0
     stopped_by: str | None = None  # SIGINT / SIGTERM when a signal ended training early
     distillation: dict[str, Any] | None = None  # teacher, cache hits/misses, pool size (rec_distill)
+    best_metric: str = "mAP"  # what picked best_epoch
 
 
 # ----------------------------------------------------------------------------- training
@@ -108,7 +110,7 @@ def _loop_config(settings: RecSettings):
     return LoopConfig(
         epochs=settings.epochs, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay,
         warmup_epochs=settings.warmup_epochs, ema_decay=settings.ema_decay or None, eval_every=settings.eval_every,
-        best_metric="recall1", seed=settings.seed,
+        best_metric=settings.best_metric, seed=settings.seed,
     )
 
 
@@ -195,7 +197,8 @@ def _train_rec(dataset, out, recipe, pretrained, resume: bool, progress: Progres
         Checkpoints(run_dir).save("best.pdparams", model.state_dict())
     final = _best_row_metrics(fitted)
     export_dir, check = export_rec(model, run_dir / EXPORT_DIR, settings, data)
-    notes = list(data.warnings)
+    notes = list(data.warnings) + quality_notes(initial, final, fitted.history, settings.best_metric, fitted.best_epoch,
+                                                len(data.query))
     if check.max_normalised_diff > EXPORT_TOLERANCE:
         notes.append(f"exported model's normalised embeddings differ from the trained one's by up to "
                      f"{check.max_normalised_diff:.2e} (over {EXPORT_TOLERANCE:g})")
@@ -204,11 +207,11 @@ def _train_rec(dataset, out, recipe, pretrained, resume: bool, progress: Progres
         embedding_size=settings.embedding_size, input_size=settings.input_size, epochs=settings.epochs,
         steps_per_epoch=len(sampler), batch_size=sampler.batch_size, train_images=len(data.train),
         train_classes=len(data.train_classes), gallery_images=len(data.gallery), query_images=len(data.query),
-        best_epoch=fitted.best_epoch, best_recall1=fitted.best_value, final=final, initial=initial,
+        best_epoch=fitted.best_epoch, best_recall1=final.get("recall1"), final=final, initial=initial,
         export_max_abs_diff=check.max_abs_diff, export_normalised_diff=check.max_normalised_diff,
         pretrained=pretrained_info, resumed_from_epoch=done_epochs,
         seconds=round(time.perf_counter() - started, 2), warnings=notes, skipped=data.skipped,
-        epochs_done=fitted.epochs_done, stopped_by=fitted.stopped_by,
+        epochs_done=fitted.epochs_done, stopped_by=fitted.stopped_by, best_metric=settings.best_metric,
         distillation=distiller.record() if distiller else None,
     )
     _write_run_recipe(run_dir, settings, data, dataset, recipe, pretrained, result, distiller)

@@ -14,6 +14,7 @@ from shitu_cli.models.ppcls import REC_BACKBONES, check_arch
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "rec"
 DEFAULT_RECIPE = "pp-shituv2"
+BEST_METRICS = ("mAP", "recall1", "recall5")
 
 
 @dataclass
@@ -32,6 +33,7 @@ class RecSettings:
     weight_decay: float = 1e-5
     ema_decay: float = 0.999
     label_smoothing: float = 0.1
+    ce_weight: float = 1.0
     triplet_weight: float = 1.0
     margin: float = 0.5
     absolute_loss_weight: float = 0.1
@@ -41,6 +43,7 @@ class RecSettings:
     crop_scale_min: float = 0.5
     flip: bool = True
     eval_every: int = 1
+    best_metric: str = "mAP"  # picks the exported epoch; mAP ranks every relevant item, so it is less noisy than recall1
     eval_batch_size: int = 32
     seed: int = 42
     num_workers: int = 2
@@ -81,6 +84,8 @@ def resolve_settings(recipe: str | Path | None, overrides: dict[str, Any], saved
     from shitu_cli.recipes import merge_settings
 
     defaults = asdict(RecSettings())
+    if saved is not None and "best_metric" not in saved:
+        saved = {**saved, "best_metric": "recall1"}  # what runs recorded before the field existed were picked by
     base = saved if saved is not None else load_recipe(recipe)
     merged = merge_settings(defaults, base, overrides)
     settings = RecSettings(**{f.name: _coerce(f.type, merged[f.name]) for f in fields(RecSettings)})
@@ -116,6 +121,10 @@ def check_settings(s: RecSettings) -> None:
         raise BadInput(f"--lr must be positive, got {s.lr}")
     if s.num_workers < 0:
         raise BadInput(f"--num-workers must be 0 or more, got {s.num_workers}")
+    if s.best_metric not in BEST_METRICS:
+        raise BadInput(f"best_metric must be one of {', '.join(BEST_METRICS)}, got {s.best_metric!r}")
+    if s.ce_weight < 0 or s.triplet_weight < 0:
+        raise BadInput(f"ce_weight {s.ce_weight} and triplet_weight {s.triplet_weight} must be 0 or more")
     if not s.backbone_lr_scale >= 0:
         raise BadInput(f"--backbone-lr-scale must be 0 or more, got {s.backbone_lr_scale}")
     for name in ("pretrained_mean", "pretrained_std"):
