@@ -63,6 +63,10 @@ class PaddlePredictor:
                 # the placement pass keeps oneDNN for the rest of the graph. Old-IR programs (INT8
                 # detectors) run placed, and their INT8 convs need the placement.
                 config.delete_pass("onednn_placement_pass")
+            if manifest.task == "det" and manifest.extra.get("family") == "yolov3":
+                # Paddle 3.3 segfaults (pir::FloatAttribute::data) building the FusedConv2dOp that fuses a
+                # batch-normed conv with YOLOv3's leaky ReLU; the rest of the graph keeps oneDNN.
+                config.delete_pass("conv_activation_onednn_fuse_pass")
             if options.precision == "bf16":
                 config.enable_mkldnn_bfloat16()
             elif options.precision == "int8" or manifest.precision == "int8":

@@ -22,6 +22,7 @@ def apply() -> None:
     if _APPLIED:
         return
     _patch_multiclass_nms()
+    _patch_matrix_nms()
     _patch_pil_textsize()
     _patch_v2_assigner_labels()
     _patch_csppan_scales()
@@ -68,6 +69,30 @@ def _patch_multiclass_nms() -> None:
         return output, nms_rois_num, (index if return_index else None)
 
     ops.multiclass_nms = _mark(multiclass_nms, original)
+
+
+# --- 1b. matrix_nms in Paddle 3 ---------------------------------------------------------
+# Upstream fault: ppdet.modeling.ops.matrix_nms calls `_C_ops.matrix_nms(bboxes, scores, *attrs)` with
+# Paddle 2's ("name", value, ...) attribute list, which Paddle 3's positional signature refuses, and
+# builds the op with append_op outside dygraph, which PIR refuses; so MatrixNMS (PP-YOLO's NMS)
+# neither evaluates nor exports. paddle.vision.ops.matrix_nms takes the same arguments and handles both.
+def _patch_matrix_nms() -> None:
+    from ppdet.modeling import ops
+
+    original = ops.matrix_nms
+    if is_shim(original):
+        return
+
+    def matrix_nms(bboxes, scores, score_threshold, post_threshold, nms_top_k, keep_top_k, use_gaussian=False,
+                   gaussian_sigma=2.0, background_label=0, normalized=True, return_index=False,
+                   return_rois_num=True, name=None):
+        from paddle.vision.ops import matrix_nms as paddle_matrix_nms
+
+        return paddle_matrix_nms(bboxes, scores, float(score_threshold), float(post_threshold), int(nms_top_k),
+                                 int(keep_top_k), bool(use_gaussian), float(gaussian_sigma), int(background_label),
+                                 bool(normalized), return_index, return_rois_num, name)
+
+    ops.matrix_nms = _mark(matrix_nms, original)
 
 
 # --- 2. full-graph export ----------------------------------------------------------------

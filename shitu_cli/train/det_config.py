@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from shitu_cli.artifacts import read_yaml
 from shitu_cli.errors import BadInput
+from shitu_cli.train.det_families import apply_tricks, check_tricks, family_of, learning_rate, train_reader, trained_epochs
 
 if TYPE_CHECKING:
     from shitu_cli.train.det_data import DetDataset
@@ -45,6 +46,12 @@ class DetSettings:
     ema_decay: float = 0.9998
     keep_top_k: int = 100
     workers: int = 0  # data loader worker processes; 0 = in the training process
+    # PP-YOLO's tricks, each ppdet's own implementation (see det_families)
+    schedule: str = "cosine"  # cosine, or ppdet's step schedules 1x / 2x (2x trains 2 * epochs)
+    mixup_epochs: int = 0  # ppdet's Mixup for the first N epochs; the last ones without it
+    label_smooth: bool = False  # YOLOv3Loss label smoothing (yolov3 family)
+    iou_aware: bool = False  # YOLOv3Head IoU-aware branch + IouAwareLoss (yolov3 family)
+    nms: str = "multiclass"  # multiclass or matrix (ppdet's MatrixNMS)
 
 
 # ---------------------------------------------------------------- recipes
@@ -70,8 +77,8 @@ def load_recipe(recipe: str | Path | dict[str, Any]) -> tuple[str, dict[str, Any
     if not path.is_file():
         raise BadInput("recipe file not found", path=path, hint=f"shipped recipes: {', '.join(recipe_names())}")
     document = read_yaml(path)
-    if not isinstance(document, dict) or document.get("architecture") != "PicoDet":
-        raise BadInput("not a detection recipe (needs `architecture: PicoDet`)", path=path)
+    if not isinstance(document, dict) or document.get("architecture") not in ("PicoDet", "YOLOv3"):
+        raise BadInput("not a detection recipe (needs `architecture: PicoDet` or `architecture: YOLOv3`)", path=path)
     return path.stem, document
 
 
@@ -87,6 +94,7 @@ def resolve_settings(document: dict[str, Any], flags: dict[str, Any] | None) -> 
         raise BadInput(f"input size must be a multiple of {SIZE_STEP} and at least 64, got {settings.input_size}")
     if settings.lr <= 0:
         raise BadInput(f"lr must be positive, got {settings.lr}")
+    check_tricks(family_of(document), settings)
     return settings
 
 
@@ -100,42 +108,30 @@ def train_sizes(settings: DetSettings) -> list[int]:
 
 def build_ppdet_config(document: dict[str, Any], settings: DetSettings, data: DetDataset, run_dir: Path) -> dict[str, Any]:
     """The full ppdet config: the recipe's model sections plus runtime, data, readers and schedule."""
+    family = family_of(document)
     size = [settings.input_size, settings.input_size]
     normalize = {"NormalizeImage": {"is_scale": True, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}}
     resize = {"Resize": {"interp": 2, "target_size": size, "keep_ratio": False}}
     config = {k: v for k, v in document.items() if k not in ("shitu", "name")}
     config.update({
         "use_gpu": False, "log_iter": 1, "save_dir": str(run_dir), "snapshot_epoch": settings.eval_every,
-        "epoch": settings.epochs, "metric": "COCO", "num_classes": len(data.labels), "worker_num": settings.workers,
+        "epoch": trained_epochs(settings), "metric": "COCO", "num_classes": len(data.labels), "worker_num": settings.workers,
         "use_ema": settings.ema, "ema_decay": settings.ema_decay, "weights": "", "print_flops": False,
         "output_eval": str(run_dir / "eval"),  # else ppdet's COCOMetric writes bbox.json into the cwd
-        "LearningRate": {"base_lr": settings.lr, "schedulers": [
-            {"name": "CosineDecay", "max_epochs": settings.epochs},
-            {"name": "LinearWarmup", "start_factor": 0.1, "steps": settings.warmup_steps},
-        ]},
+        "LearningRate": learning_rate(settings),
         "TrainDataset": {"name": "COCODataSet", "dataset_dir": str(data.train_json.parent), "image_dir": "",
                          "anno_path": data.train_json.name, "data_fields": ["image", "gt_bbox", "gt_class", "is_crowd"]},
         "EvalDataset": {"name": "COCODataSet", "dataset_dir": str(data.val_json.parent), "image_dir": "",
                         "anno_path": data.val_json.name, "allow_empty": True},
         "TestDataset": {"name": "ImageFolder", "dataset_dir": str(data.val_json.parent), "anno_path": data.val_json.name},
-        "TrainReader": {
-            "sample_transforms": [{"Decode": {}}, {"RandomCrop": {}}, {"RandomFlip": {"prob": 0.5}}, {"RandomDistort": {}}],
-            "batch_transforms": [
-                {"BatchRandomResize": {"target_size": train_sizes(settings), "random_size": True,
-                                       "random_interp": True, "keep_ratio": False}},
-                normalize, {"Permute": {}},
-            ],
-            "batch_size": settings.batch_size, "shuffle": True, "drop_last": True, "collate_batch": False,
-        },
+        "TrainReader": train_reader(family, settings, train_sizes(settings), normalize, document),
         "EvalReader": {"sample_transforms": [{"Decode": {}}, resize, normalize, {"Permute": {}}],
                        "batch_transforms": [{"PadBatch": {"pad_to_stride": 32}}],
                        "batch_size": settings.eval_batch_size, "shuffle": False},
         "TestReader": {"inputs_def": {"image_shape": [1, 3, *size]},
                        "sample_transforms": [{"Decode": {}}, resize, normalize, {"Permute": {}}], "batch_size": 1},
     })
-    head = dict(config.get("PicoHead") or {})
-    head["nms"] = {**dict(head.get("nms") or {"name": "MultiClassNMS"}), "keep_top_k": settings.keep_top_k}
-    config["PicoHead"] = head
+    apply_tricks(config, family, settings)
     return config
 
 

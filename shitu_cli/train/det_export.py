@@ -3,12 +3,14 @@ with NMS, atomically, plus shitu.yaml and the network's own config sections."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from shitu_cli.artifacts import atomic_write_text, dump_yaml, read_yaml, sha256_bytes
 from shitu_cli.errors import BadInput
 from shitu_cli.train.det_config import CHECKPOINTS, PPDET_CONFIG, load_ppdet_config
+from shitu_cli.train.det_families import arch_name, family_of, nms_summary, post_processing_nms
 
 EXPORT_DIR = "export"
 MODEL_SECTIONS = "ppdet_model.yml"  # beside an export: what rebuilds its network without the run dir
@@ -26,7 +28,7 @@ def best_weights(run_dir: Path) -> Path:
 
 
 def load_trained_model(run_dir: Path):
-    """The dygraph PicoDet of a run, in eval mode, with its best weights (what export traces)."""
+    """The dygraph detector of a run, in eval mode, with its best weights (what export traces)."""
     import paddle
     from ppdet.core.workspace import create
     from ppdet.utils.checkpoint import load_weight
@@ -64,17 +66,20 @@ def export_detector(run_dir: Path, recipe_name: str) -> Path:
     _name_buffers_by_path(trainer.model)
     _check_fits(trainer.model, best_weights(run_dir))
     trainer.load_weights(str(best_weights(run_dir)))
-    nms = trainer.model.head.nms
+    _convert_to_deploy(trainer.model)  # from the loaded weights
+    family = family_of(cfg)
+    nms = post_processing_nms(trainer.model, family)
     final = Path(run_dir) / EXPORT_DIR
     with atomic_dir(final) as staging:
-        with ppdet_compat.full_graph_export(), ppdet_compat.onnx_convertible_upsampling(trainer.model), fresh_name_scopes():
+        with ppdet_compat.full_graph_export(), ppdet_compat.onnx_convertible_upsampling(trainer.model), \
+                _im_shape_from_image(trainer.model, family), fresh_name_scopes():
             trainer.export(str(staging))
         produced = staging / CHECKPOINTS
         for path in produced.iterdir():
             path.replace(staging / path.name)
         produced.rmdir()
         write_model_sections(read_yaml(Path(run_dir) / PPDET_CONFIG), staging / MODEL_SECTIONS)
-        _write_manifest(staging, cfg, recipe_name, nms)
+        _write_manifest(staging, cfg, recipe_name, nms, family)
     return final
 
 
@@ -83,6 +88,48 @@ def _name_buffers_by_path(model) -> None:
     ("eager_tmp_1116") that no name guard resets; the export stores that name, so give each its path."""
     for path, buffer in model.named_buffers():
         buffer.name = f"buffer.{path}"
+
+
+@contextmanager
+def _im_shape_from_image(model, family: str) -> Iterator[None]:
+    """YOLOv3's post-processing reads an `im_shape` input (the resized image's height and width), which
+    would make its export take three inputs where every shitu detector takes image + scale_factor.
+    The detector's input always is the resized image, so the export computes im_shape from it and
+    ppdet's input pruning drops the input."""
+    if family != "yolov3":
+        yield
+        return
+
+    def forward(inputs):
+        import paddle
+
+        image = inputs["image"]
+        size = paddle.cast(paddle.shape(image)[2:], "float32").unsqueeze(0)
+        return type(model).forward(model, {**inputs, "im_shape": paddle.expand(size, [paddle.shape(image)[0], 2])})
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward  # back to the class's own forward
+
+
+def _convert_to_deploy(model) -> None:
+    """Fold PP-YOLOE's RepVGG blocks into single convs before the export, under a name scope of their own.
+    ppdet's exporter folds them itself, inside our fresh name scopes, where the new convs' names
+    ("conv2d_0.w_0") collide with the model's own and tracing fails; folded here, its second pass
+    must not run (it would fold again from branches already gone), so each block's method becomes a no-op."""
+    from paddle.utils import unique_name
+
+    blocks = [layer for layer in model.sublayers() if hasattr(layer, "convert_to_deploy")]
+    with unique_name.guard("deploy_"):
+        for block in blocks:
+            block.convert_to_deploy()
+            block.convert_to_deploy = _already_folded
+
+
+def _already_folded() -> None:
+    return None
 
 
 def write_model_sections(config: dict[str, Any], path: Path) -> None:
@@ -95,23 +142,22 @@ def write_model_sections(config: dict[str, Any], path: Path) -> None:
                       + dump_yaml(sections))
 
 
-def _write_manifest(export_dir: Path, cfg, recipe_name: str, nms) -> None:
+def _write_manifest(export_dir: Path, cfg, recipe_name: str, nms, family: str) -> None:
     from shitu_cli.models.manifest import ModelManifest, Preprocess, write_model_manifest
     infer_cfg = read_yaml(export_dir / "infer_cfg.yml")
     steps = {step["type"]: step for step in infer_cfg["Preprocess"]}
     height, width = steps["Resize"]["target_size"]
     norm = steps["NormalizeImage"]
     manifest = ModelManifest(
-        task="det", arch=f"PicoDet-LCNet_x{cfg['LCNet']['scale']}", input_size=(int(height), int(width)),
+        task="det", arch=arch_name(cfg, family), input_size=(int(height), int(width)),
         model_file="model.json", params_file="model.pdiparams",
         preprocess=Preprocess(resize="direct", mean=tuple(norm["mean"]), std=tuple(norm["std"]),
                               interpolation=_INTERP_NAMES.get(int(steps["Resize"].get("interp", 1)), "linear")),
         labels=[str(label) for label in infer_cfg["label_list"]],
         input_names=["image", "scale_factor"],
         recipe_hash=run_config_hash(Path(cfg["save_dir"])),  # the resolved config it was trained from
-        extra={"recipe": recipe_name, "infer_cfg": "infer_cfg.yml", "is_scale": bool(norm.get("is_scale", True)),
-               "nms": {"score_threshold": float(nms.score_threshold), "nms_threshold": float(nms.nms_threshold),
-                       "keep_top_k": int(nms.keep_top_k)},
+        extra={"recipe": recipe_name, "family": family, "infer_cfg": "infer_cfg.yml",
+               "is_scale": bool(norm.get("is_scale", True)), "nms": nms_summary(nms),
                "outputs": "boxes [N,6] = class, score, x1, y1, x2, y2 in original pixels; count [batch]"},
     )
     write_model_manifest(export_dir, manifest)
