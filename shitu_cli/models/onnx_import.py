@@ -281,12 +281,15 @@ def _load_net(cache: Path, image: OnnxImage):
     spec = importlib.util.spec_from_file_location(f"shitu_onnx_{image.sha256[:16]}", code)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    # x2paddle names some parameters itself (attr='x2paddle_w'); Paddle refuses a name twice per process,
-    # so each build gets its own name space, prefixed so its names never meet another layer's in one program.
+    # x2paddle names some parameters itself (attr='x2paddle_w'), and Paddle refuses a name twice per
+    # process: build in a name space of its own, then give every parameter a process-unique name, as
+    # Paddle's own are (optimiser state is keyed by them: a second build must not reuse the first's).
     from paddle.utils import unique_name
 
-    with unique_name.guard(f"onnx_{image.sha256[:8]}_"):
+    with unique_name.guard():
         net = module.ONNXModel()
+    for structured, param in net.named_parameters():
+        param.name = unique_name.generate(f"onnx.{structured}")
     weights = load_weights(cache / WEIGHTS_FILE)
     own = net.state_dict()
     missing = [k for k in own if k not in weights]

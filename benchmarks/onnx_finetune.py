@@ -1,0 +1,199 @@
+"""Fine-tuning an ONNX backbone with `shitu train-rec --pretrained model.onnx` on real photos.
+
+Usage (from the repository root, with the project's venv):
+
+    python benchmarks/onnx_finetune.py teacher          # the ONNX teacher's own features (onnxruntime)
+    python benchmarks/onnx_finetune.py run NAME [...]    # fine-tune; one JSON line per run in onnx_finetune_results.jsonl
+    python benchmarks/onnx_finetune.py table            # the results as a markdown table
+
+Data: the fashion-mnist held-out-class split of benchmarks/rec_recipe_probe.py (train on 6 classes,
+300 photos each; retrieval on 4 classes never trained on: 200 gallery, 400 query photos), written
+under $SHITU_PROBE_DIR (default /tmp/shitu-rec-probe) when missing. Teacher:
+../shared/teachers/efficientnet_lite0_imagenet.onnx (mean = std = 0.5). Runs go to
+$SHITU_ONNX_RUNS (default /tmp/shitu-onnx-finetune/NAME); each run's export/ is a normal rec model.
+Each run is its own process, so its wall time and peak memory (ru_maxrss) are its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = REPO.parent / "shared" / "teachers" / "efficientnet_lite0_imagenet.onnx"
+RUNS = Path(os.environ.get("SHITU_ONNX_RUNS", "/tmp/shitu-onnx-finetune"))
+RESULTS = REPO / "benchmarks" / "onnx_finetune_results.jsonl"
+HALF = [0.5, 0.5, 0.5]
+
+# All runs: the teacher's 1280-d embedding output (no projection), CE + triplet, PK batches 8 x 4.
+BASE = {"embedding_size": 1280, "input_size": 96, "epochs": 4, "batch_size": 32, "images_per_class": 4,
+        "warmup_epochs": 1, "rotate_degrees": 10.0, "crop_scale_min": 0.8, "pretrained_mean": HALF,
+        "pretrained_std": HALF, "num_workers": 2, "seed": 42, "eval_every": 1}
+EXPERIMENTS: dict[str, dict] = {
+    # the new head learns at lr 0.01, the converted backbone at a tenth of it
+    "lr0.01-bb0.1": {**BASE, "lr": 0.01, "backbone_lr_scale": 0.1},
+    # the whole net at lr 0.01 (what collapsed a teacher in an earlier probe, there without warm-up)
+    "lr0.01-bb1": {**BASE, "lr": 0.01, "backbone_lr_scale": 1.0},
+    # backbone frozen: only BNNeck + FC learn (the features stay the teacher's)
+    "frozen": {**BASE, "lr": 0.01, "backbone_lr_scale": 0.0},
+    "lr0.003-bb0.3": {**BASE, "lr": 0.003, "backbone_lr_scale": 0.3},
+}
+
+
+def _probe():
+    spec = importlib.util.spec_from_file_location("rec_recipe_probe", REPO / "benchmarks" / "rec_recipe_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def dataset() -> Path:
+    probe = _probe()
+    root = probe.PROBE_DIR / "fmnist"
+    if not (root / "query_list.txt").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        probe.prepare_fmnist(root)
+    return root
+
+
+def _read(root: Path, list_name: str, size: int) -> tuple[np.ndarray, list[str]]:
+    import cv2
+
+    from shitu_cli.data.images import read_image
+
+    images, labels = [], []
+    for line in (root / list_name).read_text(encoding="utf-8").splitlines():
+        rel, label = line.split("\t")
+        rgb = cv2.resize(read_image(root / rel), (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+        images.append(((rgb / 255.0 - 0.5) / 0.5).transpose(2, 0, 1))
+        labels.append(label)
+    return np.stack(images), labels
+
+
+def teacher() -> None:
+    """The teacher's raw `embedding` output through onnxruntime, cosine retrieval, at 96 and 224 px."""
+    import onnxruntime as ort
+
+    from shitu_cli.train.metrics import retrieval_metrics
+
+    root = dataset()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(TEACHER), options, providers=["CPUExecutionProvider"])
+    for size in (96, 224):
+        sides = {}
+        started = time.perf_counter()
+        for side in ("gallery_list.txt", "query_list.txt"):
+            images, labels = _read(root, side, size)
+            if size != 224:
+                # the ONNX graph fixes 224 x 224; the converted Paddle layer takes any size, so run it there
+                features = _paddle_features(images)
+            else:
+                features = np.concatenate([session.run(["embedding"], {"image": images[i:i + 32]})[0]
+                                           for i in range(0, len(images), 32)])
+            sides[side] = (features, labels)
+        metrics = retrieval_metrics(sides["query_list.txt"][0], sides["query_list.txt"][1],
+                                    sides["gallery_list.txt"][0], sides["gallery_list.txt"][1])
+        row = {"name": f"teacher-features-{size}px", "final": _rounded(metrics), "initial": {},
+               "seconds": round(time.perf_counter() - started, 1), "engine": "onnxruntime" if size == 224 else "x2paddle layer"}
+        _append(row)
+        print(row, flush=True)
+
+
+def _paddle_features(images: np.ndarray) -> np.ndarray:
+    from shitu_cli.models.onnx_import import import_onnx, net_outputs
+
+    net = import_onnx(TEACHER).net
+    index = 1  # outputs: logits, embedding
+    return np.concatenate([net_outputs(net, images[i:i + 32])[index] for i in range(0, len(images), 32)])
+
+
+def _rounded(metrics: dict) -> dict:
+    return {k: round(float(metrics[k]), 4) for k in ("recall1", "recall5", "mAP")}
+
+
+def run_one(name: str, out: Path) -> dict:
+    from shitu_cli.train.rec import train_rec
+
+    result = train_rec(dataset(), out, recipe="pp-shituv2", pretrained=TEACHER, **EXPERIMENTS[name])
+    return {"name": name, "settings": EXPERIMENTS[name], "final": result.final, "initial": result.initial,
+            "best_epoch": result.best_epoch, "epochs": result.epochs, "input_size": result.input_size,
+            "train_images": result.train_images, "seconds": result.seconds, "export": str(result.export_dir),
+            "history": _history(out), "warnings": result.warnings,
+            "onnxruntime_max_abs_diff": result.pretrained["onnxruntime_max_abs_diff"]}
+
+
+def _history(run_dir: Path) -> list[dict]:
+    import csv
+
+    with (run_dir / "metrics.csv").open(encoding="utf-8") as handle:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+
+
+def run(names: list[str]) -> None:
+    import shutil
+
+    for name in names:
+        out = RUNS / name
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.perf_counter()
+        child = subprocess.Popen([sys.executable, __file__, "_one", name, str(out)], stdout=subprocess.PIPE, text=True)
+        stdout = child.stdout.read()
+        _, status, usage = os.wait4(child.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            print(f"{name}: failed", file=sys.stderr)
+            continue
+        row = json.loads(stdout.strip().splitlines()[-1])
+        row["wall_s"] = round(time.perf_counter() - started, 1)
+        row["peak_rss_mb"] = round(usage.ru_maxrss / 1024)
+        _append(row)
+        print(f"{name}: {row['final']} (before {row['initial']}) best epoch {row['best_epoch']}, {row['wall_s']} s, "
+              f"{row['peak_rss_mb']} MB", flush=True)
+
+
+def _append(row: dict) -> None:
+    with RESULTS.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def table() -> None:
+    rows = [json.loads(line) for line in RESULTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    print("| run | recall@1 | recall@5 | mAP | before: r@1 / mAP | best epoch | mAP per epoch | wall s | peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        final, initial = row["final"], row.get("initial") or {}
+        before = f"{initial['recall1']:.3f} / {initial['mAP']:.3f}" if initial else "-"
+        curve = " ".join(f"{r['mAP']:.3f}" for r in row.get("history", []) if "mAP" in r) or "-"
+        print(f"| {row['name']} | {final['recall1']:.3f} | {final['recall5']:.3f} | {final['mAP']:.3f} | {before} | "
+              f"{row.get('best_epoch', '-')} | {curve} | {row.get('wall_s') or row.get('seconds') or '-'} | "
+              f"{row.get('peak_rss_mb') or '-'} |")
+
+
+def main(argv: list[str]) -> None:
+    sys.path.insert(0, str(REPO))
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "teacher":
+        teacher()
+    elif command == "run":
+        run(rest)
+    elif command == "_one":
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the result line
+            row = run_one(rest[0], Path(rest[1]))
+        print(json.dumps(row))
+    elif command == "table":
+        table()
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
