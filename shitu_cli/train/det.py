@@ -22,6 +22,7 @@ from shitu_cli.train.det_config import (
     ppdet_chatter_to, ppdet_output_to, recipe_names, resolve_settings,
 )
 from shitu_cli.train.det_data import DetDataset, coco_image_dir, prepare_dataset, read_coco
+from shitu_cli.train.det_families import trained_epochs
 from shitu_cli.train.det_export import (
     EXPORT_DIR, MODEL_SECTIONS, best_weights, export_detector, load_trained_model, write_model_sections,
 )
@@ -235,7 +236,7 @@ def _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, o
     _save_progress(run_dir, history, state)
 
     result = TrainDetResult(run_dir, export_dir, name, data.labels, state["best_map"], state["best_map50"],
-                            state["best_epoch"], resolved.epochs, data.train_images, data.val_images,
+                            state["best_epoch"], trained_epochs(resolved), data.train_images, data.val_images,
                             round(time.perf_counter() - started, 2), history,
                             stopped_by=stop.signal_name if stop else None, epochs_done=len(history),
                             skipped=data.skipped)
@@ -328,7 +329,7 @@ def _train(run_dir: Path, settings: DetSettings, resume: bool, history: list, st
         _load_pretrained(trainer, Path(settings.pretrained).with_suffix(".pdparams"))
     trainer.register_callbacks([_progress_callback(trainer, on_step, history, state, run_dir, stop)])
     if on_total is not None:
-        on_total(max(0, len(trainer.loader) * (settings.epochs - trainer.start_epoch)))
+        on_total(max(0, len(trainer.loader) * (trained_epochs(settings) - trainer.start_epoch)))
     try:
         trainer.train(validate=True)
     except StopTraining:
