@@ -190,26 +190,16 @@ def test_an_earlier_run_is_not_overwritten(trained, scenes):
 
 
 def test_sigterm_stops_training_and_exports_the_best_epoch_so_far(scenes, tmp_path):
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
+
+    from training_runs import signal_when
 
     root, _ = scenes
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "shitu_cli", "train-det", str(root), "-o", str(run), "--recipe", "tiny",
-            "--batch-size", "4", "--epochs", "300", "--merge-classes"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "NO_COLOR": "1"})
     state = run / "checkpoints" / "train_state.yaml"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None and not state.is_file():
-        time.sleep(0.1)
-    assert process.poll() is None, process.communicate()[1][-2000:]
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)  # generous: it stops after the current step
-    assert process.returncode == 128 + signal.SIGTERM
+    code, stderr = signal_when(["train-det", root, "-o", run, "--recipe", "tiny", "--batch-size", "4", "--epochs", "300",
+                                "--merge-classes"], state.is_file, signal.SIGTERM, timeout=300)
+    assert code == 128 + signal.SIGTERM
     assert "Traceback" not in stderr and "FatalError" not in stderr and "stopped by SIGTERM" in stderr
     assert (run / "checkpoints" / "last.pdparams").is_file()
     assert (run / "export" / "model.pdiparams").is_file()

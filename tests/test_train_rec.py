@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +12,7 @@ import pytest
 
 from shitu_cli.artifacts import read_yaml, sha256_file
 from synth import make_class_tree
+from training_runs import epochs_done, signal_when
 
 TINY = ("--recipe", "tiny", "--epochs", "4", "--num-workers", "0")
 
@@ -213,18 +210,10 @@ def test_class_folders_are_split_into_the_run_dir_and_summarised_in_a_table(cli,
 def test_resume_after_a_killed_process_reaches_the_same_result(trained, lists, tmp_path):
     straight_run, straight = trained
     run = tmp_path / "killed"
-    args = [sys.executable, "-m", "shitu_cli", "train-rec", str(lists), "-o", str(run), *TINY, "--json"]
-    env = {**os.environ, "NO_COLOR": "1"}
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     state = run / "checkpoints" / "last_state.yaml"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and process.poll() is None:
-        if state.is_file() and (read_yaml(state) or {}).get("epoch", 0) >= 2:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    code, _ = signal_when(["train-rec", lists, "-o", run, *TINY, "--json"], lambda: epochs_done(state) >= 2,
+                          signal.SIGKILL, timeout=90)
+    assert code == -signal.SIGKILL
     assert not (run / "export").exists()
 
     from typer.testing import CliRunner
@@ -248,18 +237,10 @@ def test_resume_after_a_killed_process_reaches_the_same_result(trained, lists, t
 
 def test_ctrl_c_stops_the_run_and_exports_the_best_epoch_so_far(lists, tmp_path):
     run = tmp_path / "stopped"
-    args = [sys.executable, "-m", "shitu_cli", "train-rec", str(lists), "-o", str(run), "--recipe", "tiny",
-            "--epochs", "400", "--num-workers", "0"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "NO_COLOR": "1"})
     state = run / "checkpoints" / "last_state.yaml"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None and not state.is_file():
-        time.sleep(0.1)
-    assert process.poll() is None, process.communicate()[1][-2000:]
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)  # generous: it stops after the current step
-    assert process.returncode == 130
+    code, stderr = signal_when(["train-rec", lists, "-o", run, "--recipe", "tiny", "--epochs", "400", "--num-workers", "0"],
+                               state.is_file, signal.SIGINT)
+    assert code == 130
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr and "stopped by SIGINT" in stderr
     assert (run / "checkpoints" / "last.pdparams").is_file() and (run / "export" / "shitu.yaml").is_file()
     recipe = read_yaml(run / "recipe.yaml")

@@ -5,17 +5,14 @@ lists with unreadable images train."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import write_image
 from synth import make_class_tree
+from training_runs import signal_when
 
 # A shipped recipe by name (item: `--recipe tiny` used to say "file not found" in train-cls).
 TINY = ("--recipe", "tiny", "--input-size", "32", "--batch-size", "16")
@@ -69,17 +66,9 @@ def test_a_run_is_not_overwritten_and_resume_keeps_its_own_model_and_takes_more_
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_the_run_keeps_the_checkpoint_and_exports_the_best_epoch(shapes, tmp_path, signal_number):
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "shitu_cli", "train-cls", str(shapes), "-o", str(run), *TINY, "--epochs", "500"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "NO_COLOR": "1"})
     state = run / "checkpoints" / "last_state.yaml"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None and not state.is_file():
-        time.sleep(0.1)
-    assert process.poll() is None, process.communicate()[1][-2000:]
-    process.send_signal(signal_number)
-    _, stderr = process.communicate(timeout=60)  # generous: it stops after the current step
-    assert process.returncode == 128 + signal_number
+    code, stderr = signal_when(["train-cls", shapes, "-o", run, *TINY, "--epochs", "500"], state.is_file, signal_number)
+    assert code == 128 + signal_number
     assert "Traceback" not in stderr and "FatalError" not in stderr
     name = signal.Signals(signal_number).name
     assert f"stopped by {name}" in stderr and "--resume" in stderr
