@@ -1,4 +1,4 @@
-"""`shitu train-det`: train the PicoDet mainbody detector and export it with NMS."""
+"""`shitu train-det`: train a detector (PicoDet mainbody, PP-YOLOE, YOLOv3) and export it with NMS."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from shitu_cli import render
 def command(
     dataset: Optional[Path] = typer.Argument(None, help="COCO dir (train.json + val.json, e.g. from `shitu split-dataset`) or VOC dir. Not needed with --resume."),
     out: Path = typer.Option(..., "--out", "-o", help="Run dir: checkpoints, metrics.csv, curves.png, recipe.yaml, export/. A folder holding an earlier run is refused (use --resume, or a new folder)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name under recipes/det (pp-shituv2-mainbody, small, tiny) or a .yml path. \\[default: pp-shituv2-mainbody]"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name under recipes/det (PicoDet: pp-shituv2-mainbody, small, tiny; multi-class: ppyoloe-s, ppyoloe-m, ppyoloe-cpu, yolov3-mobilenetv1) or a .yml path. \\[default: pp-shituv2-mainbody]"),
     merge_classes: Optional[bool] = typer.Option(None, "--merge-classes/--keep-classes", help="Map every category to one class, 'foreground' (PP-ShiTu's mainbody setup), or keep them. \\[default: keep]"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (recipe default otherwise)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size."),
@@ -23,9 +23,15 @@ def command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch, with its own recipe, classes and settings; only --epochs (more or fewer) may change."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate COCO mAP on val every N epochs (and checkpoint)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine, or ppdet's step schedules 1x / 2x (2x trains twice --epochs)."),
+    mixup_epochs: Optional[int] = typer.Option(None, "--mixup-epochs", help="ppdet's Mixup for the first N epochs, the last ones without it (0: off)."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Keep ppdet's exponential moving average of the weights."),
+    label_smooth: Optional[bool] = typer.Option(None, "--label-smooth/--no-label-smooth", help="YOLOv3 loss label smoothing (yolov3 recipes)."),
+    iou_aware: Optional[bool] = typer.Option(None, "--iou-aware/--no-iou-aware", help="YOLOv3 IoU-aware branch and loss (yolov3 recipes)."),
+    nms: Optional[str] = typer.Option(None, "--nms", help="multiclass, or matrix (ppdet's Matrix NMS)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON summary instead of a table."),
 ) -> None:
-    """Train a PicoDet mainbody detector (COCO mAP on val, best kept) and export it with NMS.
+    """Train a detector (PicoDet mainbody, or multi-class PP-YOLOE / YOLOv3; COCO mAP on val, best kept) and export it with NMS.
 
     Ctrl-C (or SIGTERM) stops after the current step, keeps the last epoch's checkpoint and exports the best epoch so far.
     """
@@ -33,7 +39,9 @@ def command(
     from shitu_cli.train.stop import exit_code_for
 
     flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "input_size": input_size,
-             "pretrained": str(pretrained) if pretrained else None, "seed": seed, "eval_every": eval_every}
+             "pretrained": str(pretrained) if pretrained else None, "seed": seed, "eval_every": eval_every,
+             "schedule": schedule, "mixup_epochs": mixup_epochs, "ema": ema, "label_smooth": label_smooth,
+             "iou_aware": iou_aware, "nms": nms}
     with render.progress("train-det", None, unit="step") as bar:
         result = train_det(dataset, out, recipe=recipe, settings=flags, merge_classes=merge_classes, resume=resume,
                            on_step=bar, on_total=bar.set_total)
@@ -44,13 +52,21 @@ def command(
         "val_images": result.val_images, "seconds": result.seconds, "epochs_done": result.epochs_done,
         "stopped_by": result.stopped_by,
     }
+    per_class = result.per_class or {}
     if json_output:
-        render.print_json({**summary, "skipped": result.skipped})
+        render.print_json({**summary, "per_class": per_class, "skipped": result.skipped})
     else:
         render.file_problems("skipped images (left out of training)", [(s.path, s.reason) for s in result.skipped])
         rows = [(k.replace("_", " "), ", ".join(v) if isinstance(v, list) else v) for k, v in summary.items()]
         render.show(render.table("train-det", ["field", "value"], rows))
+        if len(per_class) > 1:
+            render.show(render.table(f"AP per class (epoch {result.best_epoch}, val)", ["class", "AP", "AP50", "val boxes"],
+                                     [(name, _ap(v["AP"]), _ap(v["AP50"]), v["boxes"]) for name, v in per_class.items()]))
     if result.stopped_by:
         render.warn(f"stopped by {result.stopped_by} after {result.epochs_done} of {result.epochs} epochs; exported the "
                     f"best epoch so far ({result.best_epoch}); continue with `shitu train-det -o {result.run_dir} --resume`")
         raise typer.Exit(exit_code_for(result.stopped_by))
+
+
+def _ap(value: float) -> str:
+    return "-" if value < 0 else f"{value:.3f}"  # -1: no val box of this class

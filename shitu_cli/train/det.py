@@ -23,6 +23,7 @@ from shitu_cli.train.det_config import (
 )
 from shitu_cli.train.det_data import DetDataset, coco_image_dir, prepare_dataset, read_coco
 from shitu_cli.train.det_families import trained_epochs
+from shitu_cli.train.det_metrics import class_aps
 from shitu_cli.train.det_export import (
     EXPORT_DIR, MODEL_SECTIONS, best_weights, export_detector, load_trained_model, write_model_sections,
 )
@@ -59,6 +60,7 @@ class TrainDetResult:
     stopped_by: str | None = None  # SIGINT / SIGTERM when a signal ended training early
     epochs_done: int = 0
     skipped: list[SkippedImage] = field(default_factory=list)  # listed images that could not be read, left out
+    per_class: dict[str, dict[str, float]] | None = None  # the best epoch's AP / AP50 per class (det_metrics)
 
 
 # ---------------------------------------------------------------- training
@@ -100,7 +102,10 @@ def _progress_callback(trainer, on_step, history: list[dict[str, float]], state:
                 row = history[-1]
                 row["mAP"], row["mAP50"] = (float(stats[0]), float(stats[1])) if len(stats) > 1 else (0.0, 0.0)
                 if state["best_map"] is None or row["mAP"] >= state["best_map"]:
-                    state.update(best_map=row["mAP"], best_map50=row["mAP50"], best_epoch=epoch)
+                    state.update(best_map=row["mAP"], best_map50=row["mAP50"], best_epoch=epoch,
+                                 per_class=class_aps(run_dir / "data" / "val.json", run_dir / "eval" / "bbox.json"))
+                # ppdet writes no bbox.json when nothing is detected: a later evaluation must not read this one
+                (run_dir / "eval" / "bbox.json").unlink(missing_ok=True)
             evaluated_next = status.get("mode") == "train" and _evaluates(trainer, epoch)
             if status.get("mode") == "eval" or epoch % trainer.cfg.snapshot_epoch:
                 _save_progress(run_dir, history, state)
@@ -228,7 +233,7 @@ def _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, o
     document = {**document, "name": name, "shitu": asdict(resolved)}
     _write_run_recipe(run_dir, dataset, document, merge_classes, data, None)  # so a killed run can be resumed
 
-    history, state = [], {"best_map": None, "best_map50": None, "best_epoch": None}
+    history, state = [], {"best_map": None, "best_map50": None, "best_epoch": None, "per_class": None}
     with ppdet_output_to(run_dir / TRAIN_LOG):
         _train(run_dir, resolved, resume, history, state, on_step, on_total, stop)
         _exportable_or_interrupted(run_dir, stop)
@@ -239,7 +244,7 @@ def _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, o
                             state["best_epoch"], trained_epochs(resolved), data.train_images, data.val_images,
                             round(time.perf_counter() - started, 2), history,
                             stopped_by=stop.signal_name if stop else None, epochs_done=len(history),
-                            skipped=data.skipped)
+                            skipped=data.skipped, per_class=state["per_class"])
     _write_run_recipe(run_dir, dataset, document, merge_classes, data, result)
     return result
 
@@ -287,6 +292,7 @@ def _write_run_recipe(run_dir: Path, dataset, document: dict[str, Any], merge_cl
     written: list[Path] = []
     if result is not None:
         metrics = {"best_map": result.best_map, "best_map50": result.best_map50, "best_epoch": result.best_epoch,
+                   "per_class": result.per_class,
                    "epochs_done": result.epochs_done}
         if result.stopped_by:
             metrics["stopped_by"] = result.stopped_by
