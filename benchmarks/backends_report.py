@@ -45,7 +45,7 @@ def build_untrained_models(root: Path) -> dict[str, Path]:
 
 
 def pick_models(cache: Path) -> tuple[dict[str, Path], str, Path | None]:
-    from shitu_cli.bench.runner import default_setup
+    from shitu_cli.bench.inputs import default_setup
     from shitu_cli.errors import BadInput
 
     try:
@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--models-cache", type=Path, default=Path(tempfile.gettempdir()) / "shitu-bench-models")
     parser.add_argument("--int8", type=Path, action="append", default=[], help="an int8 model from `shitu compress` (repeatable)")
     args = parser.parse_args()
-    from shitu_cli.bench.runner import default_images
+    from shitu_cli.bench.inputs import default_images
 
     threads = [int(t) for t in args.threads.split(",")]
     models, note, index = pick_models(args.models_cache)

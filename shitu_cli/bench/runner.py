@@ -17,14 +17,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from shitu_cli.bench.compare import compare
+from shitu_cli.bench.inputs import index_model, load_images, load_models
+from shitu_cli.bench.log import backend_timings, log_rows
 from shitu_cli.bench.stages import END_TO_END, OK, Setting, SettingRun, batches, with_threads
 from shitu_cli.bench.system import SystemInfo, system_info
 from shitu_cli.bench.timing import StageStats, StageTimer
-from shitu_cli.errors import BadInput, ImageReadError, WorkFailed
+from shitu_cli.errors import BadInput, WorkFailed
 from shitu_cli.infer.predictor import BACKENDS, PRECISIONS, backend_installed
-from shitu_cli.models.manifest import ModelManifest, read_model_manifest
+from shitu_cli.models.manifest import ModelManifest
 
-TASK_ORDER = ("det", "rec", "cls")
 STAGE_ORDER = (
     "decode", "det preprocess", "det inference", "det postprocess", "crop + rec preprocess", "rec inference",
     "search", "cls preprocess", "cls inference", "end to end",
@@ -116,54 +117,6 @@ def check_options(options: BenchOptions) -> None:
 
 
 # ---- inputs: models and images, loaded and checked before anything is timed
-
-
-def load_models(paths: dict[str, Path | None], int8_paths: Sequence[Path] = ()) -> tuple[dict[str, ModelManifest], dict[str, Path], dict[str, Path]]:
-    """Manifests of the given fp32 models by task, their dirs, and the int8 twins matched by task."""
-    manifests, dirs = {}, {}
-    for task in TASK_ORDER:
-        path = paths.get(task)
-        if path is None:
-            continue
-        manifest = read_model_manifest(Path(path), task=task)
-        if manifest.precision == "int8":
-            raise BadInput(
-                f"--{task} is an int8 model; agreement needs its fp32 parent",
-                hint=f"pass the fp32 model as --{task} and this one as --int8", path=path,
-            )
-        manifests[task], dirs[task] = manifest, Path(path)
-    int8_dirs = {}
-    for path in int8_paths:
-        manifest = read_model_manifest(Path(path))
-        if manifest.precision != "int8":
-            raise BadInput(f"--int8 expects an int8 model, this one is {manifest.precision}", path=path)
-        if manifest.task not in dirs:
-            raise BadInput(f"--int8 gives a {manifest.task} model but no fp32 --{manifest.task}", path=path)
-        int8_dirs[manifest.task] = Path(path)
-    return manifests, dirs, int8_dirs
-
-
-def load_images(source: Path) -> tuple[list[Path], list[str]]:
-    """Decode every image once, untimed: it warms the file cache and drops files that cannot be read."""
-    from shitu_cli.data.images import iter_image_files, read_image
-
-    source = Path(source)
-    if source.is_dir():
-        files = list(iter_image_files(source))
-    elif source.is_file():
-        files = [source]
-    else:
-        raise BadInput("no such file or folder", path=source, hint="pass --images DIR with image files")
-    paths, skipped = [], []
-    for path in files:
-        try:
-            read_image(path)
-            paths.append(path)
-        except ImageReadError as exc:
-            skipped.append(exc.one_line())
-    if not paths:
-        raise BadInput("no readable images here", path=source, hint="pass --images DIR with .jpg/.png files")
-    return paths, skipped
 
 
 # ---- the settings take turns: A B C A B C ..., so machine load hits them alike
@@ -314,17 +267,6 @@ def thread_notes(threads: Sequence[int], usable_cpus: int) -> list[str]:
             f"cores, so those rows measure oversubscription, not a {max(over)}-core machine"]
 
 
-def index_model(index_dir: Path, rec: Path | None) -> Path:
-    """The rec model to search `index_dir` with: the given one if its features fit the index, else the index's own."""
-    from shitu_cli.index.store import read_index_manifest
-    from shitu_cli.infer.pipeline import check_model_fits_index
-
-    manifest = read_index_manifest(index_dir)
-    rec_dir = Path(rec) if rec is not None else Path(manifest.model.dir)
-    check_model_fits_index(manifest.model, read_model_manifest(rec_dir, task="rec"), rec_dir)
-    return rec_dir
-
-
 def _boxes_histogram(outputs: list[dict[str, Any]], results: list[SettingResult], reference: str | None) -> dict[int, int]:
     """How many images had how many boxes, as the reference setting's detector saw them."""
     chosen = next((o for o, r in zip(outputs, results) if r.setting == reference), None) or next((o for o in outputs if o), {})
@@ -336,73 +278,3 @@ def _boxes_histogram(outputs: list[dict[str, Any]], results: list[SettingResult]
 
 def _describe(task: str, path: Path, manifest: ModelManifest) -> BenchModel:
     return BenchModel(task, path, manifest.arch, manifest.precision, manifest.model_hash, tuple(manifest.input_size))
-
-
-def backend_timings(report: BenchReport, manifests: dict[str, ModelManifest]) -> list:
-    """Each model's inference time per fp32 setting: what `--backend auto` later chooses from."""
-    from shitu_cli.bench.record import BackendTiming
-
-    timings = []
-    for result in report.results:
-        if result.status != OK or result.precision != "fp32":
-            continue
-        for stats in result.stages:
-            task = stats.stage.removesuffix(" inference")
-            if stats.stage.endswith(" inference") and manifests.get(task) and manifests[task].model_hash:
-                timings.append(BackendTiming(manifests[task].model_hash, result.backend, stats.p50, result.threads,
-                                             bool(result.mkldnn), stats.spread, tuple(stats.pass_medians)))
-    return timings
-
-
-def log_rows(report: BenchReport) -> list[dict[str, Any]]:
-    """One CSV row per setting: enough to compare runs across days and library versions."""
-    from datetime import datetime, timezone
-
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    models = " ".join(f"{m.task}:{m.arch}:{(m.model_hash or '')[:12]}" for m in report.models)
-    rows = []
-    for r in report.results:
-        rows.append({
-            "time": stamp, "cpu": report.system.cpu, "models": models, "images": report.images,
-            "setting": r.setting, "backend": r.backend, "threads": r.threads,
-            "mkldnn": "" if r.mkldnn is None else int(r.mkldnn), "precision": r.precision, "batch": r.batch,
-            "status": r.status, "size_mb": _round(r.size_mb), "ms_p50": _round(r.ms_p50), "ms_spread": _round(r.ms_spread), "ms_p90": _round(r.ms_p90),
-            "ms_p99": _round(r.ms_p99), "fps": _round(r.fps),
-            "agreement": ";".join(f"{k}={v:.5f}" for k, v in r.agreement.items()),
-            "stages_p50": ";".join(f"{s.stage}={s.p50:.3f}" for s in r.stages),
-            "paddle": report.system.versions.get("paddlepaddle", ""), "onnxruntime": report.system.versions.get("onnxruntime", ""),
-            "openvino": report.system.versions.get("openvino", ""),
-        })
-    return rows
-
-
-def _round(value: float | None, digits: int = 4) -> float | str:
-    return "" if value is None else round(float(value), digits)
-
-
-def demo_root() -> Path:
-    import shitu_cli
-
-    return Path(shitu_cli.__file__).resolve().parent.parent / "assets" / "demo"
-
-
-def default_setup() -> tuple[dict[str, Path | None], Path]:
-    """The demo's det and rec models (official when cached, else built-in) and the demo gallery's
-    index, built on first use, so a bare `shitu benchmark-cpu` works on a fresh install."""
-    from shitu_cli import demo
-
-    try:
-        index, models, _ = demo.ensure_demo_index()
-    except BadInput as exc:
-        raise BadInput(exc.message, path=exc.path,
-                       hint="run `shitu demo --rebuild`, or pass models: --rec DIR / --det DIR / --cls DIR and --images DIR") from None
-    return {"det": models.det, "rec": models.rec, "cls": None}, index
-
-
-def default_images() -> Path:
-    for name in ("queries", "gallery"):
-        if (demo_root() / name).is_dir():
-            return demo_root() / name
-    raise BadInput(f"no built-in demo images in {demo_root()}", hint="pass --images DIR")
-
-

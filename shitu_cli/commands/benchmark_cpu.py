@@ -33,7 +33,8 @@ def command(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
     """Time decode, preprocess, inference, search and end to end on this CPU for each backend/threads/precision."""
-    from shitu_cli.bench.runner import BenchOptions, benchmark, default_images, default_setup, progress_steps
+    from shitu_cli.bench.inputs import default_images, default_setup
+    from shitu_cli.bench.runner import BenchOptions, benchmark, progress_steps
     from shitu_cli.models.registry import resolve_model_dir
     from shitu_cli.infer.predictor import BACKENDS, PRECISIONS
 
