@@ -54,7 +54,7 @@ def test_json_is_one_document_with_the_documented_shape(cli, built):
     (entry,) = doc["images"]
     assert set(entry) == {"path", "recognitions", "whole_image_policy", "size", "error"}
     assert entry["whole_image_policy"] == "fallback" and entry["size"] == [64, 64] and entry["error"] is None
-    assert set(entry["recognitions"][0]) == {"box", "label", "score", "matches", "source", "det_score"}
+    assert set(entry["recognitions"][0]) == {"box", "label", "score", "matches", "source", "det_score", "det_label"}
     assert set(entry["recognitions"][0]["matches"][0]) == {"label", "score", "gallery_path"}
 
 

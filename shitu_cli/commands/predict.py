@@ -28,7 +28,10 @@ def command(
     cover_thresh: float = typer.Option(DEFAULTS.cover_thresh, "--cover-thresh",
                                        help="With --det: when two boxes overlap by more than this share of the smaller "
                                        "one's area, the lower-scored goes, whatever the labels (1 turns this off)."),
-    det: Optional[str] = typer.Option(None, "--det", help="Mainbody detector dir or name (`shitu train-det` export): recognise each box."),
+    det: Optional[str] = typer.Option(None, "--det", help="Detector dir or name (`shitu train-det` export): recognise each box. "
+                                      "A multi-class detector's class and score go with each box (JSON det_label/det_score, drawn in brackets)."),
+    det_only: bool = typer.Option(False, "--det-only", help="With --det: report the detector's own boxes, classes and scores; "
+                                  "no index, no recognition."),
     det_thresh: float = typer.Option(DEFAULTS.det_thresh, "--det-thresh", help="With --det: the detector score a box needs."),
     max_boxes: int = typer.Option(DEFAULTS.max_boxes, "--max-boxes", help="With --det: at most this many boxes per image, best first."),
     whole_image: str = typer.Option(DEFAULTS.whole_image, "--whole-image",
@@ -73,6 +76,10 @@ def command(
         paths = expand_sources(images)  # files, URLs (fetched in turn) and videos
     options = PipelineOptions(topk=topk, rec_thresh=rec_thresh, nms_thresh=nms_thresh, cover_thresh=cover_thresh,
                               det_thresh=det_thresh, max_boxes=max_boxes, whole_image=whole_image)
+    if det_only:
+        _check_det_only(det, index, rec, truths)
+        _predict_detections(paths, det, options, predictor_options, vid_stride, save_vis, json_output)
+        return
     runner, det_dir = _open_runner(index, rec, det, options, predictor_options, batch_size)
     for note in runner.notes:
         render.info(note)
@@ -232,6 +239,35 @@ def _predict_classes(images: list[str], model: str, predictor_options, topk: int
         render.show(render.table(None, ["image", "class", "score", "rank"], rows))
         for r in failed:
             render.warn(f"{r.path}: {r.error}")
+    if failed and len(failed) == len(results):
+        raise BadInput(failed[0].error, path=failed[0].path)
+
+
+def _check_det_only(det, index, rec, truths) -> None:
+    if det is None:
+        raise BadInput("--det-only needs a detector", hint="pass --det DIR (a `shitu train-det` export)")
+    if index is not None or rec is not None or truths is not None:
+        raise BadInput("--det-only reports the detector alone", hint="drop --index, --rec and --eval, or drop --det-only")
+
+
+def _predict_detections(paths, det: str, options, predictor_options, vid_stride: int, save_vis, json_output: bool) -> None:
+    """The detector alone: each box with the detector's class and score."""
+    from shitu_cli.infer.detect_only import DetectionOnly
+    from shitu_cli.infer.detector import Detector
+    from shitu_cli.models.registry import resolve_model_dir
+
+    det_dir = resolve_model_dir(det)
+    runner = DetectionOnly(Detector(det_dir, predictor_options), options)
+    results = _run_sources(runner, paths, vid_stride, save_vis)
+    failed = [r for r in results if r.error]
+    if json_output:
+        render.print_json({"models": {"det": det_dir}, "images": results, "count": len(results), "failed": len(failed)})
+    else:
+        image_root = _common_parent([r.path for r in results])
+        rows = [(_relative(r.path, image_root) + (f" frame {r.frame}" if getattr(r, "frame", None) is not None else ""),
+                 ",".join(f"{v:.0f}" for v in d.box), d.label, f"{d.score:.3f}") for r in results for d in r.recognitions]
+        render.show(render.table(None, ["image", "box", "class", "score"], rows))
+        render.file_problems(f"could not read {len(failed)} file(s)", [(r.path, r.error) for r in failed])
     if failed and len(failed) == len(results):
         raise BadInput(failed[0].error, path=failed[0].path)
 

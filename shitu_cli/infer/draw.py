@@ -20,12 +20,13 @@ def _color(label: str) -> tuple[int, int, int]:
 
 
 def draw_recognitions(rgb: np.ndarray, recognitions: Sequence[Any]) -> np.ndarray:
-    """A copy of `rgb` with each recognition's box and "label score" drawn on it."""
+    """A copy of `rgb` with each recognition's box and "label score" drawn on it, followed by the
+    detector's "[class score]" where a multi-class detector named the box something else."""
     from PIL import Image, ImageDraw
 
     image = Image.fromarray(np.ascontiguousarray(rgb))
     draw = ImageDraw.Draw(image)
-    text_of = [f"{r.label} {r.score:.2f}" for r in recognitions]
+    text_of = [_caption(r) for r in recognitions]
     font = label_font("".join(text_of) or "a", size=max(11, min(image.size) // 28))
     width = max(2, min(image.size) // 200)
     for recognition, text in zip(recognitions, text_of):
@@ -38,6 +39,14 @@ def draw_recognitions(rgb: np.ndarray, recognitions: Sequence[Any]) -> np.ndarra
         draw.rectangle((x1, y_text, x1 + right - left + 2 * width, y_text + lift), fill=color)
         draw.text((x1 + width, y_text + width - (top - y1)), text, font=font, fill=(0, 0, 0))
     return np.asarray(image)
+
+
+def _caption(recognition: Any) -> str:
+    text = f"{recognition.label} {recognition.score:.2f}"
+    det_label = getattr(recognition, "det_label", None)
+    if det_label is not None and det_label != recognition.label:
+        text += f" [{det_label} {recognition.det_score:.2f}]"
+    return text
 
 
 def write_image(path: Path, rgb: np.ndarray) -> Path:

@@ -35,6 +35,7 @@ class Recognition:
     matches: list[Match]  # top-k distinct labels, best first
     source: str = "whole_image"  # "whole_image" or "detection"
     det_score: float | None = None
+    det_label: str | None = None  # the detector's own class, from a multi-class detector
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ImageResult:
 class DetectionLike(Protocol):
     box: Sequence[float]
     score: float
+    label: str
 
 
 class DetectorLike(Protocol):
@@ -126,12 +128,19 @@ def boxes_to_recognise(detections: Sequence[DetectionLike], width: int, height: 
     always: every detection plus the whole image (PaddleClas's behaviour); fallback: the
     detections, or the whole image when there are none; off: the detections only.
     """
+    return [(box, score) for box, score, _ in labelled_boxes(detections, width, height, policy)]
+
+
+def labelled_boxes(detections: Sequence[DetectionLike], width: int, height: int,
+                   policy: str) -> list[tuple[Box, float | None, str | None]]:
+    """boxes_to_recognise with each box's detector class (None for the whole image)."""
     if policy not in WHOLE_IMAGE_POLICIES:
         raise BadInput(f"unknown whole-image policy {policy!r}", hint=f"choose one of: {', '.join(WHOLE_IMAGE_POLICIES)}")
-    boxes: list[tuple[Box, float | None]] = [(clip_box(d.box, width, height), float(d.score)) for d in detections]
-    boxes = [(box, score) for box, score in boxes if box[2] > box[0] and box[3] > box[1]]
+    boxes: list[tuple[Box, float | None, str | None]] = [
+        (clip_box(d.box, width, height), float(d.score), getattr(d, "label", None)) for d in detections]
+    boxes = [(box, score, label) for box, score, label in boxes if box[2] > box[0] and box[3] > box[1]]
     if policy == "always" or (policy == "fallback" and not boxes):
-        boxes.append(([0.0, 0.0, float(width), float(height)], None))
+        boxes.append(([0.0, 0.0, float(width), float(height)], None, None))
     return boxes
 
 
@@ -217,6 +226,8 @@ class Pipeline:
         backend.set_threads(predictor_options.threads)  # faiss's budget; small searches still take one thread
         self.notes = [n for n in [check_model_fits_index(self.index.manifest.model, self.embedder.manifest, rec_dir)] if n]
         self.detector = detector
+        # A mainbody detector's one class says nothing; a multi-class detector's class goes with each box.
+        self.detector_classes = len(getattr(detector, "labels", ())) > 1
         self._k = min(self.index.index.ntotal, max(1, self.options.topk) * NEIGHBOURS_PER_LABEL + 8)
 
     def with_index(self, stored) -> "Pipeline":
@@ -238,21 +249,22 @@ class Pipeline:
         """recognise() for several images, with ONE batched rec call and one search for all their crops."""
         options = self.options
         boxes = [self._boxes(rgb) for rgb in images]
-        crops = [crop(rgb, box) for rgb, found in zip(images, boxes) for box, _ in found]
+        crops = [crop(rgb, box) for rgb, found in zip(images, boxes) for box, _, _ in found]
         if not crops:
             return [[] for _ in images]
         scores, ids = self._search(self.embedder.embed(crops))
         results, row = [], 0
         for found in boxes:
-            recognitions = [self._recognition(box, det_score, scores[row + i], ids[row + i]) for i, (box, det_score) in enumerate(found)]
+            recognitions = [self._recognition(box, det_score, scores[row + i], ids[row + i], det_label)
+                            for i, (box, det_score, det_label) in enumerate(found)]
             row += len(found)
             results.append(nms_per_label(recognitions, options.nms_thresh, options.cover_thresh))
         return results
 
-    def _boxes(self, rgb: np.ndarray) -> list[tuple[Box, float | None]]:
+    def _boxes(self, rgb: np.ndarray) -> list[tuple[Box, float | None, str | None]]:
         options = self.options
         detections = self.detector.detect(rgb, options.det_thresh, options.max_boxes) if self.detector else []
-        return boxes_to_recognise(detections, rgb.shape[1], rgb.shape[0], options.whole_image)
+        return labelled_boxes(detections, rgb.shape[1], rgb.shape[0], options.whole_image)
 
     def _search(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from shitu_cli.index import backend
@@ -261,12 +273,14 @@ class Pipeline:
             return np.zeros((len(features), 0), np.float32), np.zeros((len(features), 0), np.int64)
         return backend.search(self.index.index, features, self._k)
 
-    def _recognition(self, box: Box, det_score: float | None, scores: np.ndarray, ids: np.ndarray) -> Recognition:
+    def _recognition(self, box: Box, det_score: float | None, scores: np.ndarray, ids: np.ndarray,
+                     det_label: str | None = None) -> Recognition:
         matches = top_labels(scores, ids, self.index.items, self.options.topk)
         best = matches[0] if matches else None
         known = best is not None and best.score >= self.options.rec_thresh
         return Recognition(box=box, label=best.label if known else UNKNOWN, score=best.score if best else 0.0,
-                           matches=matches, source="whole_image" if det_score is None else "detection", det_score=det_score)
+                           matches=matches, source="whole_image" if det_score is None else "detection", det_score=det_score,
+                           det_label=det_label if self.detector_classes else None)
 
     def predict_file(self, path: Path | str) -> ImageResult:
         """Read and recognise one file; a file that cannot be read gives an ImageResult with `error`."""
