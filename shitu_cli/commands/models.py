@@ -34,6 +34,22 @@ def list_command(
     render.show("Use a name wherever a model path is accepted; `shitu models pull NAME` downloads it.")
 
 
+@app.command("families")
+def families_command(
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
+) -> None:
+    """Show the classifier families `train-cls --model` builds, their input sizes, recipes and pretrained weights."""
+    from shitu_cli.models.cls_families import family_rows
+
+    rows = family_rows()
+    if json_output:
+        render.print_json({"families": rows})
+        return
+    table_rows = [(r.family, ", ".join(r.models), r.input_size, ", ".join(r.recipes), ", ".join(r.pretrained)) for r in rows]
+    render.show(render.table("train-cls model families", ["family", "--model", "--input-size", "--recipe", "--pretrained"], table_rows))
+    render.show("Train one: `shitu train-cls DATASET -o RUN --model NAME` (or --recipe); weights: `shitu models pull NAME`.")
+
+
 @app.command("pull")
 def pull_command(
     name: str = typer.Argument(..., help="A model name from `shitu models list`."),

@@ -15,7 +15,7 @@ def command(
     ctx: typer.Context,
     dataset: Optional[Path] = typer.Argument(None, help="Folder with train_list.txt, val_list.txt and labels.txt, or a folder of class folders (split here). Not needed with --resume."),
     out: Path = typer.Option(..., "--out", "-o", help="Run dir: checkpoints, metrics, confusion matrix, export/ and recipe.yaml. A folder holding an earlier run is refused (use --resume, or a new folder)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="PPLCNet_x0_25 ... PPLCNet_x2_5 or PPLCNetV2_base. \\[default: PPLCNet_x1_0]"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="PPLCNet_x0_25 ... x2_5, ResNet18_vd ... ResNet200_vd, MobileNetV3_*, HRNet_*, ... (`shitu models families` lists them). \\[default: PPLCNet_x1_0]"),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size in pixels. \\[default: 224]"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs. \\[default: 20]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step. \\[default: 32]"),
@@ -31,7 +31,7 @@ def command(
     cutmix: Optional[float] = typer.Option(None, "--cutmix", help="CutMix alpha; 0 turns it off. \\[default: 0]"),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Evaluate and keep an exponential moving average of the weights. \\[default: on]"),
     ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="EMA decay. \\[default: from the run length]"),
-    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Local .pdparams to start from; a head of another class count starts fresh."),
+    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Local .pdparams or a weights name from `shitu models list` (e.g. ResNet50_vd_ssld-pretrained) to start from; a head of another class count starts fresh."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Distil from this exported model dir, train-cls run dir or .pdparams."),
     unlabeled: Optional[Path] = typer.Option(None, "--unlabeled", help="Extra unlabelled images (a folder) for the distillation term only."),
     distill_temperature: Optional[float] = typer.Option(None, "--distill-temperature", help="Softmax temperature of the KL term. \\[default: 4]"),
@@ -39,7 +39,7 @@ def command(
     val: Optional[float] = typer.Option(None, "--val", help="Validation share when DATASET is class folders to split. \\[default: 0.2]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, split, shuffling and augmentation. \\[default: 42]"),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Image decoding threads. \\[default: 2]"),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Base settings: a shipped name (pplcnet, tiny, digits), a .yml path, or a run's recipe.yaml; flags override it."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Base settings: a shipped name (pplcnet, tiny, digits, resnet-cpu, resnet50_vd-imagenet), a .yml path, or a run's recipe.yaml; flags override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch, with its own settings; only --epochs (more or fewer) and --num-workers may change."),
     json_output: bool = typer.Option(False, "--json", help="Print the run summary as one JSON document."),
     nproc: Optional[int] = scale_out.nproc_option(),
@@ -47,7 +47,7 @@ def command(
     nnodes: Optional[int] = scale_out.nnodes_option(),
     master: Optional[str] = scale_out.master_option(),
 ) -> None:
-    """Train a PP-LCNet image classifier, keep the best epoch by val top-1, and export it for `shitu predict`.
+    """Train an image classifier (PP-LCNet, ResNet-vd, MobileNetV3, ...), keep the best epoch by val top-1, and export it for `shitu predict`.
 
     Ctrl-C (or SIGTERM) stops after the current step, keeps the last epoch's checkpoint and exports the best epoch so far.
     """

@@ -156,9 +156,10 @@ def _class_count(state: dict[str, Any], key: str, run_dir: Path) -> int:
 
 
 def _build_classifier(options: dict[str, Any], state: dict[str, Any], run_dir: Path) -> Any:
+    from shitu_cli.models.cls_families import head_key
     from shitu_cli.train.cls import build_classifier
 
-    return build_classifier(options["model"], _class_count(state, "fc.weight", run_dir))
+    return build_classifier(options["model"], _class_count(state, head_key(options["model"]), run_dir))
 
 
 def _build_recogniser(options: dict[str, Any], state: dict[str, Any], run_dir: Path) -> Any:

@@ -67,6 +67,9 @@ class PaddlePredictor:
                 # Paddle 3.3 segfaults (pir::FloatAttribute::data) building the FusedConv2dOp that fuses a
                 # batch-normed conv with YOLOv3's leaky ReLU; the rest of the graph keeps oneDNN.
                 config.delete_pass("conv_activation_onednn_fuse_pass")
+            for name in manifest.extra.get("onednn_skip_passes", []):
+                # Set at export for nets a oneDNN pass breaks (HRNet's upsample fuse: see models.cls_families).
+                config.delete_pass(str(name))
             if options.precision == "bf16":
                 config.enable_mkldnn_bfloat16()
             elif options.precision == "int8" or manifest.precision == "int8":

@@ -8,12 +8,15 @@ import sys
 from typing import Any
 
 from shitu_cli.errors import BadInput
+from shitu_cli.models.cls_families import all_archs
 
-CLS_ARCHS = (
+LCNET_ARCHS = (
     "PPLCNet_x0_25", "PPLCNet_x0_35", "PPLCNet_x0_5", "PPLCNet_x0_75", "PPLCNet_x1_0",
-    "PPLCNet_x1_5", "PPLCNet_x2_0", "PPLCNet_x2_5", "PPLCNetV2_base",
+    "PPLCNet_x1_5", "PPLCNet_x2_0", "PPLCNet_x2_5",
 )
-REC_BACKBONES = ("PPLCNetV2_base_ShiTu",) + CLS_ARCHS[:-1]
+REC_BACKBONES = ("PPLCNetV2_base_ShiTu",) + LCNET_ARCHS
+# Every classifier train-cls builds: PP-LCNet, ResNet(-vd), MobileNet, HRNet, ... (see cls_families).
+CLS_ARCHS = all_archs()
 
 
 def import_ppcls() -> Any:
@@ -24,7 +27,24 @@ def import_ppcls() -> Any:
         root = os.path.dirname(paddleclas.__file__)
         if root not in sys.path:
             sys.path.append(root)
-    return importlib.import_module("ppcls")
+    ppcls = importlib.import_module("ppcls")
+    _quiet_ppcls_logger()
+    return ppcls
+
+
+def _quiet_ppcls_logger() -> None:
+    """ppcls logs through a module-level logger that only its training engine sets up; ResNet, HRNet and
+    others call logger.warning while building (a deprecation note), which fails on the unset logger.
+    Give it a silent one: ppcls's own init_logger would print to stdout and spoil --json output."""
+    import logging
+
+    from ppcls.utils import logger
+
+    if logger._logger is None:
+        quiet = logging.getLogger("shitu.ppcls")
+        quiet.addHandler(logging.NullHandler())
+        quiet.propagate = False
+        logger._logger = quiet
 
 
 def check_arch(name: str, allowed: tuple[str, ...], what: str) -> str:

@@ -335,6 +335,7 @@ class _Run:
     def export(self) -> tuple[Path, float]:
         """Export model + softmax and check Paddle Inference reproduces the trained model's output."""
         from shitu_cli.infer.predictor import PredictorOptions, build_predictor
+        from shitu_cli.models.cls_families import export_extra
         from shitu_cli.models.export import export_layer
         from shitu_cli.models.manifest import ModelManifest
 
@@ -342,7 +343,7 @@ class _Run:
         size = s["input_size"]
         manifest = ModelManifest(
             task="cls", arch=s["model"], input_size=(size, size), model_file="", params_file="",
-            preprocess=self.preprocess, labels=list(self.data.labels), extra={"outputs": "probabilities"},
+            preprocess=self.preprocess, labels=list(self.data.labels), extra={"outputs": "probabilities", **export_extra(s["model"])},
         )
         probe, _ = next(iter(self.val_batches()))
         probe = probe[:8]

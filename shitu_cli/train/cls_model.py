@@ -1,5 +1,6 @@
-"""The train-cls network: building PP-LCNet, loading pretrained weights (arrays only), the softmax export
-wrapper, and the batch-level target tricks (label smoothing, mixup, CutMix)."""
+"""The train-cls network: building it (PP-LCNet, ResNet, ... see models.cls_families), loading pretrained
+weights (arrays only), the softmax export wrapper, and the batch-level target tricks (label smoothing,
+mixup, CutMix)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def load_pretrained(model, path: Path, arch: str) -> str:
 
     Returns a sentence saying what was loaded; raises BadInput naming the file when it does not fit.
     """
+    from shitu_cli.models.cls_families import family_of
     from shitu_cli.models.legacy import load_weights
     from shitu_cli.models.registry import resolve_weights
 
@@ -33,7 +35,8 @@ def load_pretrained(model, path: Path, arch: str) -> str:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     wrong = [k for k in own if k in state and list(state[k].shape) != list(own[k].shape)]
-    head = {k for k in missing + wrong if k.startswith("fc.")}
+    head_layer = family_of(arch).head  # fc for most, fc3 (VGG), classifier (MobileNetV4), head (Swin)
+    head = {k for k in missing + wrong if k.startswith(f"{head_layer}.")}
     body_problems = [k for k in missing + wrong if k not in head]
     if body_problems:
         raise BadInput(
@@ -43,7 +46,7 @@ def load_pretrained(model, path: Path, arch: str) -> str:
         )
     model.set_state_dict({k: v for k, v in state.items() if k in own and k not in head})
     if head:
-        found = state.get("fc.weight")
+        found = state.get(f"{head_layer}.weight")
         classes = f"{found.shape[1]} classes" if found is not None and len(found.shape) == 2 else "another shape"
         return f"loaded {len(own) - len(head)} weights from {path.name}; the classifier head ({classes} there) starts fresh"
     return f"loaded all {len(own)} weights from {path.name}"

@@ -110,9 +110,9 @@ def parse_decay_epochs(text: str | Sequence[int] | None) -> list[int]:
 
 
 def check_settings(settings: Mapping[str, Any]) -> None:
-    from shitu_cli.models.ppcls import CLS_ARCHS, check_arch
+    from shitu_cli.models.cls_families import check_input_size, family_of
 
-    check_arch(settings["model"], CLS_ARCHS, "model")
+    family_of(settings["model"])  # an unknown name is refused with the families to choose from
     if settings["lr_schedule"] not in ("cosine", "piecewise"):
         close = difflib.get_close_matches(str(settings["lr_schedule"]), ["cosine", "piecewise"], n=1)
         raise BadInput(f"unknown --lr-schedule {settings['lr_schedule']!r}", hint=f"did you mean {close[0]}?" if close else "use cosine or piecewise")
@@ -133,6 +133,7 @@ def check_settings(settings: Mapping[str, Any]) -> None:
     for name, ok, what in checks:
         if not ok:
             raise BadInput(f"--{name.replace('_', '-')} must be {what}, got {settings[name]!r}")
+    check_input_size(settings["model"], settings["input_size"])
     if settings["unlabeled"] and not settings["teacher"]:
         raise BadInput("--unlabeled images need a --teacher: they only contribute the distillation term")
 

@@ -172,6 +172,7 @@ def _exported_teacher(model_dir: Path, threads: int) -> ExportedTeacher:
 
 def _checkpoint_teacher(checkpoint: Path, run_dir: Path) -> CheckpointTeacher:
     from shitu_cli.models.manifest import read_model_manifest
+    from shitu_cli.models.cls_families import head_key
     from shitu_cli.models.ppcls import CLS_ARCHS, build_arch
     from shitu_cli.recipes import read_recipe
     from shitu_cli.train.checkpoints import weights_that_fit
@@ -181,9 +182,10 @@ def _checkpoint_teacher(checkpoint: Path, run_dir: Path) -> CheckpointTeacher:
     if arch not in CLS_ARCHS:
         raise BadInput(f"the recipe names model {arch!r}, not a classifier architecture", path=run_dir / "recipe.yaml")
     state = _load_state(checkpoint)
-    if "fc.weight" not in state:
-        raise BadInput(f"not a {arch} classifier checkpoint (no fc.weight)", path=checkpoint)
-    num_classes = int(state["fc.weight"].shape[1])
+    head = head_key(arch)  # fc.weight for most families, fc3 / classifier / head for VGG, MobileNetV4, Swin
+    if head not in state:
+        raise BadInput(f"not a {arch} classifier checkpoint (no {head})", path=checkpoint)
+    num_classes = int(state[head].shape[1])
     model = build_arch({"name": arch, "class_num": num_classes})
     model.set_state_dict(weights_that_fit(model, state, checkpoint))  # paddle would only warn about a misfit
     model.eval()
