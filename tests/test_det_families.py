@@ -1,0 +1,230 @@
+"""train-det's multi-class families (PP-YOLOE, YOLOv3-MobileNetV1) end to end on drawn 3-class scenes:
+train briefly, export with NMS, exported boxes = dygraph boxes, AP per class reported, predict carries
+the detector's classes; the PP-YOLO tricks land in ppdet's config; per-class AP on known detections."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shitu_cli.artifacts import dump_yaml, read_yaml
+from synth_scenes import make_coco_scenes
+
+QUICK = ("--epochs", "1", "--batch-size", "4", "--input-size", "160")
+
+
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from shitu_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _narrow_recipe(name: str, path: Path, **sections) -> Path:
+    """A shipped recipe's network, narrowed so it trains in seconds; boxes kept from score 0.001 so a
+    briefly trained net still returns boxes to compare."""
+    from shitu_cli.train.det_config import load_recipe
+
+    _, document = load_recipe(name)
+    for key, value in sections.items():
+        document[key] = {**document[key], **value} if isinstance(value, dict) else value
+    holder = "PPYOLOEHead" if "PPYOLOEHead" in document else "BBoxPostProcess"
+    document[holder]["nms"]["score_threshold"] = 0.001
+    # keep_top_k above the candidate count: a net trained for seconds scores most boxes alike, and which
+    # of the tied boxes a top-k cut keeps differs between the exported and the dygraph kernels
+    document["shitu"] = {**document["shitu"], "warmup_steps": 2, "multi_scale_steps": 0, "eval_every": 1, "ema": False,
+                         "keep_top_k": 2000}
+    path.write_text(dump_yaml(document), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families") / "scenes"
+    names = make_coco_scenes(root, n_train=8, n_val=4, n_classes=3, seed=5)
+    return root, names
+
+
+def _train(scenes, tmp_path_factory, recipe: Path, *extra):
+    root, _ = scenes
+    run = tmp_path_factory.mktemp("runs") / recipe.stem
+    result = _invoke("train-det", root, "-o", run, "--recipe", recipe, *QUICK, *extra, "--json")
+    assert result.exit_code == 0, result.stderr
+    return run, json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def ppyoloe(scenes, tmp_path_factory):
+    recipe = _narrow_recipe("ppyoloe-cpu", tmp_path_factory.mktemp("recipes") / "ppyoloe-test.yml", width_mult=0.125)
+    return _train(scenes, tmp_path_factory, recipe, "--nms", "matrix")
+
+
+@pytest.fixture(scope="module")
+def yolov3(scenes, tmp_path_factory):
+    recipe = _narrow_recipe("yolov3-mobilenetv1", tmp_path_factory.mktemp("recipes") / "yolov3-test.yml",
+                            MobileNet={"scale": 0.25})
+    return _train(scenes, tmp_path_factory, recipe, "--label-smooth", "--iou-aware", "--mixup-epochs", "1")
+
+
+@pytest.fixture(params=["ppyoloe", "yolov3"])
+def family_run(request):
+    return request.param, request.getfixturevalue(request.param)
+
+
+def test_each_family_trains_exports_and_reports_ap_per_class(family_run, scenes):
+    family, (run, summary) = family_run
+    _, names = scenes
+    assert summary["labels"] == sorted(names)
+    assert set(summary["per_class"]) == set(names)
+    for ap in summary["per_class"].values():
+        assert 0.0 <= ap["AP"] <= ap["AP50"] <= 1.0 and ap["boxes"] > 0
+    assert read_yaml(run / "recipe.yaml")["metrics"]["per_class"] == summary["per_class"]
+    manifest = read_yaml(run / "export" / "shitu.yaml")
+    assert manifest["extra"]["family"] == family and manifest["labels"] == sorted(names)
+    assert manifest["input_names"] == ["image", "scale_factor"]
+    assert manifest["arch"].startswith({"ppyoloe": "PP-YOLOE-CSPResNet", "yolov3": "YOLOv3-MobileNetV1"}[family])
+
+
+def test_the_tricks_reach_ppdet(ppyoloe, yolov3):
+    config = read_yaml(ppyoloe[0] / "ppdet.yml")
+    assert config["PPYOLOEHead"]["nms"]["name"] == "MatrixNMS"
+    assert read_yaml(ppyoloe[0] / "export" / "shitu.yaml")["extra"]["nms"]["name"] == "MatrixNMS"
+    config = read_yaml(yolov3[0] / "ppdet.yml")
+    assert config["YOLOv3Loss"]["label_smooth"] is True
+    assert config["YOLOv3Head"]["iou_aware"] is True and config["YOLOv3Loss"]["iou_aware_loss"] == "IouAwareLoss"
+    assert {"Mixup": {"alpha": 1.5, "beta": 1.5}} in config["TrainReader"]["sample_transforms"]
+    assert config["TrainReader"]["mixup_epoch"] == 1
+
+
+def test_exported_boxes_match_the_dygraph_model(family_run, scenes):
+    import paddle
+
+    from shitu_cli.data.images import read_image
+    from shitu_cli.infer.detector import Detector
+    from shitu_cli.train.det import load_trained_model
+
+    _, (run, _) = family_run
+    root, _ = scenes
+    detector = Detector(run / "export")
+    model = load_trained_model(run)
+    for path in sorted((root / "images").glob("val_*.jpg"))[:2]:
+        rgb = read_image(path)
+        exported, count = detector.raw(rgb)
+        image, scale_factor = detector.preprocess(rgb)
+        with paddle.no_grad():
+            out = model({"image": paddle.to_tensor(image), "scale_factor": paddle.to_tensor(scale_factor),
+                         "im_shape": paddle.to_tensor(np.array([image.shape[2:]], np.float32))})
+        dygraph = out["bbox"].numpy()[: int(out["bbox_num"].numpy()[0])]
+        exported = exported[: int(count[0])]
+        assert len(exported) > 0 and abs(len(exported) - len(dygraph)) <= 2
+        for row in exported[np.argsort(-exported[:, 1])][:20]:  # near-equal scores may swap places
+            same_class = dygraph[dygraph[:, 0] == row[0]]
+            assert np.abs(same_class[:, 1:] - row[1:]).max(axis=1).min() < 1e-2, row
+
+
+def test_predict_det_only_reports_the_detectors_classes(family_run, scenes, tmp_path):
+    _, (run, summary) = family_run
+    root, _ = scenes
+    result = _invoke("predict", root / "images" / "val_000.jpg", root / "images" / "val_001.jpg", "--det", run / "export",
+                     "--det-only", "--det-thresh", "0", "--max-boxes", "3", "--save-vis", tmp_path / "vis", "--json")
+    assert result.exit_code == 0, result.stderr
+    images = json.loads(result.stdout)["images"]
+    boxes = [r for image in images for r in image["recognitions"]]
+    assert len(boxes) == 6
+    assert all(r["det_label"] in summary["labels"] and r["label"] == r["det_label"] and r["matches"] == [] for r in boxes)
+    assert (tmp_path / "vis" / "val_000.jpg").is_file()
+
+
+def test_predict_with_an_index_keeps_the_detectors_class(yolov3, scenes, tmp_path):
+    from synth import make_class_tree
+    from tiny_rec import export_tiny_rec
+
+    run, summary = yolov3
+    root, _ = scenes
+    rec = export_tiny_rec(tmp_path / "rec")
+    make_class_tree(tmp_path / "gallery", n_classes=2, per_class=2)
+    built = _invoke("build-index", tmp_path / "gallery", "-o", tmp_path / "index", "--rec", rec, "--json")
+    assert built.exit_code == 0, built.stderr
+    result = _invoke("predict", root / "images" / "val_000.jpg", "--index", tmp_path / "index", "--det", run / "export",
+                     "--det-thresh", "0", "--max-boxes", "2", "--whole-image", "always", "--cover-thresh", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    found = json.loads(result.stdout)["images"][0]["recognitions"]
+    detected = [r for r in found if r["source"] == "detection"]
+    assert detected and all(r["det_label"] in summary["labels"] and r["matches"] for r in detected)
+    assert [r["det_label"] for r in found if r["source"] == "whole_image"] == [None]
+
+
+def test_det_only_needs_a_detector_and_no_index(tmp_path):
+    image = tmp_path / "a.jpg"
+    from conftest import write_image
+
+    write_image(image)
+    result = _invoke("predict", image, "--det-only")
+    assert result.exit_code == 2 and "--det-only needs a detector" in result.stderr
+
+
+# ---------------------------------------------------------------- config and metrics, no training
+
+
+def _config(recipe: str, flags: dict):
+    from shitu_cli.train.det_config import build_ppdet_config, load_recipe, resolve_settings
+    from shitu_cli.train.det_data import DetDataset
+
+    _, document = load_recipe(recipe)
+    placeholder = Path("/nonexistent/data.json")
+    data = DetDataset(Path("/nonexistent"), "coco", placeholder, placeholder, ["a", "b"], 1, 1, 1, 1)
+    return build_ppdet_config(document, resolve_settings(document, flags), data, Path("/nonexistent/run"))
+
+
+def test_the_2x_schedule_doubles_the_epochs_with_steps_at_the_same_fractions():
+    one = _config("yolov3-mobilenetv1", {"epochs": 12, "schedule": "1x"})
+    two = _config("yolov3-mobilenetv1", {"epochs": 12, "schedule": "2x"})
+    assert (one["epoch"], two["epoch"]) == (12, 24)
+    assert one["LearningRate"]["schedulers"][0] == {"name": "PiecewiseDecay", "gamma": 0.1, "milestones": [8, 11]}
+    assert two["LearningRate"]["schedulers"][0]["milestones"] == [16, 22]
+    assert _config("ppyoloe-s", {})["LearningRate"]["schedulers"][0]["name"] == "CosineDecay"
+
+
+def test_yolov3_head_tricks_are_refused_for_other_families():
+    from shitu_cli.errors import BadInput
+
+    with pytest.raises(BadInput, match="label_smooth is a YOLOv3-head trick"):
+        _config("ppyoloe-cpu", {"label_smooth": True})
+    with pytest.raises(BadInput, match="unknown nms"):
+        _config("ppyoloe-cpu", {"nms": "soft"})
+
+
+def test_class_aps_scores_known_detections(tmp_path):
+    from shitu_cli.train.det_metrics import class_aps
+
+    truth = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100}],
+             "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900, "iscrowd": 0},
+                             {"id": 2, "image_id": 1, "category_id": 2, "bbox": [50, 50, 40, 40], "area": 1600, "iscrowd": 0}],
+             "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "eel"}]}
+    (tmp_path / "val.json").write_text(json.dumps(truth), encoding="utf-8")
+    # cat found exactly; dog's only box is shifted to IoU 2/3: right at IoU 0.50-0.65, wrong from 0.70 up
+    detections = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "score": 0.9},
+                  {"image_id": 1, "category_id": 2, "bbox": [58, 50, 40, 40], "score": 0.8}]
+    (tmp_path / "bbox.json").write_text(json.dumps(detections), encoding="utf-8")
+    aps = class_aps(tmp_path / "val.json", tmp_path / "bbox.json")
+    assert aps["cat"] == {"AP": 1.0, "AP50": 1.0, "boxes": 1}
+    assert aps["dog"]["AP50"] == 1.0 and aps["dog"]["AP"] == pytest.approx(0.4)  # right at 4 of the 10 thresholds
+    assert aps["eel"]["AP"] == -1.0 and aps["eel"]["boxes"] == 0
+    assert class_aps(tmp_path / "val.json", tmp_path / "missing.json")["cat"]["AP"] == 0.0
+
+
+@pytest.mark.slow
+def test_reproduce_replays_a_ppyoloe_run_byte_for_byte(ppyoloe, tmp_path):
+    import subprocess
+    import sys
+
+    run, _ = ppyoloe
+    result = subprocess.run([sys.executable, "-m", "shitu_cli", "reproduce", str(run / "recipe.yaml"),
+                             "-o", str(tmp_path / "again"), "--json"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["identical"] and {f["path"] for f in report["files"]} >= {"export/model.pdiparams", "export/model.json"}
