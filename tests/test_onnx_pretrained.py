@@ -291,3 +291,23 @@ def test_pretrained_by_model_name_fine_tunes_the_pulled_weights(cli, server, lis
     info = json.loads(result.stdout)["pretrained"]
     assert info["loaded"] > 50 and info["path"].endswith("PPLCNet_x0_25_pretrained.pdparams")
     assert read_yaml(run / "recipe.yaml")["options"]["pretrained"] == "PPLCNet_x0_25"  # a name, so reproduce finds it
+
+
+def test_imagenet_pplcnetv2_weights_fit_the_pp_shituv2_backbone(tmp_path):
+    """PPLCNetV2_base-pretrained (ImageNet) loads into PPLCNetV2_base_ShiTu: all but its last conv and fc."""
+    import paddle
+
+    from shitu_cli.models.ppcls import build_arch
+    from shitu_cli.models.registry import OFFICIAL_MODELS
+    from shitu_cli.train.rec_model import build_rec_model, load_pretrained
+    from shitu_cli.train.rec_settings import resolve_settings
+
+    assert OFFICIAL_MODELS["PPLCNetV2_base-pretrained"].file_name == "PPLCNetV2_base_pretrained.pdparams"
+    imagenet = build_arch({"name": "PPLCNetV2_base", "pretrained": False, "class_num": 1000})
+    path = tmp_path / "PPLCNetV2_base_pretrained.pdparams"
+    paddle.save(imagenet.state_dict(), str(path))
+    model = build_rec_model(resolve_settings(None, {"input_size": 64}), 10)
+    info = load_pretrained(model, path, "PPLCNetV2_base_ShiTu")
+    assert info["loaded"] > 250 and 0 < info["reinitialised"] <= 16  # last conv, the extra branch, neck, head
+    loaded = model.state_dict()["backbone.stem.0.conv.weight"].numpy()
+    np.testing.assert_array_equal(loaded, imagenet.state_dict()["stem.0.conv.weight"].numpy())

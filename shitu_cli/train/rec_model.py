@@ -77,6 +77,12 @@ def _size_dependent(key: str) -> bool:
     return key.startswith(("head.", "neck.", "backbone.last_conv.", "backbone.fc."))
 
 
+def _shitu_only(key: str, backbone: str) -> bool:
+    # PPLCNetV2_base_ShiTu's last stage runs at stride 1 and so has one more depthwise branch than
+    # PPLCNetV2_base: ImageNet PP-LCNetV2 weights fit all but that branch, which starts fresh.
+    return backbone == "PPLCNetV2_base_ShiTu" and key.startswith("backbone.stages.3.") and ".dw_conv_list." in key
+
+
 def load_pretrained(model, path: Path | str, backbone: str) -> dict[str, Any]:
     """Load a local .pdparams: a whole RecModel checkpoint or backbone-only (ImageNet/SSLD) weights."""
     from shitu_cli.models.legacy import load_weights
@@ -95,7 +101,7 @@ def load_pretrained(model, path: Path | str, backbone: str) -> dict[str, Any]:
     loaded, reinitialised, missing, mismatched = {}, [], [], []
     for key, param in target.items():
         if key not in state:
-            (reinitialised if _size_dependent(key) else missing).append(key)
+            (reinitialised if _size_dependent(key) or _shitu_only(key, backbone) else missing).append(key)
             continue
         have, want = list(state[key].shape), list(param.shape)
         if have == want:
