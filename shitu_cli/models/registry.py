@@ -71,7 +71,32 @@ def _official_models() -> dict[str, OfficialModel]:
         models.append(OfficialModel(f"{arch}-pretrained", "cls", WEIGHTS,
                                     f"dygraph/legendary_models/{arch}_pretrained.pdparams", arch, approx,
                                     f"PP-LCNet {scale} ImageNet-1k training weights (for --pretrained)"))
+    models += _legendary_weights()
     return {m.name: m for m in models}
+
+
+# ImageNet-1k training weights of other train-cls families, at the addresses the paddleclas wheel's own
+# legendary_models load from (MODEL_URLS; an SSLD file is the same name with _ssld_pretrained). Upstream
+# publishes no checksums for them, so, as for every entry here, the sha256 of the first download is
+# recorded in the cache's registry.json and every later download or use must match it (trust on first use).
+LEGENDARY_WEIGHTS_M = {  # architecture -> (parameters in millions, 1000 classes; has an SSLD variant)
+    "ResNet18_vd": (11.7, False), "ResNet34_vd": (21.8, True), "ResNet50_vd": (25.6, True),
+    "ResNet101_vd": (44.6, True), "ResNet152_vd": (60.2, False), "ResNet200_vd": (74.9, False),
+    "MobileNetV3_small_x1_0": (2.9, True), "MobileNetV3_large_x1_0": (5.5, True),
+}
+
+
+def _legendary_weights() -> list[OfficialModel]:
+    models = []
+    for arch, (params_m, has_ssld) in LEGENDARY_WEIGHTS_M.items():
+        approx = round(params_m * 4 + 0.5)
+        models.append(OfficialModel(f"{arch}-pretrained", "cls", WEIGHTS, f"dygraph/legendary_models/{arch}_pretrained.pdparams",
+                                    arch, approx, f"{arch} ImageNet-1k training weights (for --pretrained)"))
+        if has_ssld:
+            models.append(OfficialModel(f"{arch}_ssld-pretrained", "cls", WEIGHTS,
+                                        f"dygraph/legendary_models/{arch}_ssld_pretrained.pdparams", arch, approx,
+                                        f"{arch} SSLD-distilled ImageNet-1k training weights (for --pretrained)"))
+    return models
 
 
 OFFICIAL_MODELS = _official_models()
@@ -238,8 +263,9 @@ def resolve_weights(name_or_path: str | os.PathLike) -> Path:
                            hint="pass a .pdparams file, or a name like PPLCNet_x1_0-pretrained from `shitu models list`")
         return path
     if not _looks_like_path(text):
-        entry = _cached_entry(text, WEIGHTS)
+        entry = _cached_entry(_weights_name(text), WEIGHTS)
         if entry is not None:
+            _check_weights_sum(entry)
             return entry.location()
         return _unknown(text, WEIGHTS)
     raise BadInput("weights file not found", path=path, hint="pass a .pdparams file or a name from `shitu models list`")
@@ -255,6 +281,22 @@ def resolve_training_weights(name_or_path: str | os.PathLike) -> Path:
     if not Path(text).expanduser().exists() and official and official.kind == INFERENCE and twin and twin.kind == WEIGHTS:
         return resolve_weights(twin.name)
     return resolve_weights(text)
+
+
+def _check_weights_sum(entry: CachedModel) -> None:
+    """Weights are used only while they match the sha256 recorded when they were pulled or added."""
+    from shitu_cli.artifacts import sha256_file
+
+    if sha256_file(entry.location()) != entry.sha256:
+        raise BadInput(f"cached weights {entry.name} changed since they were installed (sha256 differs)",
+                       path=entry.location(), hint=f"`shitu models pull {entry.name} --force` downloads them again")
+
+
+def _weights_name(text: str) -> str:
+    """`ResNet50_vd_ssld` as short for `ResNet50_vd_ssld-pretrained`, where the short name is no model itself."""
+    full = f"{text}-pretrained"
+    known = text in OFFICIAL_MODELS or text in read_registry()
+    return full if not known and full in OFFICIAL_MODELS else text
 
 
 OFFICIAL_REC = "PP-ShiTuV2-rec"
