@@ -130,16 +130,42 @@ class CheckpointTeacher:
             return self.model(paddle.to_tensor(batch)).numpy()
 
 
+@dataclass
+class OnnxTeacher:
+    """An ONNX model run on onnxruntime (teachers.py); its output taken as logits over the dataset's classes."""
+
+    source: Path
+    model: Any  # teachers.LoadedTeacher
+    labels: list[str] | None
+    num_classes: int
+
+    @classmethod
+    def of(cls, model, source: Path) -> "OnnxTeacher":
+        return cls(Path(source), model, None, int(model.info.dim))
+
+    def logits(self, images: np.ndarray, student: Preprocess) -> np.ndarray:
+        batch = resize_batch(renormalise(images, student, self.model.preprocess), self.model.info.input_size)
+        scores = self.model.run_normalised(batch)
+        if _looks_like_probabilities(scores):
+            return np.log(np.maximum(scores, MIN_PROBABILITY))
+        return scores
+
+
 def _looks_like_probabilities(scores: np.ndarray) -> bool:
     return bool(scores.min() >= 0 and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3))
 
 
 def load_teacher(source: Path | str, threads: int = 1) -> Teacher:
-    """A teacher from an exported model dir (has shitu.yaml), a train-cls run dir, or a .pdparams
-    checkpoint whose run dir holds recipe.yaml (to know the architecture)."""
+    """A teacher from an .onnx model (its first 2-D output as logits), an exported model dir (has shitu.yaml),
+    a train-cls run dir, or a .pdparams checkpoint whose run dir holds recipe.yaml (to know the architecture)."""
     source = Path(source)
     if not source.exists():
-        raise BadInput("teacher not found", hint="pass an exported model dir, a train-cls run dir or its .pdparams", path=source)
+        raise BadInput("teacher not found", hint="pass an .onnx model, an exported model dir, a train-cls run dir or "
+                       "its .pdparams", path=source)
+    if source.suffix.lower() == ".onnx":
+        from shitu_cli.train.teachers import TeacherOptions, load_teacher_model
+
+        return OnnxTeacher.of(load_teacher_model(source, TeacherOptions(threads=threads)), source)
     if source.is_dir() and (source / MODEL_MANIFEST).is_file():
         return _exported_teacher(source, threads)
     if source.is_dir():

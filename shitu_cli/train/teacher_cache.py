@@ -56,8 +56,8 @@ def make_view(rgb: np.ndarray, key: str, view: int, spec: ViewSpec, size: tuple[
 
     from shitu_cli.data.transforms import random_flip, random_resized_crop, random_rotate
 
-    if view == 0:
-        return cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    if view == 0:  # bilinear, as inference preprocessing resizes ("linear"); area sampling blocks upscaled photos
+        return cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
     rng = np.random.default_rng([spec.seed, view, int(key[:15], 16)])
     rgb = random_rotate(rgb, spec.rotate_degrees, rng)
     rgb = random_resized_crop(rgb, size, rng, scale=(spec.crop_scale_min, 1.0))
@@ -82,7 +82,7 @@ class TeacherCache:
         info = teacher.info
         described = {"teacher_sha256": info.sha256, "output": info.output, "input_size": list(info.input_size),
                      "mean": list(info.mean), "std": list(info.std), "channel_order": info.channel_order,
-                     "views": asdict(spec), "view_code": 1}
+                     "views": asdict(spec), "view_code": 2}
         self.key = sha256_bytes(json.dumps(described, sort_keys=True).encode("utf-8"))[:20]
         self.dir = Path(root) / self.key
         self.described = {**described, "teacher": info.path}
