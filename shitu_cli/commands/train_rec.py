@@ -107,6 +107,10 @@ class _TrainingProgress:
         if epoch_end is not None:
             render.print_epoch(epoch_end)
             return
+        if "teacher" in fields:  # --teacher: outputs not in the cache yet are computed before training
+            done, todo = fields["teacher"]
+            render.info(f"teacher: {done}/{todo} images run (the others come from the teacher cache)")
+            return
         if not render.err_console.is_terminal:
             return
         if self.bar is None:

@@ -181,7 +181,7 @@ def _train_rec(dataset, out, recipe, pretrained, resume: bool, progress: Progres
     # A resumed run starts from its own checkpoint; the pretrained file is only recorded.
     pretrained_info = load_pretrained(model, pretrained, settings.backbone) if pretrained and not resume else None
     if distiller is not None:
-        distiller.fit_targets(data.train, settings.seed, settings.num_workers)
+        distiller.fit_targets(data.train, settings.seed, settings.num_workers, progress)
         model = distiller.wrap(model, settings.embedding_size)  # + a projection head, dropped at export
     _write_run_recipe(run_dir, settings, data, dataset, recipe, pretrained, distiller=distiller)  # for --resume
     calibration = calibration_images(data, settings)

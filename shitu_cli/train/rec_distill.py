@@ -170,7 +170,7 @@ def unlabeled_images(folder: Path | str | None) -> list[Path]:
 
 
 def teacher_targets(teacher, train: list[LabeledImage], unlabeled: list[Path], settings: DistillSettings,
-                    seed: int, num_workers: int) -> DistillData:
+                    seed: int, num_workers: int, on_progress=None) -> DistillData:
     """Run (or read from the cache) the teacher on every view of every pool image."""
     import time
 
@@ -181,7 +181,7 @@ def teacher_targets(teacher, train: list[LabeledImage], unlabeled: list[Path], s
     cache = TeacherCache(Path(settings.cache_dir) if settings.cache_dir else default_cache_root(), teacher, spec)
     pool = [s.path for s in train] + list(unlabeled)
     started = time.perf_counter()
-    cached = cache.targets(pool, num_workers)
+    cached = cache.targets(pool, num_workers, on_progress)
     seconds = time.perf_counter() - started
     targets = cached.targets
     mean = targets.reshape(-1, targets.shape[-1]).mean(axis=0) if settings.centre_teacher else 0.0
@@ -260,8 +260,16 @@ class DistillPlan:
     unlabeled: list[Path]
     data: DistillData | None = None
 
-    def fit_targets(self, train: list[LabeledImage], seed: int, num_workers: int) -> None:
-        self.data = teacher_targets(self.teacher, train, self.unlabeled, self.settings, seed, num_workers)
+    def fit_targets(self, train: list[LabeledImage], seed: int, num_workers: int, progress=None) -> None:
+        """`progress(teacher=(done, total))` about every tenth of the images the teacher has to run on."""
+        step = {"next": 0}
+
+        def report(done: int, total: int) -> None:
+            if progress is not None and (done >= step["next"] or done == total):
+                step["next"] = done + max(1, total // 10)
+                progress(teacher=(done, total))
+
+        self.data = teacher_targets(self.teacher, train, self.unlabeled, self.settings, seed, num_workers, report)
 
     def wrap(self, model, embedding_size: int):
         return wrap_student(model, self.teacher.info.dim, embedding_size)
