@@ -63,19 +63,12 @@ def test_resnet_trains_exports_and_records_its_family(resnet_run):
 def test_resnet_export_agrees_with_its_checkpoint_under_onednn(resnet_run, shapes):
     """The exported graph (Paddle Inference, oneDNN on as `shitu predict` runs it) against the dygraph
     ResNet rebuilt from checkpoints/best.pdparams, on real val images."""
-    from shitu_cli.infer.predictor import PredictorOptions, build_predictor
     from shitu_cli.train.distill import CheckpointTeacher, load_teacher
 
     run_dir, _ = resnet_run
-    batch, _ = _val_batch(run_dir, shapes)
     teacher = load_teacher(run_dir)
     assert isinstance(teacher, CheckpointTeacher) and type(teacher.model).__name__ == "ResNet"
-    logits = teacher.logits(batch, None)
-    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
-    expected /= expected.sum(axis=1, keepdims=True)
-    got = build_predictor(run_dir / "export", PredictorOptions(mkldnn=True, threads=1), task="cls").run(batch)[0]
-    assert got.shape == (len(batch), 4)
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+    _export_matches_checkpoint(run_dir, shapes, 4)
 
 
 def test_predict_with_a_resnet_classifier(resnet_run, shapes, cli):
@@ -106,6 +99,49 @@ def test_resnet_teaches_pplcnet_and_learns_from_it(resnet_run, shapes, tmp_path,
                "--teacher", student / "export", "--json")
     assert back.exit_code == 0, back.stderr
     assert json.loads(back.stdout)["teacher"] == str(student / "export")
+
+
+def _export_matches_checkpoint(run_dir: Path, dataset: Path, classes: int) -> None:
+    from shitu_cli.infer.predictor import PredictorOptions, build_predictor
+    from shitu_cli.train.distill import load_teacher
+
+    batch, _ = _val_batch(run_dir, dataset)
+    logits = load_teacher(run_dir).logits(batch, None)
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    got = build_predictor(run_dir / "export", PredictorOptions(mkldnn=True, threads=1), task="cls").run(batch)[0]
+    assert got.shape == (len(batch), classes)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("model, size", [
+    ("MobileNetV3_small_x0_35", 32),
+    pytest.param("HRNet_W18_C", 64, marks=pytest.mark.slow),  # its export runs without oneDNN's placement pass
+    pytest.param("InceptionV3", 75, marks=pytest.mark.slow),  # the smallest size it takes
+    pytest.param("PPHGNetV2_B0", 32, marks=pytest.mark.slow),
+    pytest.param("MobileNetV4_conv_small", 32, marks=pytest.mark.slow),  # head named "classifier"
+    pytest.param("ResNet50_vd", 64, marks=pytest.mark.slow),
+])
+def test_other_families_train_export_and_agree(shapes, tmp_path, cli, model, size):
+    run_dir = tmp_path / "run"
+    result = cli("train-cls", shapes, "-o", run_dir, "--model", model, "--input-size", size, "--batch-size", "16",
+                 "--lr", "0.05", "--epochs", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["model"] == model and summary["export_max_abs_diff"] <= 1e-4
+    _export_matches_checkpoint(run_dir, shapes, 4)
+
+
+@pytest.mark.slow
+def test_resnet50_vd_teaches_pplcnet(shapes, tmp_path, cli):
+    teacher = tmp_path / "r50"
+    result = cli("train-cls", shapes, "-o", teacher, "--model", "ResNet50_vd", "--input-size", "64", "--batch-size", "16",
+                 "--lr", "0.05", "--epochs", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    student = cli("train-cls", shapes, "-o", tmp_path / "lcnet", *LCNET, "--model", "PPLCNet_x1_0", "--epochs", "1",
+                  "--teacher", teacher / "export", "--json")
+    assert student.exit_code == 0, student.stderr
+    assert json.loads(student.stdout)["teacher"] == str(teacher / "export")
 
 
 # ----------------------------------------------------------------------------- refusals
