@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from shitu_cli.errors import BadInput
+from shitu_cli.errors import BadInput, WorkFailed
 
 # What paddle.distributed.launch sets in each worker's environment.
 ENV_RANK = "PADDLE_TRAINER_ID"
@@ -191,6 +191,20 @@ def mean_over_ranks(value: float, world: World) -> float:
     total = paddle.to_tensor([value], dtype="float64")
     dist.all_reduce(total)
     return float(total.numpy()[0]) / world.size
+
+
+# How a collective says that a peer process is gone (gloo on the CPU, NCCL on GPUs).
+PEER_LOST = ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out")
+
+
+def lost_peer(exc: BaseException) -> WorkFailed | None:
+    """A one-line WorkFailed for a collective that failed because another rank died, else None."""
+    text = str(exc)
+    if not current_world().distributed or not isinstance(exc, RuntimeError) or not any(m in text for m in PEER_LOST):
+        return None
+    detail = next((line.strip() for line in text.splitlines() if any(m in line for m in PEER_LOST)), text)[:200]
+    return WorkFailed(f"another training process of this job is gone ({detail})",
+                      hint="the launcher's log names the worker that failed")
 
 
 def barrier(world: World) -> None:

@@ -127,7 +127,21 @@ def run_launcher(plan: LaunchPlan, worker_args: list[str], run_dir: Path,
         if process.poll() is None:
             process.kill()
     outcome.stdout = stdout_file.read_text(encoding="utf-8", errors="replace")
+    for line in _unseen_rank0_lines(log_dir / "workerlog.0", outcome.lines):
+        _take_line(line, outcome, on_line)
     return outcome
+
+
+def _unseen_rank0_lines(log: Path, seen: list[str]) -> list[str]:
+    """Rank 0's last lines that the launcher did not pass on: it stops echoing once it is told to stop,
+    and a stopped run's closing words (which epoch it exported) come after that."""
+    if not log.is_file():
+        return []
+    lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
+             if line.strip() and not NOISE.match(line)]
+    shown = set(seen)
+    last_shown = max((i for i, line in enumerate(lines) if line in shown), default=-1)
+    return lines[last_shown + 1 :]
 
 
 def _take_line(line: str, outcome: LaunchOutcome, on_line: Callable[[str], None] | None) -> None:

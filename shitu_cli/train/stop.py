@@ -86,6 +86,13 @@ def stop_on_signals() -> Iterator[StopRequest]:
         signal.signal(number, request._handle)
     try:
         yield request
+    except RuntimeError as exc:
+        from shitu_cli.train.distributed import lost_peer
+
+        failure = lost_peer(exc)  # a data-parallel peer died: one line, not a traceback from inside gloo
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)

@@ -1,0 +1,182 @@
+"""Data-parallel training under paddle.distributed.launch, on two CPU processes: the same weights as one
+process with the same global batch, outputs written once by rank 0, a dead worker ends the job.
+
+Each launched job costs 10-25 s of launcher and worker start-up on 2 shared cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shitu_cli.artifacts import read_yaml
+from synth import make_class_tree
+
+TESTS = Path(__file__).parent
+TINY_REC = ("--recipe", "tiny", "--input-size", "48", "--num-workers", "0")
+
+
+def _launch(script: Path, *args: str, log_dir: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
+               str(script), *args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    from shitu_cli.models.legacy import load_weights
+
+    return {k: np.asarray(v) for k, v in load_weights(path).items()}
+
+
+def test_two_processes_train_the_weights_one_process_trains_with_the_same_global_batch(tmp_path):
+    """No batch norm, a per-sample mean loss: 2 x 8 images with averaged gradients IS one batch of 16, up
+    to float summation order. Plain SGD weights, EMA weights and the logged loss must all agree."""
+    import dp_fit
+
+    alone, launched = tmp_path / "alone", tmp_path / "launched"
+    dp_fit.main(alone, 16)
+    done = _launch(TESTS / "dp_fit.py", str(launched), "16", log_dir=tmp_path / "logs")
+    assert done.returncode == 0, (tmp_path / "logs" / "workerlog.1").read_text()[-3000:]
+    assert (launched / "done.txt").read_text() == "world 2\n"
+    for name in ("last.pdparams", "last.ema.pdparams", "best.pdparams"):
+        one, two = _weights(alone / "checkpoints" / name), _weights(launched / "checkpoints" / name)
+        assert one.keys() == two.keys()
+        trained = max(float(np.abs(v).max()) for v in one.values())
+        for key in one:
+            np.testing.assert_allclose(two[key], one[key], atol=2e-5 * trained, rtol=0, err_msg=f"{name}:{key}")
+    losses = [[float(row.split(",")[2]) for row in (d / "metrics.csv").read_text().splitlines()[1:]] for d in (alone, launched)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    # Rank 0 alone wrote: the run dir holds exactly what a one-process run writes.
+    assert sorted(p.name for p in launched.rglob("*")) == sorted(p.name for p in alone.rglob("*"))
+
+
+def test_each_rank_gets_whole_distinct_classes_of_every_global_pk_batch():
+    from shitu_cli.train.distributed import World
+    from shitu_cli.train.samplers import PKBatchSampler
+
+    labels = [i // 6 for i in range(60)]  # 10 classes x 6 images
+    alone = PKBatchSampler(labels, 4, 3, seed=9)
+    ranks = [PKBatchSampler(labels, 4, 3, seed=9, world=World(rank, 2, rank)) for rank in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(alone)  # the same number of (global) steps
+    for epoch in (1, 2):
+        global_batches = alone.epoch(epoch)
+        shares = [sampler.epoch(epoch) for sampler in ranks]
+        assert shares[0] == ranks[0].epoch(epoch)  # deterministic per seed and epoch
+        for step, batch in enumerate(global_batches):
+            first, second = shares[0][step], shares[1][step]
+            assert list(first) + list(second) == batch  # nothing duplicated, nothing left out
+            classes = [{labels[i] for i in share} for share in (first, second)]
+            assert [len(c) for c in classes] == [2, 2] and not classes[0] & classes[1]
+            # Each share starts where it sits in the global stream, so augmentation matches one process.
+            assert second.start - first.start == 6
+
+
+def test_a_pk_batch_that_does_not_split_over_the_ranks_is_refused():
+    from shitu_cli.errors import BadInput
+    from shitu_cli.train.distributed import World
+    from shitu_cli.train.samplers import PKBatchSampler
+
+    with pytest.raises(BadInput, match="cannot be split evenly over 2 processes"):
+        PKBatchSampler([i // 4 for i in range(40)], 3, 4, world=World(0, 2, 0))
+
+
+def test_worker_command_line_repeats_the_options_without_the_launch_ones(tmp_path):
+    import typer
+
+    from shitu_cli.cli import app
+    from shitu_cli.commands.scale_out import worker_argv
+
+    command = typer.main.get_command(app).commands["train-cls"]
+    ctx = command.make_context("train-cls", ["data", "-o", str(tmp_path / "r"), "--no-flip", "--epochs", "3",
+                                             "--nproc", "2", "--json"])
+    argv = worker_argv(ctx, "train-cls")
+    assert argv[:2] == ["train-cls", "data"] and "--nproc" not in argv and "2" not in argv
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "r") and argv[argv.index("--epochs") + 1] == "3"
+    assert "--no-flip" in argv and "--json" in argv and "--resume" not in argv
+
+
+def test_devices_without_a_cuda_build_is_refused_with_one_line(cli, tmp_path):
+    result = cli("train-rec", tmp_path, "-o", tmp_path / "run", "--devices", "0,1")
+    assert result.exit_code == 2
+    assert "--devices picks GPUs" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def products(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from shitu_cli.cli import app
+
+    root = tmp_path_factory.mktemp("dp") / "products"
+    make_class_tree(root, n_classes=12, per_class=10, size=48, seed=5)
+    done = CliRunner().invoke(app, ["split-dataset", str(root), "--format", "rec", "--val", "0.34", "--test", "0.3"])
+    assert done.exit_code == 0, done.stderr
+    return root
+
+
+def test_train_rec_on_two_processes_writes_every_output_once(cli, products, tmp_path):
+    run = tmp_path / "run"
+    result = cli("train-rec", products, "-o", run, *TINY_REC, "--epochs", "2", "--nproc", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)  # stdout is rank 0's JSON document and nothing else
+    assert summary["batch_size"] == 16 and summary["epochs_done"] == 2
+    # One writer: the outputs of a one-process run, plus the launcher's logs in logs/.
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "curves.png", "export", "logs", "metrics.csv",
+                                                      "recipe.yaml"]
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3
+    logs = {p.name for p in (run / "logs").iterdir()}
+    assert {"workerlog.0", "workerlog.1", "rank0.stdout"} <= logs
+    recipe = read_yaml(run / "recipe.yaml")
+    assert recipe["inputs"]["distributed"] == {"world_size": 2, "device": "cpu", "sync_batch_norm": False,
+                                               "global_batch": 16, "batch_per_process": 8}
+    assert recipe["metrics"]["best_epoch"] == summary["best_epoch"]
+    assert "epoch 2/2" in result.stderr and "LAUNCH INFO" not in result.stderr
+
+
+def _worker_pids(run: Path, rank: int) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run).encode() in cmdline and b"shitu_cli" in cmdline and f"PADDLE_TRAINER_ID={rank}".encode() in environ:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow  # ~20-30 s: a parent, a launcher and two workers start on 2 shared cores
+def test_a_killed_worker_ends_the_job_with_one_line_and_exit_1(products, tmp_path):
+    run = tmp_path / "run"
+    parent = subprocess.Popen([sys.executable, "-m", "shitu_cli", "train-rec", str(products), "-o", str(run), *TINY_REC,
+                               "--epochs", "200", "--nproc", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (run / "checkpoints").is_dir():  # fit() has started
+            time.sleep(0.5)
+        time.sleep(1.0)
+        victims, survivors = _worker_pids(run, 1), _worker_pids(run, 0)
+        assert victims and survivors, "the two workers never started training"
+        os.kill(victims[0], signal.SIGKILL)
+        _, stderr = parent.communicate(timeout=90)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 1, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "training worker rank 1 was killed by SIGKILL" in last and "logs" in last
+    assert not any(Path(f"/proc/{pid}").exists() for pid in survivors)  # rank 0 did not outlive the job
+    assert not (run / "export").exists()
