@@ -186,6 +186,7 @@ def test_fine_tuning_changes_the_converted_weights_and_records_the_source(fine_t
     assert recipe["inputs"]["pretrained"]["sha256"] == info["sha256"]
     manifest = read_yaml(run / "export" / "shitu.yaml")
     assert manifest["arch"] == "RecModel/onnx" and manifest["embedding_dim"] == 16
+    assert summary["backbone"] == "onnx:tiny.onnx"
     assert manifest["extra"]["pretrained_onnx"]["sha256"] == info["sha256"]
     assert manifest["extra"]["pretrained_onnx"]["onnx_input_std"] == [0.5, 0.5, 0.5]
 

@@ -203,7 +203,8 @@ def _train_rec(dataset, out, recipe, pretrained, resume: bool, progress: Progres
         notes.append(f"exported model's normalised embeddings differ from the trained one's by up to "
                      f"{check.max_normalised_diff:.2e} (over {EXPORT_TOLERANCE:g})")
     result = TrainRecResult(
-        run_dir=run_dir, export_dir=export_dir, recipe=run_dir / "recipe.yaml", backbone=settings.backbone,
+        run_dir=run_dir, export_dir=export_dir, recipe=run_dir / "recipe.yaml",
+        backbone=getattr(model, "backbone_name", settings.backbone),
         embedding_size=settings.embedding_size, input_size=settings.input_size, epochs=settings.epochs,
         steps_per_epoch=len(sampler), batch_size=sampler.batch_size, train_images=len(data.train),
         train_classes=len(data.train_classes), gallery_images=len(data.gallery), query_images=len(data.query),

@@ -32,6 +32,7 @@ def build_onnx_rec_model(settings: RecSettings, class_num: int, onnx_path: Path 
     mean, std = settings.pretrained_mean or IMAGENET_MEAN, settings.pretrained_std or IMAGENET_STD
     backbone = OnnxBackbone(imported.net, index, len(image.outputs), mean, std, dim, settings.embedding_size)
     model = OnnxRecModel(backbone, settings, class_num)
+    model.backbone_name = f"onnx:{image.path.name}"  # what train-rec reports as the backbone
     model.pretrained_info = {
         "path": image.path.resolve().as_posix(), "sha256": image.sha256, "format": "onnx", "output": output,
         "output_dim": dim, "projection": dim != settings.embedding_size, "converter_cache": imported.cache_dir.as_posix(),
