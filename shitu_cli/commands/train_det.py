@@ -8,9 +8,11 @@ from typing import Optional
 import typer
 
 from shitu_cli import render
+from shitu_cli.commands import scale_out
 
 
 def command(
+    ctx: typer.Context,
     dataset: Optional[Path] = typer.Argument(None, help="COCO dir (train.json + val.json, e.g. from `shitu split-dataset`) or VOC dir. Not needed with --resume."),
     out: Path = typer.Option(..., "--out", "-o", help="Run dir: checkpoints, metrics.csv, curves.png, recipe.yaml, export/. A folder holding an earlier run is refused (use --resume, or a new folder)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name under recipes/det (PicoDet: pp-shituv2-mainbody, small, tiny; multi-class: ppyoloe-s, ppyoloe-m, ppyoloe-cpu, yolov3-mobilenetv1) or a .yml path. \\[default: pp-shituv2-mainbody]"),
@@ -30,11 +32,16 @@ def command(
     iou_aware: Optional[bool] = typer.Option(None, "--iou-aware/--no-iou-aware", help="YOLOv3 IoU-aware branch and loss (yolov3 recipes)."),
     nms: Optional[str] = typer.Option(None, "--nms", help="multiclass, or matrix (ppdet's Matrix NMS)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON summary instead of a table."),
+    nproc: Optional[int] = scale_out.nproc_option(),
+    devices: Optional[str] = scale_out.devices_option(),
+    nnodes: Optional[int] = scale_out.nnodes_option(),
+    master: Optional[str] = scale_out.master_option(),
 ) -> None:
     """Train a detector (PicoDet mainbody, or multi-class PP-YOLOE / YOLOv3; COCO mAP on val, best kept) and export it with NMS.
 
     Ctrl-C (or SIGTERM) stops after the current step, keeps the last epoch's checkpoint and exports the best epoch so far.
     """
+    scale_out.relaunch_if_asked(ctx, "train-det", out, resume, nproc, devices, nnodes, master)  # exits when it relaunched
     from shitu_cli.train.det import train_det
     from shitu_cli.train.stop import exit_code_for
 
@@ -45,6 +52,8 @@ def command(
     with render.progress("train-det", None, unit="step") as bar:
         result = train_det(dataset, out, recipe=recipe, settings=flags, merge_classes=merge_classes, resume=resume,
                            on_step=bar, on_total=bar.set_total)
+    if result is None:  # a data-parallel worker other than rank 0: rank 0 reports
+        return
     summary = {
         "run_dir": result.run_dir, "export_dir": result.export_dir, "recipe": result.recipe,
         "best_map": result.best_map, "best_map50": result.best_map50, "best_epoch": result.best_epoch,

@@ -78,9 +78,10 @@ def _detector_from_export(export_dir: Path, sections: Path) -> Any:
 
     from shitu_cli.models import ppdet_compat
     from shitu_cli.train.det import load_ppdet_config
+    from shitu_cli.train.distributed import World, device_for
 
     ppdet_compat.apply()
-    paddle.set_device("cpu")
+    paddle.set_device(device_for(World()))  # the GPU on a CUDA build, else the CPU
     cfg = load_ppdet_config(sections)
     model = create(cfg.architecture)
     exported = _exported_parameters(export_dir, _model_stem(export_dir))

@@ -17,6 +17,7 @@ import numpy as np
 
 from shitu_cli.artifacts import atomic_write_text, dump_yaml, read_yaml, write_yaml
 from shitu_cli.errors import BadInput, WorkFailed
+from shitu_cli.train import distributed
 from shitu_cli.train.det_config import (
     CHECKPOINTS, DEFAULT_RECIPE, PPDET_CONFIG, DetSettings, build_ppdet_config, load_ppdet_config, load_recipe,
     ppdet_chatter_to, ppdet_output_to, recipe_names, resolve_settings,
@@ -71,6 +72,8 @@ def _progress_callback(trainer, on_step, history: list[dict[str, float]], state:
     """A ppdet Callback that reports each step and each finished epoch, records per-epoch loss and mAP, and keeps `last.*`."""
     from ppdet.engine.callbacks import Callback
 
+    world = distributed.current_world()
+
     class Progress(Callback):
         def __init__(self):
             super().__init__(trainer)
@@ -80,8 +83,10 @@ def _progress_callback(trainer, on_step, history: list[dict[str, float]], state:
         def on_step_end(self, status):
             if status.get("mode") != "train":
                 return
-            if stop:
+            if distributed.agree_stop(stop, world):  # every rank leaves at the same step
                 raise StopTraining  # leaves ppdet's loop; a part-trained epoch is dropped
+            if not world.is_main:
+                return  # ppdet keeps the training stats on rank 0 only
             stats = status["training_staus"].get()
             loss = float(stats.get("loss", 0.0))
             self.losses.append(loss)
@@ -89,12 +94,14 @@ def _progress_callback(trainer, on_step, history: list[dict[str, float]], state:
                 on_step(advance=1, epoch=status["epoch_id"] + 1, loss=round(loss, 4), lr=float(status["learning_rate"]))
 
         def on_epoch_end(self, status):
+            if not world.is_main:  # rank 0 alone keeps the history, checkpoints and metrics
+                return
             epoch = status["epoch_id"] + 1
             if status.get("mode") == "train":
                 history.append({"epoch": epoch, "lr": float(status["learning_rate"]),
                                 "loss": float(np.mean(self.losses)) if self.losses else float("nan")})
                 self.train_seconds = time.perf_counter() - self.started
-                self.images = len(self.losses) * int(trainer.cfg.TrainReader["batch_size"])
+                self.images = len(self.losses) * int(trainer.cfg.TrainReader["batch_size"]) * world.size  # ppdet's is per rank
                 self.losses = []
                 _keep_last(trainer, run_dir / CHECKPOINTS, epoch, trainer.cfg.epoch)
             elif status.get("mode") == "eval" and trainer._metrics:
@@ -167,7 +174,7 @@ def _resume(trainer, checkpoints: Path) -> None:
     for suffix in (".pdparams", ".pdema"):
         if (checkpoints / f"last{suffix}").is_file():
             fitting_weights(trainer.model, checkpoints / f"last{suffix}")  # refuse, not skip, what does not fit
-    staging = checkpoints / ".resume"
+    staging = checkpoints / f".resume{distributed.current_world().rank}"  # each rank stages its own copy
     for suffix in (".pdparams", ".pdema"):
         if (checkpoints / f"last{suffix}").is_file():
             shutil.copyfile(checkpoints / f"last{suffix}", staging.with_suffix(suffix))
@@ -227,15 +234,21 @@ def _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, o
             from shitu_cli.models.registry import resolve_weights
 
             resolved.pretrained = str(resolve_weights(resolved.pretrained))  # a weights name, or a clear error
-    # Absolute paths in ppdet.yml: ppdet reads them from any cwd, and run_config_hash can take the run dir out.
-    data = prepare_dataset(Path(dataset), run_dir.resolve() / "data", merge_classes)
-    atomic_write_text(run_dir / PPDET_CONFIG, dump_yaml(build_ppdet_config(document, resolved, data, run_dir.resolve())))
+    world, data = distributed.start(), None  # the dataset is rank 0's business: the others only train
+    with distributed.main_first(world):  # rank 0 converts the dataset and writes ppdet.yml; the others read them
+        if world.is_main:
+            # Absolute paths in ppdet.yml: ppdet reads them from any cwd, and run_config_hash can take the run dir out.
+            data = prepare_dataset(Path(dataset), run_dir.resolve() / "data", merge_classes)
+            atomic_write_text(run_dir / PPDET_CONFIG,
+                              dump_yaml(build_ppdet_config(document, resolved, data, run_dir.resolve())))
     document = {**document, "name": name, "shitu": asdict(resolved)}
     _write_run_recipe(run_dir, dataset, document, merge_classes, data, None)  # so a killed run can be resumed
 
     history, state = [], {"best_map": None, "best_map50": None, "best_epoch": None, "per_class": None}
     with ppdet_output_to(run_dir / TRAIN_LOG):
         _train(run_dir, resolved, resume, history, state, on_step, on_total, stop)
+        if not world.is_main:
+            return None  # rank 0 alone exports and records the run
         _exportable_or_interrupted(run_dir, stop)
         export_dir = export_detector(run_dir, name)
     _save_progress(run_dir, history, state)
@@ -288,6 +301,9 @@ def _write_run_recipe(run_dir: Path, dataset, document: dict[str, Any], merge_cl
     """recipe.yaml: at the start (no result: settings only, what --resume reads), and again at the end."""
     from shitu_cli.recipes import Recipe, write_recipe
 
+    world = distributed.current_world()
+    if not world.is_main:
+        return
     metrics: dict[str, Any] = {"status": "training"}
     written: list[Path] = []
     if result is not None:
@@ -304,22 +320,36 @@ def _write_run_recipe(run_dir: Path, dataset, document: dict[str, Any], merge_cl
                  "merge_classes": merge_classes},
         inputs={"dataset": str(Path(dataset).resolve()), "format": data.kind, "recipe": document["name"],
                 "sha256": data.checksums, "train_images": data.train_images, "val_images": data.val_images,
-                "skipped_images": [{"path": s.path, "reason": s.reason} for s in data.skipped]},
+                "skipped_images": [{"path": s.path, "reason": s.reason} for s in data.skipped],
+                "distributed": distributed.describe(world, document["shitu"]["batch_size"])},
         metrics=metrics,
     ), [p for p in written if p.is_file()])
 
 
+def _scale_out(cfg, world) -> None:
+    """ppdet's reader batch is per process (its DistributedBatchSampler shards the data by rank), so the
+    recipe's global batch is split over the ranks; ppdet.yml says use_gpu False so that the file is the
+    same on any machine, and training takes the GPU when there is one (with sync BN over several)."""
+    batch = int(cfg.TrainReader["batch_size"])
+    distributed.check_divisible(batch, world, f"a batch of {batch} images",
+                                hint=f"use a --batch-size that is a multiple of {world.size}")
+    cfg.TrainReader["batch_size"] = batch // world.size
+    cfg.use_gpu = distributed.gpu_available()
+    if distributed.uses_sync_batch_norm(world):
+        cfg.norm_type = "sync_bn"
+
+
 def _train(run_dir: Path, settings: DetSettings, resume: bool, history: list, state: dict, on_step, on_total,
            stop: StopRequest | None = None) -> None:
-    import paddle
     from ppdet.engine import Trainer
 
     from shitu_cli.models import ppdet_compat
 
     ppdet_compat.apply()
-    paddle.set_device("cpu")
+    world = distributed.start()  # the GPU on a CUDA build (the launcher's one under --nproc), else the CPU
     _seed(settings.seed)
     cfg = load_ppdet_config(run_dir / PPDET_CONFIG)
+    _scale_out(cfg, world)
     trainer = Trainer(cfg, mode="train")
     if len(trainer.loader) < 1:
         raise BadInput(f"batch size {settings.batch_size} is larger than the {len(trainer.dataset)} usable training images",
