@@ -181,6 +181,23 @@ def agree_stop(stop, world: World) -> bool:
     return agreed > 0
 
 
+def check_resumed_together(epoch: int, world: World, run_dir) -> None:
+    """WorkFailed unless every rank resumes from the same epoch: a rank that found no checkpoint (another
+    machine without the run dir) would restart the lr schedule and momentum and silently diverge."""
+    if not world.distributed:
+        return
+    import paddle
+    import paddle.distributed as dist
+
+    low, high = paddle.to_tensor([-epoch], dtype="int64"), paddle.to_tensor([epoch], dtype="int64")
+    dist.all_reduce(low, op=dist.ReduceOp.MAX)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if -int(low.numpy()[0]) != int(high.numpy()[0]):
+        raise WorkFailed(f"the training processes found different checkpoints to resume from (epochs "
+                         f"{-int(low.numpy()[0])} to {int(high.numpy()[0])})", path=run_dir,
+                         hint="every machine needs the same run dir: put it on a shared file system")
+
+
 def mean_over_ranks(value: float, world: World) -> float:
     """The mean of a per-rank number (an epoch's loss) over all ranks; every rank must call it."""
     if not world.distributed:

@@ -158,6 +158,7 @@ def fit(
         state = checkpoints.load_last(model, optimizer, schedule, ema) or state
     elif checkpoints.state_file.exists() and world.is_main:
         checkpoints.state_file.unlink()
+    distributed.check_resumed_together(state["epoch"], world, run_dir)
     train_model = distributed.wrap_model(model, world)  # after loading: DataParallel starts every rank from rank 0's weights
     stopping = False
 
