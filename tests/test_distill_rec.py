@@ -104,7 +104,7 @@ def test_distillation_moves_the_student_toward_the_teacher(distilled, world):
     from shitu_cli.infer.predictor import PredictorOptions, build_predictor
     from shitu_cli.infer.preprocess import preprocess_batch
     from shitu_cli.train.loop import seed_everything
-    from shitu_cli.train.rec import Embedder, RecSettings, build_rec_model, calibrate_batch_norm, resolve_settings
+    from shitu_cli.train.rec import Embedder, build_rec_model, calibrate_batch_norm, resolve_settings
 
     run, summary, _ = distilled
     images = sorted(world["data"].rglob("*.jpg"))

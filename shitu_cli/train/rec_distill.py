@@ -223,11 +223,8 @@ def make_distill_loader(data: DistillData, sampler, settings: DistillSettings, s
         pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
         try:
             for step, labelled_rows in enumerate(sampler.epoch(epoch)):
-                picked = list(order[step * extra : (step + 1) * extra])
-                if use_labels:
-                    rows, labelled = list(labelled_rows) + picked, len(labelled_rows)
-                else:  # labels unused: the PK batch's images are plain pool images
-                    rows, labelled = list(labelled_rows) + picked, 0
+                rows = list(labelled_rows) + [int(i) for i in order[step * extra : (step + 1) * extra]]
+                labelled = len(labelled_rows) if use_labels else 0  # without labels, PK rows are pool images too
                 views = rng.integers(0, settings.teacher_views, len(rows))
                 jobs = list(zip(rows, (int(v) for v in views)))
                 images = list(pool.map(student_view, jobs)) if pool else [student_view(j) for j in jobs]
