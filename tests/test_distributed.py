@@ -126,21 +126,21 @@ def products(tmp_path_factory):
 
 def test_train_rec_on_two_processes_writes_every_output_once(cli, products, tmp_path):
     run = tmp_path / "run"
-    result = cli("train-rec", products, "-o", run, *TINY_REC, "--epochs", "2", "--nproc", "2", "--json")
+    result = cli("train-rec", products, "-o", run, *TINY_REC, "--epochs", "1", "--nproc", "2", "--json")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)  # stdout is rank 0's JSON document and nothing else
-    assert summary["batch_size"] == 16 and summary["epochs_done"] == 2
+    assert summary["batch_size"] == 16 and summary["epochs_done"] == 1
     # One writer: the outputs of a one-process run, plus the launcher's logs in logs/.
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "curves.png", "export", "logs", "metrics.csv",
                                                       "recipe.yaml"]
-    assert len((run / "metrics.csv").read_text().splitlines()) == 3
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2
     logs = {p.name for p in (run / "logs").iterdir()}
     assert {"workerlog.0", "workerlog.1", "rank0.stdout"} <= logs
     recipe = read_yaml(run / "recipe.yaml")
     assert recipe["inputs"]["distributed"] == {"world_size": 2, "device": "cpu", "sync_batch_norm": False,
                                                "global_batch": 16, "batch_per_process": 8}
     assert recipe["metrics"]["best_epoch"] == summary["best_epoch"]
-    assert "epoch 2/2" in result.stderr and "LAUNCH INFO" not in result.stderr
+    assert "epoch 1/1" in result.stderr and "LAUNCH INFO" not in result.stderr
 
 
 def _worker_pids(run: Path, rank: int) -> list[int]:
@@ -180,3 +180,45 @@ def test_a_killed_worker_ends_the_job_with_one_line_and_exit_1(products, tmp_pat
     assert last.startswith("error:") and "training worker rank 1 was killed by SIGKILL" in last and "logs" in last
     assert not any(Path(f"/proc/{pid}").exists() for pid in survivors)  # rank 0 did not outlive the job
     assert not (run / "export").exists()
+
+
+def test_sync_batch_norm_swaps_back_to_the_layers_that_hold_the_trained_statistics():
+    """On GPUs the BN layers train as SyncBatchNorm; evaluation and export need the original layers back,
+    holding what the synced ones learned (the swap shares weights and running statistics)."""
+    import paddle
+
+    from shitu_cli.train.distributed import convert_batch_norms, unwrap_model
+
+    model = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.Flatten(),
+                                 paddle.nn.BatchNorm1D(144))
+    kinds = [type(layer) for layer in model.sublayers()]
+    assert convert_batch_norms(model) == 2
+    assert isinstance(model[1], paddle.nn.SyncBatchNorm) and isinstance(model[3], paddle.nn.SyncBatchNorm)
+    model[1]._mean.set_value(paddle.full([4], 0.25))  # what sync BN's in-place statistics update does
+    model[3].weight.set_value(paddle.full([144], 2.0))
+    unwrap_model(model)
+    assert [type(layer) for layer in model.sublayers()] == kinds
+    np.testing.assert_array_equal(model[1]._mean.numpy(), np.full(4, 0.25, np.float32))
+    np.testing.assert_array_equal(model[3].weight.numpy(), np.full(144, 2.0, np.float32))
+
+
+def test_a_worker_the_launcher_reports_dead_becomes_one_line_naming_its_rank_and_log(tmp_path):
+    from shitu_cli.errors import WorkFailed
+    from shitu_cli.train.launch import LaunchOutcome, _take_line, job_exit_code
+
+    outcome = LaunchOutcome(exit_code=1, log_dir=tmp_path / "logs", stdout="")
+    shown = []
+    for line in ["LAUNCH INFO 2026-12-02 00:20:57,555 Pod failed",
+                 "LAUNCH ERROR 2026-12-02 00:20:57,555 Container failed !!!",
+                 f"Container rank 1 status failed cmd ['python', '-m', 'shitu_cli'] code -9 log {tmp_path}/logs/workerlog.1",
+                 "epoch 1/3  loss 2.1"]:
+        _take_line(line, outcome, shown.append)
+    assert shown == ["epoch 1/3  loss 2.1"]
+    with pytest.raises(WorkFailed) as failed:
+        job_exit_code(outcome)
+    assert "training worker rank 1 was killed by SIGKILL" in str(failed.value)
+    assert f"{tmp_path}/logs/workerlog.1" in str(failed.value)
+    outcome.failed_code = 2  # a worker refused its input and said why already
+    assert job_exit_code(outcome) == 2
+    outcome.signal_name = "SIGINT"  # a stop this process passed on
+    assert job_exit_code(outcome) == 130

@@ -92,45 +92,39 @@ def uses_sync_batch_norm(world: World) -> bool:
 def wrap_model(model, world: World):
     """The layer to train through: the model itself, or a DataParallel around it (which also makes
     every rank start from rank 0's weights). With sync BN the model's BN layers are swapped in place;
-    `unwrap_model` swaps them back before evaluation on one process and export."""
+    `unwrap_model` puts the original layers back before evaluation on one process and export."""
     import paddle
 
     if not world.distributed:
         return model
     if uses_sync_batch_norm(world):
-        _convert_batch_norms(model)
+        convert_batch_norms(model)
     return paddle.DataParallel(model)
 
 
-def unwrap_model(model) -> None:
-    """Undo `wrap_model`'s sync BN swap (same weights and statistics, plain BatchNorm layers again)."""
+SWAPPED = "_shitu_swapped_batch_norms"  # where convert_batch_norms leaves the layers it replaced
+
+
+def convert_batch_norms(model) -> int:
+    """Swap every BatchNorm sublayer for a SyncBatchNorm sharing its weights and running statistics
+    (Paddle's convert_sync_batchnorm does the sharing); returns how many were swapped."""
     import paddle
 
-    for parent in model.sublayers(include_self=True):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, paddle.nn.SyncBatchNorm):
-                setattr(parent, name, _plain_batch_norm(child))
-
-
-def _convert_batch_norms(model) -> None:
-    import paddle
-
+    swapped = []
     for parent in model.sublayers(include_self=True):
         for name, child in list(parent.named_children()):
             if isinstance(child, paddle.nn.layer.norm._BatchNormBase) and not isinstance(child, paddle.nn.SyncBatchNorm):
                 setattr(parent, name, paddle.nn.SyncBatchNorm.convert_sync_batchnorm(child))
+                swapped.append((parent, name, child))
+    model.__dict__[SWAPPED] = swapped
+    return len(swapped)
 
 
-def _plain_batch_norm(sync):
-    import paddle
-
-    plain = paddle.nn.BatchNorm2D(sync._num_features, momentum=sync._momentum, epsilon=sync._epsilon,
-                                  data_format=sync._data_format, name=sync._name)
-    # The same Parameter objects, as convert_sync_batchnorm does the other way: optimiser state still applies.
-    plain.weight, plain.bias = sync.weight, sync.bias
-    plain._mean, plain._variance = sync._mean, sync._variance
-    plain.training = sync.training
-    return plain
+def unwrap_model(model) -> None:
+    """Undo `convert_batch_norms`: the original BatchNorm1D/2D layers, which share the trained weights and
+    statistics, go back in place (SyncBatchNorm needs a GPU and a process group even to evaluate)."""
+    for parent, name, original in model.__dict__.pop(SWAPPED, []):
+        setattr(parent, name, original)
 
 
 class Shard(list):
