@@ -102,6 +102,16 @@ def wrap_model(model, world: World):
     return paddle.DataParallel(model)
 
 
+def back_to_cpu(model) -> None:
+    """After GPU training: the model and later tensors on the CPU, where export is traced and checked
+    against CPU inference (the deployment target; cuDNN/TF32 rounding would exceed the export checks)."""
+    import paddle
+
+    if paddle.get_device().startswith("gpu"):
+        paddle.set_device("cpu")
+        model.to(device="cpu")
+
+
 SWAPPED = "_shitu_swapped_batch_norms"  # where convert_batch_norms leaves the layers it replaced
 
 

@@ -214,6 +214,7 @@ def fit(
 
     stopping = distributed.agree_stop(stop, world)  # a signal during the last evaluation counts too
     distributed.unwrap_model(model)
+    distributed.back_to_cpu(model)
     if world.is_main:
         if stopping:
             _best_so_far(checkpoints, state, stop)
