@@ -35,6 +35,7 @@ COMMANDS = {  # in workflow order, which is the order `shitu --help` lists them
     "train-rec": "train_rec",
     "train-cls": "train_cls",
     "build-index": "build_index",
+    "merge-index": "merge_index",
     "predict": "predict",
     "serve": "serve",
     "eval": "eval",
