@@ -15,7 +15,8 @@ import numpy as np
 
 from shitu_cli.errors import BadInput
 
-INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq", "opq-ivfpq")
+IVF_TYPES = ("ivf", "ivfpq", "opq-ivfpq")
 METRIC = "inner_product"
 
 # Below this many vectors exact search costs under ~2 ms a query (STACK.md: 0.7 ms at 10k x 512)
@@ -26,6 +27,16 @@ MIN_POINTS_PER_CENTROID = 39
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40  # faiss default. index_bench at 100k: 80 built ~3x slower, recall@1 0.987 -> 1.000
 HNSW_EF_SEARCH = 64
+# Past this many bytes of float32 vectors, auto compresses them with IVF-PQ (64 B a 512-d vector, not 2 KiB):
+# 2M x 512-d. Below it IVF-Flat's exact distances cost little memory and keep recall@1 near 1.
+PQ_FROM_BYTES = 4 * 2**30
+# A flat coarse quantiser compares each query with every list centroid: at 1M vectors (4000 lists) that is
+# half of a search's work. From this many lists, an HNSW graph over the centroids finds the nearest ones.
+HNSW_QUANTIZER_FROM = 1024
+REFINE_K_FACTOR = 8
+# OPQ alternates rotation and PQ training 50 times by default (minutes on 2 cores even for small galleries);
+# the rotation's gain levels off after ~10.
+OPQ_ITERATIONS = 10
 # One query on an 18-vector flat index took 0.11 ms on one OMP thread and 6.8 ms on two (STACK.md): waking a
 # thread team costs more than a small scan. 2M vector comparisons (512-d) are ~2 ms of work for one thread;
 # below that a search runs on one thread.
@@ -41,6 +52,12 @@ class IndexChoice:
     params: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
     chosen_by: str = "user"  # "auto" when picked from gallery size
+
+
+def external(index) -> bool:
+    """Whether `index` is a vector store outside this process's faiss (index.milvus.MilvusVectors): the
+    functions below hand such a store their work through its own add/remove/search/stored methods."""
+    return bool(getattr(index, "external_store", False))
 
 
 def faiss_module():
@@ -61,21 +78,26 @@ def ivf_nprobe(nlist: int) -> int:
     return max(1, min(nlist, int(math.ceil(nlist / 16))))
 
 
-def choose_index(requested: str, count: int, removals_expected: bool = True) -> IndexChoice:
-    """Pick the index type for `count` vectors: flat when small, IVF when large, HNSW only on request."""
+def choose_index(requested: str, count: int, removals_expected: bool = True, dim: int = 512) -> IndexChoice:
+    """Pick the index type for `count` vectors: flat when small, IVF when large, IVF-PQ when the vectors
+    outgrow memory, HNSW only on request."""
     if requested not in INDEX_TYPES:
         raise BadInput(f"unknown index type {requested!r}", hint=f"choose one of: {', '.join(INDEX_TYPES)}")
     if requested == "flat":
         return IndexChoice("flat", {}, "requested with --index-type flat")
     if requested == "hnsw":
         return IndexChoice("hnsw", _hnsw_params(), "requested with --index-type hnsw")
-    if requested == "ivf":
-        return _ivf_choice(count, "requested with --index-type ivf", "user")
+    if requested in IVF_TYPES:
+        return _ivf_choice(count, f"requested with --index-type {requested}", "user", requested, dim)
     if count < FLAT_BELOW:
         return IndexChoice("flat", {}, f"{count} vectors < {FLAT_BELOW}: exact search is fast enough and needs no training", "auto")
     if not removals_expected:
         reason = f"{count} vectors >= {FLAT_BELOW} and --no-removals: HNSW searches fastest and needs no training"
         return IndexChoice("hnsw", _hnsw_params(), reason, "auto")
+    if count * dim * 4 >= PQ_FROM_BYTES:
+        why = (f"{count} x {dim}-d float32 vectors would take {count * dim * 4 / 2**30:.1f} GiB >= "
+               f"{PQ_FROM_BYTES / 2**30:.0f} GiB: IVF-PQ stores each in a few dozen bytes")
+        return _ivf_choice(count, why, "auto", "ivfpq", dim)
     return _ivf_choice(count, f"{count} vectors >= {FLAT_BELOW}: IVF keeps search fast and removes items in place", "auto")
 
 
@@ -83,10 +105,45 @@ def _hnsw_params() -> dict[str, Any]:
     return {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH}
 
 
-def _ivf_choice(count: int, why: str, chosen_by: str) -> IndexChoice:
+def _ivf_choice(count: int, why: str, chosen_by: str, kind: str = "ivf", dim: int = 512) -> IndexChoice:
+    from shitu_cli.index.sizing import pq_shape
+
     nlist = ivf_nlist(count)
     reason = f"{why}; nlist {nlist} ~ 4*sqrt(n) with >= {MIN_POINTS_PER_CENTROID} training points per list"
-    return IndexChoice("ivf", {"nlist": nlist, "nprobe": ivf_nprobe(nlist)}, reason, chosen_by)
+    params: dict[str, Any] = {"nlist": nlist, "nprobe": ivf_nprobe(nlist)}
+    if nlist >= HNSW_QUANTIZER_FROM:
+        params["quantizer"] = "hnsw"
+    if kind != "ivf":
+        params["m"], params["bits"] = pq_shape(dim, count)
+        # PQ distances alone rank the exact nearest vector first for only ~1/3 of leave-one-out queries
+        # (measured: 0.35 at 128-d, PQ16); re-ranking k_factor*k candidates on 8-bit scalar codes brings
+        # recall@1 to the target, at 1 byte a dimension instead of 4.
+        params["refine"], params["k_factor"] = "SQ8", REFINE_K_FACTOR
+    return IndexChoice(kind, params, reason, chosen_by)
+
+
+def factory_string(choice: IndexChoice, dim: int) -> str:
+    """faiss's index_factory name of an IVF-family choice, e.g. OPQ64,IVF4000_HNSW32,PQ64x8."""
+    params = choice.params
+    coarse = f"IVF{int(params['nlist'])}" + ("_HNSW32" if params.get("quantizer") == "hnsw" else "")
+    if choice.type == "ivf":
+        return f"{coarse},Flat"
+    # "np": no polysemous training, which index_factory switches on by default and which took 110 s of a
+    # 113 s IVF-PQ training on 3000 vectors here, for a code ordering shitu's searches never use
+    codes = f"PQ{int(params['m'])}x{int(params.get('bits', 8))}np"
+    if params.get("refine"):
+        codes += f",Refine({params['refine']})"
+    return (f"OPQ{int(params['m'])},{coarse},{codes}" if choice.type == "opq-ivfpq" else f"{coarse},{codes}")
+
+
+def ivf_of(index):
+    """The IndexIVF inside an IDMap2 (through an OPQ pre-transform if there is one), or None."""
+    faiss = faiss_module()
+    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+    try:
+        return faiss.extract_index_ivf(inner)
+    except RuntimeError:
+        return None
 
 
 def new_index(choice: IndexChoice, dim: int, training: np.ndarray | None = None):
@@ -97,7 +154,7 @@ def new_index(choice: IndexChoice, dim: int, training: np.ndarray | None = None)
     elif choice.type == "hnsw":
         inner = faiss.IndexHNSWFlat(dim, int(choice.params["M"]), faiss.METRIC_INNER_PRODUCT)
         inner.hnsw.efConstruction = int(choice.params["ef_construction"])
-    elif choice.type == "ivf":
+    elif choice.type in IVF_TYPES:
         inner = _trained_ivf(faiss, choice, dim, training)
     else:
         raise ValueError(f"unknown index type {choice.type!r}")
@@ -112,32 +169,53 @@ def _trained_ivf(faiss, choice: IndexChoice, dim: int, training: np.ndarray | No
         found = 0 if training is None else len(training)
         raise BadInput(f"an IVF index with {nlist} lists needs at least {nlist} vectors to train on, got {found}",
                        hint="use --index-type flat for a gallery this small")
-    inner = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-    inner.cp.seed = 1234  # reproducible k-means
-    inner.cp.min_points_per_centroid = 1  # nlist is already sized for the data; tiny galleries need no warning
-    inner.train(np.ascontiguousarray(training, dtype=np.float32))
-    # A direct map lets us read vectors back, which removal and re-sync rebuild from.
-    inner.make_direct_map()
+    from shitu_cli.index.sizing import training_sample
+
+    inner = faiss.index_factory(dim, factory_string(choice, dim), faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(inner)
+    ivf.cp.seed = 1234  # reproducible k-means
+    ivf.cp.min_points_per_centroid = 1  # nlist is already sized for the data; tiny galleries need no warning
+    pq_floor = 2 ** int(choice.params.get("bits", 0)) * 39 if choice.type != "ivf" else 0
+    if choice.type == "opq-ivfpq":
+        opq = faiss.downcast_VectorTransform(faiss.downcast_index(inner if not hasattr(inner, "base_index") else
+                                                                  faiss.downcast_index(inner.base_index)).chain.at(0))
+        opq.niter = OPQ_ITERATIONS
+    inner.train(np.ascontiguousarray(training_sample(training, nlist, floor=pq_floor), dtype=np.float32))
+    # A direct map lets us read vectors back, which removal and re-sync rebuild from (decoded, for PQ).
+    ivf.make_direct_map()
     return inner
 
 
 def apply_search_params(index, choice: IndexChoice) -> None:
     """Search-time knobs are not all stored by faiss, so set them from the manifest on every load."""
+    if external(index):  # a vector store that keeps its own search settings
+        index.apply_search_params(choice)
+        return
     faiss = faiss_module()
     inner = faiss.downcast_index(index.index)
-    if choice.type == "ivf":
-        inner.nprobe = int(choice.params["nprobe"])
+    if choice.type in IVF_TYPES:
+        ivf = ivf_of(index)
+        ivf.nprobe = int(choice.params["nprobe"])
+        if choice.params.get("refine"):
+            faiss.downcast_index(inner).k_factor = float(choice.params.get("k_factor", REFINE_K_FACTOR))
+        if choice.params.get("quantizer") == "hnsw":
+            # the graph must return nprobe good centroids; ef below ~2x that loses some of them
+            faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(64, 2 * ivf.nprobe)
     elif choice.type == "hnsw":
         inner.hnsw.efSearch = int(choice.params["ef_search"])
 
 
 def add(index, ids: np.ndarray, vectors: np.ndarray) -> None:
-    if len(ids):
+    if external(index):
+        index.add(np.asarray(ids, dtype=np.int64), np.ascontiguousarray(vectors, dtype=np.float32))
+    elif len(ids):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
 
 
 def stored(index) -> tuple[np.ndarray, np.ndarray]:
     """All (ids, vectors) held by an index, in insertion order."""
+    if external(index):
+        return index.stored()
     faiss = faiss_module()
     ids = faiss.vector_to_array(index.id_map).astype(np.int64)
     if index.ntotal == 0:
@@ -157,12 +235,15 @@ def remove(index, choice: IndexChoice, ids_to_remove: np.ndarray):
     doomed = np.asarray(ids_to_remove, dtype=np.int64)
     if not len(doomed):
         return index
+    if external(index):
+        index.remove(doomed)
+        return index
     if choice.type == "flat":
         index.remove_ids(doomed)
         return index
     ids, vectors = stored(index)
     keep = ~np.isin(ids, doomed)
-    if choice.type == "ivf":
+    if choice.type in IVF_TYPES:
         inner = faiss.clone_index(faiss.downcast_index(index.index))
         inner.reset()
         rebuilt = faiss.IndexIDMap2(inner)
@@ -176,6 +257,8 @@ def remove(index, choice: IndexChoice, ids_to_remove: np.ndarray):
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) each [n, k]; missing neighbours have id -1. Small searches run on one thread."""
     k = max(1, min(k, index.ntotal)) if index.ntotal else 1
+    if external(index):
+        return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     faiss = faiss_module()
     budget = _thread_budget or faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(search_threads(index, len(queries), budget))
@@ -194,9 +277,12 @@ def search_threads(index, queries: int, budget: int) -> int:
 def scanned_vectors(index) -> int:
     """About how many stored vectors one query compares with: all of a flat index, nprobe lists of an IVF,
     a few hundred graph nodes of an HNSW."""
+    if external(index):
+        return int(index.ntotal)
     inner = faiss_module().downcast_index(index.index) if hasattr(index, "id_map") else index
-    if hasattr(inner, "nprobe") and hasattr(inner, "nlist"):
-        return int(index.ntotal * inner.nprobe / max(1, inner.nlist))
+    ivf = ivf_of(index)
+    if ivf is not None:
+        return int(index.ntotal * ivf.nprobe / max(1, ivf.nlist))
     if hasattr(inner, "hnsw"):
         return min(int(index.ntotal), int(inner.hnsw.efSearch) * HNSW_M)
     return int(index.ntotal)
@@ -216,3 +302,27 @@ def set_threads(threads: int) -> None:
     global _thread_budget
     _thread_budget = max(1, int(threads))
     faiss_module().omp_set_num_threads(_thread_budget)
+
+
+def tune_search(index, choice: IndexChoice, ids: np.ndarray, vectors: np.ndarray, target: float):
+    """Set IVF nprobe / HNSW efSearch to the cheapest value whose measured recall@1 reaches `target`
+    (index.tuning says how), record it in choice.params, and return the Tuning; None for exact indexes."""
+    from shitu_cli.index import tuning
+
+    if choice.type in IVF_TYPES:
+        param, limit = "nprobe", int(choice.params["nlist"])
+    elif choice.type == "hnsw":
+        param, limit = "ef_search", max(tuning.EF_STEPS[-1], int(choice.params.get("ef_search", HNSW_EF_SEARCH)))
+    else:
+        return None
+    if len(ids) < 2:
+        return None
+
+    def set_value(value: int) -> None:
+        choice.params[param] = int(value)
+        apply_search_params(index, choice)
+
+    result = tuning.tune(param, limit, set_value, lambda queries, k: search(index, queries, k)[1],
+                         np.asarray(ids, dtype=np.int64), np.asarray(vectors, dtype=np.float32), target)
+    choice.params.update(result.as_params())
+    return result

@@ -14,7 +14,8 @@ from shitu_cli.index import backend
 from shitu_cli.index.backend import IndexChoice
 from shitu_cli.index.items import GalleryItem, Skipped, hash_entries, plan_update, read_gallery, select_for_removal
 from shitu_cli.infer.predictor import PredictorOptions
-from shitu_cli.index.store import ModelRef, StoredIndex, check_writable, commit, index_exists, load_index, write_lock
+from shitu_cli.index.store import ModelRef, StoredIndex, check_writable, commit, index_exists, load_for_write, write_lock
+from shitu_cli.index.stores import StoreSpec
 
 CORE = "shitu_cli.index.build:build_index"
 DEFAULT_INDEX_DIR = Path("index")  # in the current folder, where a bare `shitu predict` looks for it
@@ -40,6 +41,9 @@ class BuildReport:
     images_per_s: float | None = None
     files: list[Path] = field(default_factory=list)
     recipe: Path | None = None
+    memory: dict[str, Any] | None = None  # the estimate made before building (faiss), bytes and text
+    store: dict[str, Any] | None = None  # where the vectors live: backend, uri (never a token), collection
+    shard: dict[str, Any] | None = None
 
 
 @dataclass
@@ -51,6 +55,7 @@ class IndexState:
     choice: IndexChoice
     next_id: int
     model: ModelRef
+    shard: dict[str, Any] | None = None
 
 
 def build_index(
@@ -69,6 +74,13 @@ def build_index(
     det_thresh: float = 0.3,
     predictor_backend: str = "auto",
     only: Sequence[Path] | None = None,
+    index_backend: str | None = None,
+    uri: str | None = None,
+    token: str | None = None,
+    collection: str | None = None,
+    target_recall: float | None = 0.99,
+    shard: str | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> BuildReport:
     """Make INDEX_DIR `out` hold GALLERY's images as `rec` embeds them.
 
@@ -80,31 +92,45 @@ def build_index(
     else of a large gallery is hashed again).
     Without `out`, the index is ./index; without `rec`, the index's own model, else
     `default_rec_model()`. The report's notes say which were used.
+    `index_backend` "milvus" keeps the vectors in Milvus (milvus-lite in INDEX_DIR/milvus.db, or the server at
+    `uri`); default: the index's own backend, else faiss. IVF and HNSW get the cheapest nprobe / efSearch whose
+    measured recall@1 reaches `target_recall` (None: keep the size rule). `shard` "i/N" indexes only shard i of N
+    of the gallery (index.shards), for `merge_index`. `notify` hears the memory estimate before the build.
     """
+    from shitu_cli.index.shards import parse_shard
+
     started = time.perf_counter()
     _check_arguments(gallery, remove, append)
+    shard_spec = parse_shard(shard) if shard is not None else None
     notes: list[str] = []
     out = _output_dir(out, gallery, notes)
     check_writable(out)
     with write_lock(out):
-        current = load_index(out) if index_exists(out) else None
-        if remove is not None:
-            report, result = _remove(current, out, remove)
-        else:
-            rec = _rec_model(rec, current, notes)
-            report, result = _update(current, Path(gallery), out, rec, index_type, append, removals_expected,
-                                     batch_size, PredictorOptions(predictor_backend, threads, mkldnn), progress, det, det_thresh,
-                                     only if append else None)
-        with writing_to(out):
-            report.files = commit_state(out, result, gallery, removals_expected, current)
+        current = load_for_write(out) if index_exists(out) else None
+        store = StoreSpec.resolve(index_backend, uri, token, collection, current, out)
+        try:
+            if remove is not None:
+                report, result = _remove(current, out, remove)
+            else:
+                rec = _rec_model(rec, current, notes)
+                shard_spec = shard_spec or (current.manifest.shard if current else None)
+                report, result = _update(current, Path(gallery), out, rec, index_type, append, removals_expected,
+                                         batch_size, PredictorOptions(predictor_backend, threads, mkldnn), progress, det, det_thresh,
+                                         only if append else None, store, target_recall, shard_spec, notify)
+            with writing_to(out):
+                report.files = commit_state(out, result, gallery, removals_expected, current)
+        finally:
+            store.close_all(current, locals().get("result"))
         report.count, report.index = result.index.ntotal, result.choice
+        report.store, report.shard = store.record(result.index), result.shard
     report.notes[:0] = notes
     report.seconds = time.perf_counter() - started
     with writing_to(out):
         report.recipe = write_build_recipe(report, _recipe_options(gallery, out, rec, index_type, append, remove,
                                                                  removals_expected, batch_size, threads, mkldnn)
                                     | {"det": None if det is None else Path(det).resolve().as_posix(), "det_thresh": det_thresh,
-                                       "predictor_backend": predictor_backend})
+                                       "predictor_backend": predictor_backend, "target_recall": target_recall, "shard": shard}
+                                    | store.recipe_options())
     return report
 
 
@@ -158,11 +184,20 @@ def _check_arguments(gallery, remove, append) -> None:
 
 
 def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_type, append, removals_expected,
-            batch_size, options, progress, det, det_thresh, only=None) -> tuple[BuildReport, IndexState]:
+            batch_size, options, progress, det, det_thresh, only=None, store: StoreSpec | None = None,
+            target_recall: float | None = None, shard: dict | None = None, notify=None) -> tuple[BuildReport, IndexState]:
+    from shitu_cli.index.shards import in_shard
     from shitu_cli.infer.embedder import Embedder
 
+    store = store or StoreSpec()
     backend.choose_index(index_type, 0)  # refuse an unknown type before any work
+    store.check_reachable()  # a wrong --uri fails now, not after the embedding
     pairs, skipped = read_gallery(gallery)
+    if shard is not None:
+        pairs = [(path, label) for path, label in pairs if in_shard(path, gallery, shard)]
+        index_type = "flat"  # a shard is exact; merge-index chooses the final type for the whole gallery
+        shard = {"index": shard["index"], "count": shard["count"], "det": None if det is None else Path(det).name,
+                 "det_thresh": det_thresh if det is not None else None}
     if only is not None:
         wanted = {Path(p).resolve() for p in only}
         pairs = [(path, label) for path, label in pairs if path in wanted]
@@ -173,6 +208,8 @@ def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_ty
     items, same_model = _comparable_items(current, embedder, append, notes)
     entries, unreadable = hash_entries(pairs)
     plan = plan_update(items, entries, append)
+    memory = _announce_estimate(current, index_type, removals_expected, len(items) - len(plan.remove) - len(plan.replaced)
+                                + len(plan.embed), embedder.dim, store, notify)
 
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(len(plan.embed))
@@ -190,8 +227,9 @@ def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_ty
     if final_count == 0:
         raise BadInput("no gallery image could be embedded, so there is nothing to index", path=gallery)
 
-    wanted = _wanted_choice(current, index_type, final_count, removals_expected, notes)
-    index, choice = _apply(current if same_model else None, wanted, drop, new_ids, vectors, final_count, notes, embedder.dim)
+    wanted = _wanted_choice(current, index_type, final_count, removals_expected, notes, store, embedder.dim)
+    index, choice = _apply(current if same_model and store.same_as(current) else None, wanted, drop, new_ids, vectors,
+                           final_count, notes, embedder.dim, store, target_recall)
     kept = {i: item for i, item in items.items() if i not in set(drop)}
     for item_id, label in plan.relabel.items():
         kept[item_id].label = label
@@ -202,8 +240,23 @@ def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_ty
         changed=changed + len(plan.relabel), removed=len(drop) - len(plan.replaced),
         unchanged=plan.unchanged, duplicates=plan.duplicates,
         skipped=skipped + unreadable + [Skipped(f.path, f.reason) for f in failures], notes=notes, images_per_s=rate,
+        memory=memory,
     )
-    return report, IndexState(index, {**kept, **new_items}, choice, int(next_id + len(positions)), model)
+    return report, IndexState(index, {**kept, **new_items}, choice, int(next_id + len(positions)), model, shard)
+
+
+def _announce_estimate(current, index_type, removals_expected, count, dim, store: StoreSpec, notify) -> dict | None:
+    """The memory the index will take, said (through `notify`) before any embedding or building starts."""
+    from shitu_cli.index.sizing import estimate_memory
+
+    if store.backend == "milvus":
+        return None  # Milvus holds the vectors; its own sizing applies
+    choice = _wanted_choice(current, index_type, max(1, count), removals_expected, [], store, dim)
+    estimate = estimate_memory(choice.type, choice.params, count, dim)
+    text = f"memory estimate for {count} vectors as {choice.type}: {estimate.as_text()}"
+    if notify is not None:
+        notify(text)
+    return {"index_bytes": estimate.index_bytes, "build_peak_bytes": estimate.build_peak_bytes, "text": text}
 
 
 def _main_object(det, det_thresh: float, options):
@@ -239,21 +292,30 @@ def _comparable_items(current: StoredIndex | None, embedder, append: bool, notes
     return {}, False
 
 
-def _wanted_choice(current: StoredIndex | None, index_type: str, count: int, removals_expected, notes) -> IndexChoice:
+def _wanted_choice(current: StoredIndex | None, index_type: str, count: int, removals_expected, notes,
+                   store: StoreSpec | None = None, dim: int = 512) -> IndexChoice:
     if current is not None and index_type == "auto" and current.manifest.choice.chosen_by == "user":
-        return current.manifest.choice  # an explicit --index-type earlier is not undone by the default
+        choice = current.manifest.choice  # an explicit --index-type earlier is not undone by the default
+        choice.params = {**choice.params}
+        return choice
     if removals_expected is None:
         removals_expected = current.manifest.index.get("removals_expected", True) if current else True
-    choice = backend.choose_index(index_type, count, removals_expected)
+    choice = backend.choose_index(index_type, count, removals_expected, dim)
+    if store is not None and store.backend == "milvus" and choice.chosen_by == "auto" and choice.type not in ("flat", "ivf", "hnsw"):
+        choice = backend.choose_index("ivf", count, removals_expected, dim)  # Milvus spreads memory over its nodes
+        choice.chosen_by, choice.reason = "auto", f"{count} vectors on Milvus: IVF (Milvus spreads the vectors over its nodes)"
     choice.params = {**choice.params}
     return choice
 
 
-def _apply(current: StoredIndex | None, wanted: IndexChoice, drop, new_ids, vectors, final_count, notes, dim):
-    """Update the current faiss index in place when it still fits, else rebuild from its stored vectors.
+def _apply(current: StoredIndex | None, wanted: IndexChoice, drop, new_ids, vectors, final_count, notes, dim,
+           store: StoreSpec | None = None, target_recall: float | None = None):
+    """Update the current index in place when it still fits, else rebuild from its stored vectors
+    (and then choose nprobe / efSearch for `target_recall`).
 
-    `current` is None when there is no index or its vectors came from another model.
+    `current` is None when there is no index, its vectors came from another model, or they live elsewhere.
     """
+    store = store or StoreSpec()
     if current is not None and _still_fits(current, wanted, final_count):
         choice = current.manifest.choice
         index = backend.remove(current.index, choice, np.array(drop, dtype=np.int64))
@@ -265,10 +327,14 @@ def _apply(current: StoredIndex | None, wanted: IndexChoice, drop, new_ids, vect
     all_ids, all_vectors = np.concatenate([old_ids, new_ids]), np.concatenate([old_vectors, vectors])
     if len(old_ids):
         notes.append(f"rebuilt as {wanted.type} from {len(old_ids)} stored vectors and {len(new_ids)} new ones")
-    if wanted.type == "ivf":
+    if wanted.type in backend.IVF_TYPES:
         wanted.params["trained_on"] = final_count
-    index = backend.new_index(wanted, dim, training=all_vectors if wanted.type == "ivf" else None)
+    index = store.new_index(wanted, dim, all_vectors, current)
     backend.add(index, all_ids, all_vectors)
+    if target_recall is not None:
+        tuned = backend.tune_search(index, wanted, all_ids, all_vectors, target_recall)
+        if tuned is not None:
+            notes.append(f"search setting {tuned.as_text()}")
     return index, wanted
 
 
@@ -276,7 +342,9 @@ def _still_fits(current: StoredIndex, wanted: IndexChoice, count: int) -> bool:
     have = current.manifest.choice
     if have.type != wanted.type:
         return False
-    if have.type == "ivf":
+    if backend.external(current.index):
+        return True  # Milvus indexes its own segments as they fill
+    if have.type in backend.IVF_TYPES:
         return count <= IVF_RETRAIN_GROWTH * int(have.params.get("trained_on", count))
     return True
 
@@ -312,7 +380,7 @@ def _remove(current: StoredIndex | None, out: Path, what: str) -> tuple[BuildRep
     items = {i: item for i, item in current.items.items() if i not in set(ids)}
     report = BuildReport(index_dir=out, action="removed", count=index.ntotal, removed=len(ids),
                          unchanged=len(items), notes=notes)
-    return report, IndexState(index, items, choice, current.manifest.next_id, current.manifest.model)
+    return report, IndexState(index, items, choice, current.manifest.next_id, current.manifest.model, current.manifest.shard)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -329,7 +397,7 @@ def commit_state(out: Path, result: IndexState, gallery, removals_expected, curr
     index_fields["removals_expected"] = bool(removals_expected)
     gallery_text = Path(gallery).resolve().as_posix() if gallery is not None else (current.manifest.gallery if current else None)
     fields = {"next_id": result.next_id, "index": index_fields, "model": result.model,
-              "gallery": gallery_text, "created_by": package_versions()}
+              "gallery": gallery_text, "created_by": package_versions(), "shard": result.shard}
     _, written = commit(out, result.index, result.items, fields)
     return written
 

@@ -58,6 +58,10 @@ class IndexManifest:
     gallery: str | None = None
     metric: str = METRIC
     created_by: dict[str, str] = field(default_factory=dict)
+    # where the vectors live: {"backend": "faiss"} (gen-*/vector.index), or {"backend": "milvus", "uri",
+    # "collection", "pending_deletes"} (index.milvus); manifests written before this field are faiss
+    vectors: dict[str, Any] = field(default_factory=lambda: {"backend": "faiss"})
+    shard: dict[str, Any] | None = None  # {"index": i, "count": N, ...} for `build-index --shard i/N` output
 
     @property
     def choice(self) -> IndexChoice:
@@ -71,8 +75,13 @@ class StoredIndex:
 
     dir: Path
     manifest: IndexManifest
-    index: Any  # faiss.IndexIDMap2
+    index: Any  # faiss.IndexIDMap2, or an index.milvus.MilvusVectors (backend.external)
     items: dict[int, GalleryItem]
+
+    def close(self) -> None:
+        """Let go of an external store's connection (a no-op for faiss)."""
+        if hasattr(self.index, "close"):
+            self.index.close()
 
 
 def index_exists(index_dir: Path) -> bool:
@@ -85,7 +94,7 @@ def check_writable(index_dir: Path) -> None:
     if index_dir.exists() and not index_dir.is_dir():
         raise BadInput("-o names a file, not a folder", path=index_dir)
     if index_dir.is_dir() and not index_exists(index_dir):
-        strangers = [p for p in index_dir.iterdir() if p.name not in (LOCK_FILE, "recipe.yaml") and not GENERATION_RE.match(p.name)]
+        strangers = [p for p in index_dir.iterdir() if p.name not in (LOCK_FILE, "recipe.yaml", "milvus.db") and not GENERATION_RE.match(p.name)]
         if strangers:
             raise BadInput("folder is not empty and holds no shitu index", hint="pass a new or empty folder to -o", path=index_dir)
 
@@ -165,12 +174,25 @@ def read_index_manifest(index_dir: Path) -> IndexManifest:
         raise ManifestError(f"index manifest is malformed ({exc})", path=path) from None
 
 
+def load_for_write(index_dir: Path) -> StoredIndex:
+    """load_index for a writer holding write_lock: first removes what a writer that died left in an external store."""
+    stored = load_index(index_dir)
+    if stored.manifest.vectors.get("backend") == "milvus":
+        stored.index.clean_up_after_a_dead_writer(stored.manifest.next_id, stored.manifest.vectors.get("pending_deletes", []))
+    return stored
+
+
 def _load_generation(index_dir: Path, manifest: IndexManifest) -> StoredIndex:
     from shitu_cli.index import backend
 
-    index_bytes = _checked_bytes(index_dir, manifest, VECTOR_FILE)
     id_map_bytes = _checked_bytes(index_dir, manifest, ID_MAP_FILE)
     items = parse_id_map(id_map_bytes.decode("utf-8"), index_dir / manifest.files[ID_MAP_FILE]["path"])
+    if manifest.vectors.get("backend") == "milvus":
+        from shitu_cli.index.milvus import MilvusVectors
+
+        store = MilvusVectors.open(manifest.vectors, index_dir, manifest.dim, manifest.choice, items)
+        return StoredIndex(index_dir, manifest, store, items)
+    index_bytes = _checked_bytes(index_dir, manifest, VECTOR_FILE)
     index = backend.from_bytes(index_bytes)
     backend.apply_search_params(index, manifest.choice)
     if index.ntotal != manifest.count or len(items) != manifest.count or index.d != manifest.dim:
@@ -207,7 +229,11 @@ def commit(index_dir: Path, index: Any, items: Mapping[int, GalleryItem], fields
     previous = read_index_manifest(index_dir).generation if index_exists(index_dir) else 0
     generation = max([previous, *_generation_numbers(index_dir)]) + 1
     gen_dir = index_dir / f"gen-{generation:06d}"
-    payloads = {VECTOR_FILE: backend.to_bytes(index), ID_MAP_FILE: id_map_text(items).encode("utf-8")}
+    external = backend.external(index)
+    payloads = {} if external else {VECTOR_FILE: backend.to_bytes(index)}
+    payloads[ID_MAP_FILE] = id_map_text(items).encode("utf-8")
+    if external:
+        fields = {**fields, "vectors": {**fields.get("vectors", {}), **index.manifest_record()}}
     files = {}
     try:
         gen_dir.mkdir(parents=True)
@@ -216,6 +242,8 @@ def commit(index_dir: Path, index: Any, items: Mapping[int, GalleryItem], fields
             files[name] = {"path": f"{gen_dir.name}/{name}", "sha256": sha256_bytes(data), "bytes": len(data)}
             _stall_for_tests(name)
         _fsync_dir(gen_dir)
+        if external:
+            index.before_commit()
         manifest = IndexManifest(generation=generation, dim=index.d, count=index.ntotal, files=files, **fields)
         manifest_fields = {"kind": INDEX_KIND, "format_version": FORMAT_VERSION, **asdict(manifest)}
         _stall_for_tests("before-commit")
@@ -225,6 +253,8 @@ def commit(index_dir: Path, index: Any, items: Mapping[int, GalleryItem], fields
         raise
     _fsync_dir(index_dir)
     _stall_for_tests("after-commit")
+    if external:
+        index.after_commit()
     _retire_old_generations(index_dir, keep={generation, previous})
     return manifest, [gen_dir / name for name in payloads] + [index_dir / MANIFEST]
 
