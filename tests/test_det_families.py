@@ -67,7 +67,7 @@ def ppyoloe(scenes, tmp_path_factory):
 def yolov3(scenes, tmp_path_factory):
     recipe = _narrow_recipe("yolov3-mobilenetv1", tmp_path_factory.mktemp("recipes") / "yolov3-test.yml",
                             MobileNet={"scale": 0.25})
-    return _train(scenes, tmp_path_factory, recipe, "--label-smooth", "--iou-aware", "--mixup-epochs", "1")
+    return _train(scenes, tmp_path_factory, recipe, "--label-smooth", "--mixup-epochs", "1")
 
 
 @pytest.fixture(params=["ppyoloe", "yolov3"])
@@ -95,7 +95,6 @@ def test_the_tricks_reach_ppdet(ppyoloe, yolov3):
     assert read_yaml(ppyoloe[0] / "export" / "shitu.yaml")["extra"]["nms"]["name"] == "MatrixNMS"
     config = read_yaml(yolov3[0] / "ppdet.yml")
     assert config["YOLOv3Loss"]["label_smooth"] is True
-    assert config["YOLOv3Head"]["iou_aware"] is True and config["YOLOv3Loss"]["iou_aware_loss"] == "IouAwareLoss"
     assert {"Mixup": {"alpha": 1.5, "beta": 1.5}} in config["TrainReader"]["sample_transforms"]
     assert config["TrainReader"]["mixup_epoch"] == 1
 
@@ -189,6 +188,14 @@ def test_the_2x_schedule_doubles_the_epochs_with_steps_at_the_same_fractions():
     assert _config("ppyoloe-s", {})["LearningRate"]["schedulers"][0]["name"] == "CosineDecay"
 
 
+def test_the_iou_aware_head_is_ppdets():
+    config = _config("yolov3-mobilenetv1", {"iou_aware": True, "nms": "matrix"})
+    assert config["YOLOv3Head"]["iou_aware"] is True and config["YOLOv3Loss"]["iou_aware_loss"] == "IouAwareLoss"
+    assert config["IouAwareLoss"] == {"loss_weight": 1.0}
+    assert config["BBoxPostProcess"]["nms"]["name"] == "MatrixNMS"
+    assert "IouAwareLoss" not in _config("yolov3-mobilenetv1", {})
+
+
 def test_yolov3_head_tricks_are_refused_for_other_families():
     from shitu_cli.errors import BadInput
 
@@ -228,3 +235,17 @@ def test_reproduce_replays_a_ppyoloe_run_byte_for_byte(ppyoloe, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["identical"] and {f["path"] for f in report["files"]} >= {"export/model.pdiparams", "export/model.json"}
+
+
+@pytest.mark.slow
+def test_yolov3_with_every_trick_trains_exports_and_agrees(scenes, tmp_path_factory):
+    """IoU-aware head + loss, label smoothing, mixup with a last epoch without it, EMA, Matrix NMS, 2x."""
+    recipe = _narrow_recipe("yolov3-mobilenetv1", tmp_path_factory.mktemp("recipes") / "yolov3-tricks.yml",
+                            MobileNet={"scale": 0.25})
+    run, summary = _train(scenes, tmp_path_factory, recipe, "--iou-aware", "--label-smooth", "--mixup-epochs", "1",
+                          "--ema", "--nms", "matrix", "--schedule", "2x")
+    assert summary["epochs"] == 2 and summary["epochs_done"] == 2 and set(summary["per_class"]) == set(summary["labels"])
+    assert read_yaml(run / "export" / "shitu.yaml")["extra"]["nms"]["name"] == "MatrixNMS"
+    result = _invoke("predict", scenes[0] / "images" / "val_000.jpg", "--det", run / "export", "--det-only",
+                     "--det-thresh", "0", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["images"][0]["recognitions"]

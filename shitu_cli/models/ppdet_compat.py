@@ -118,6 +118,10 @@ def full_graph_export() -> Iterator[None]:
 # gives nearest_interp_v2 ("the 0th elementwise MUST be ir::FloatAttribute"), so no PicoDet
 # export (CSP-PAN upsamples) converts to ONNX. Asking for the doubled size instead is the same
 # nearest-neighbour result and converts. Scoped to an export: training keeps the layer as is.
+# YOLOv3's FPN and PP-YOLOE's CustomCSPPAN call `F.interpolate(x, scale_factor=2.)` directly, so the
+# function is swapped too (for integer nearest factors only) while the export traces. (Their ONNX
+# conversions then load, but paddle2onnx 2.1's YOLOv3 boxes differ from Paddle's: `--backend auto`
+# only picks a backend whose outputs agree, so those stay on Paddle Inference.)
 @contextmanager
 def onnx_convertible_upsampling(model: Any) -> Iterator[None]:
     import paddle.nn as nn
@@ -129,19 +133,30 @@ def onnx_convertible_upsampling(model: Any) -> Iterator[None]:
                 and float(factor).is_integer():
             layer.forward = functools.partial(_upsample_to_size, factor=int(factor))
             swapped.append(layer)
+    functional = nn.functional
+    original = functional.interpolate
+
+    def interpolate(x, size=None, scale_factor=None, mode="nearest", *args, **kwargs):
+        if size is None and mode == "nearest" and isinstance(scale_factor, (int, float)) \
+                and float(scale_factor).is_integer() and kwargs.get("data_format") in (None, "NCHW"):
+            return _upsample_to_size(x, int(scale_factor))
+        return original(x, size, scale_factor, mode, *args, **kwargs)
+
+    functional.interpolate = interpolate
     try:
         yield
     finally:
+        functional.interpolate = original
         for layer in swapped:
             del layer.forward  # back to the class's own forward
 
 
 def _upsample_to_size(x, factor: int):
     import paddle
-    import paddle.nn.functional as F
+    from paddle.nn.functional.common import interpolate  # the original, also while the public name is swapped
 
     shape = paddle.shape(x)
-    return F.interpolate(x, size=[shape[2] * factor, shape[3] * factor], mode="nearest")
+    return interpolate(x, size=[shape[2] * factor, shape[3] * factor], mode="nearest")
 
 
 # --- 3. Pillow 10 removed ImageDraw.textsize -----------------------------------------------
