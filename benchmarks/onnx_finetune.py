@@ -4,6 +4,7 @@ Usage (from the repository root, with the project's venv):
 
     python benchmarks/onnx_finetune.py teacher          # the ONNX teacher's own features (onnxruntime)
     python benchmarks/onnx_finetune.py run NAME [...]    # fine-tune; one JSON line per run in onnx_finetune_results.jsonl
+    python benchmarks/onnx_finetune.py indomain NAME...  # teacher vs fine-tuned runs on the TRAINED classes' test photos
     python benchmarks/onnx_finetune.py table            # the results as a markdown table
 
 Data: the fashion-mnist held-out-class split of benchmarks/rec_recipe_probe.py (train on 6 classes,
@@ -107,6 +108,52 @@ def teacher() -> None:
         print(row, flush=True)
 
 
+def indomain(names: list[str]) -> None:
+    """Retrieval on test-set photos of the 6 trained classes (50 gallery + 100 query each, never trained
+    on): the teacher's raw features (x2paddle layer, 96 px) vs each run's export (Paddle Inference)."""
+    from shitu_cli.infer.predictor import PredictorOptions, build_predictor
+    from shitu_cli.models.manifest import IMAGENET_MEAN, IMAGENET_STD
+    from shitu_cli.train.metrics import retrieval_metrics
+
+    root = _indomain_lists()
+    sides = {side: _read(root, side, 96) for side in ("gallery_list.txt", "query_list.txt")}
+    half = np.reshape([0.5] * 3, (1, 3, 1, 1))
+    imagenet = {side: ((images * half + half - np.reshape(IMAGENET_MEAN, (1, 3, 1, 1)))
+                       / np.reshape(IMAGENET_STD, (1, 3, 1, 1))).astype("float32")
+                for side, (images, _) in sides.items()}
+    models = {"teacher-features-96px": lambda side: _paddle_features(sides[side][0])}
+    for name in names:
+        predictor = build_predictor(RUNS / name / "export", PredictorOptions(threads=2), task="rec")
+        models[name] = lambda side, p=predictor: np.concatenate(
+            [p.run(imagenet[side][i:i + 32])[0] for i in range(0, len(imagenet[side]), 32)])
+    for name, embed in models.items():
+        metrics = retrieval_metrics(embed("query_list.txt"), sides["query_list.txt"][1], embed("gallery_list.txt"),
+                                    sides["gallery_list.txt"][1])
+        row = {"name": f"{name} (trained classes)", "final": _rounded(metrics), "initial": {}}
+        _append(row)
+        print(row, flush=True)
+
+
+def _indomain_lists() -> Path:
+    probe = _probe()
+    root = probe.PROBE_DIR / "fmnist-indomain"
+    if (root / "query_list.txt").is_file():
+        return root
+    import cv2
+
+    rng = np.random.default_rng(1)
+    test_x, test_y = probe._idx(probe.FMNIST / "t10k-images-idx3-ubyte.gz"), probe._idx(probe.FMNIST / "t10k-labels-idx1-ubyte.gz")
+    lists = {"gallery_list.txt": [], "query_list.txt": []}
+    for cls in probe.FMNIST_TRAIN:
+        for j, i in enumerate(rng.choice(np.flatnonzero(test_y == cls), 150, replace=False)):
+            rel = f"images/{probe.FMNIST_NAMES[cls]}/{int(i):05d}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / rel), test_x[i])
+            lists["gallery_list.txt" if j < 50 else "query_list.txt"].append((rel, probe.FMNIST_NAMES[cls]))
+    probe._write_lists(root, lists)
+    return root
+
+
 def _paddle_features(images: np.ndarray) -> np.ndarray:
     from shitu_cli.models.onnx_import import import_onnx, net_outputs
 
@@ -183,6 +230,8 @@ def main(argv: list[str]) -> None:
         teacher()
     elif command == "run":
         run(rest)
+    elif command == "indomain":
+        indomain(rest)
     elif command == "_one":
         import contextlib
 
