@@ -2,14 +2,14 @@
 
 Importing this package only defines names; paddle, ppdet and faiss load lazily inside
 the functions that need them, so `shitu --help` answers at once. The public Python API,
-`from shitu_cli import Index, Pipeline`, is looked up on first use (PEP 562).
+`from shitu_cli import Index, Pipeline, Detect`, is looked up on first use (PEP 562).
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["Index", "Pipeline", "__version__"]
+__all__ = ["Index", "Pipeline", "Detect", "__version__"]
 
-_PUBLIC = {"Index": "shitu_cli.api", "Pipeline": "shitu_cli.api"}
+_PUBLIC = {"Index": "shitu_cli.api", "Pipeline": "shitu_cli.api", "Detect": "shitu_cli.api"}
 
 
 def __getattr__(name: str):

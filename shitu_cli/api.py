@@ -342,3 +342,30 @@ def _manifest_stamp(index_dir: Path) -> tuple[int, int, int]:
     # A commit replaces manifest.yaml by rename: a new inode, so the stamp changes even within one mtime tick.
     stat = (Path(index_dir) / "manifest.yaml").stat()
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+class Detect:
+    """The detector alone, as `shitu predict IMAGE --det DET --det-only`: each box with the detector's own
+    class and score (a multi-class `train-det` export: PP-YOLOE, YOLOv3, PicoDet with --keep-classes).
+
+    >>> Detect("runs/det/export", det_thresh=0.3)("street.jpg").recognitions[0].label
+    """
+
+    def __init__(self, det: Path | str, backend: str = "auto", threads: int = 1, mkldnn: bool = True, **options: Any):
+        from shitu_cli.infer.detect_only import DetectionOnly
+        from shitu_cli.infer.detector import Detector
+        from shitu_cli.infer.pipeline import PipelineOptions
+        from shitu_cli.infer.predictor import PredictorOptions
+        from shitu_cli.models.registry import resolve_model_dir
+
+        self.det_dir = resolve_model_dir(det)
+        detector = Detector(self.det_dir, PredictorOptions(backend=backend, threads=threads, mkldnn=mkldnn))
+        self._core = DetectionOnly(detector, PipelineOptions(**options))
+
+    def __call__(self, image: Path | str | np.ndarray, name: str = "image"):
+        """One ImageResult for a file path (unreadable: `error` set) or an RGB uint8 array."""
+        from shitu_cli.infer.pipeline import ImageResult
+
+        if not isinstance(image, np.ndarray):
+            return self._core.predict_file(image)
+        return ImageResult(name, self._core.recognise(image), "off", (image.shape[1], image.shape[0]))

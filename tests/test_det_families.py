@@ -136,6 +136,11 @@ def test_predict_det_only_reports_the_detectors_classes(family_run, scenes, tmp_
     assert len(boxes) == 6
     assert all(r["det_label"] in summary["labels"] and r["label"] == r["det_label"] and r["matches"] == [] for r in boxes)
     assert (tmp_path / "vis" / "val_000.jpg").is_file()
+    from shitu_cli import Detect  # the Python API gives what the CLI gives
+
+    same = Detect(run / "export", det_thresh=0, max_boxes=3)(root / "images" / "val_000.jpg")
+    assert [(r.label, round(r.score, 5)) for r in same.recognitions] == \
+        [(r["label"], round(r["score"], 5)) for r in images[0]["recognitions"]]
 
 
 def test_predict_with_an_index_keeps_the_detectors_class(yolov3, scenes, tmp_path):
