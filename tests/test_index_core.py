@@ -16,9 +16,9 @@ def _unit_vectors(n, dim=16, seed=0):
 
 
 def _built(kind, n=120, dim=16, first_id=1000):
-    choice = backend.choose_index(kind, n)
+    choice = backend.choose_index(kind, n, dim=dim)
     vectors = _unit_vectors(n, dim)
-    index = backend.new_index(choice, dim, training=vectors if kind == "ivf" else None)
+    index = backend.new_index(choice, dim, training=vectors if kind in backend.IVF_TYPES else None)
     ids = np.arange(first_id, first_id + n, dtype=np.int64)
     backend.add(index, ids, vectors)
     return choice, index, ids, vectors
@@ -46,15 +46,19 @@ def test_unknown_index_type_is_refused_with_choices():
         backend.choose_index("pq", 10)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+ALL_TYPES = ["flat", "ivf", "hnsw", "ivfpq", "opq-ivfpq"]
+
+
+@pytest.mark.parametrize("kind", ALL_TYPES)
 def test_every_type_finds_each_vector_by_its_stable_id(kind):
     _, index, ids, vectors = _built(kind)
     scores, found = backend.search(index, vectors, 1)
     assert np.array_equal(found[:, 0], ids)
-    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    # PQ types score on their 8-bit re-ranking codes: within a few thousandths of the exact product
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5 if "pq" not in kind else 0.01)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ALL_TYPES)
 def test_remove_keeps_the_other_ids_pointing_at_their_own_vectors(kind):
     # IndexIDMap2 over IVF mislabels results after faiss's own remove_ids; ours must not.
     choice, index, ids, vectors = _built(kind)
@@ -67,14 +71,17 @@ def test_remove_keeps_the_other_ids_pointing_at_their_own_vectors(kind):
     assert not np.isin(found, doomed).any()
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ALL_TYPES)
 def test_serialised_index_round_trips_vectors_and_ids(kind):
     choice, index, ids, vectors = _built(kind)
     again = backend.from_bytes(backend.to_bytes(index))
     backend.apply_search_params(again, choice)
     stored_ids, stored_vectors = backend.stored(again)
     assert np.array_equal(stored_ids, ids)
-    np.testing.assert_allclose(stored_vectors, vectors, atol=1e-6)
+    # PQ types read vectors back from their 8-bit re-ranking codes: within a quantisation step
+    np.testing.assert_allclose(stored_vectors, vectors, atol=1e-6 if "pq" not in kind else 0.02)
+    if "pq" in kind:
+        assert "Refine(SQ8)" in backend.factory_string(choice, 16) and "np" in backend.factory_string(choice, 16)
 
 
 def test_ivf_needs_vectors_to_train_on():
@@ -131,3 +138,13 @@ def test_removal_by_label_or_list_file(tmp_path):
     assert select_for_removal(items, str(listing))[0] == [1]
     with pytest.raises(BadInput, match="did you mean label 'a'"):
         select_for_removal(items, "A")
+
+
+@pytest.mark.slow  # OPQ's rotation training on 10k vectors: ~35 s on 2 shared cores
+def test_opq_needs_enough_vectors_to_train_its_rotation_else_builds_plain_ivfpq():
+    small = backend.choose_index("opq-ivfpq", 5000, dim=16)
+    assert small.type == "ivfpq" and "too few to train OPQ" in small.reason
+    choice, index, ids, vectors = _built("opq-ivfpq", n=backend.OPQ_MIN_VECTORS, dim=16)
+    assert choice.type == "opq-ivfpq" and backend.factory_string(choice, 16).startswith("OPQ2,IVF")
+    _, found = backend.search(index, vectors[:200], 1)
+    assert (found[:, 0] == ids[:200]).mean() >= 0.99

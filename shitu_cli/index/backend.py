@@ -34,9 +34,11 @@ PQ_FROM_BYTES = 4 * 2**30
 # half of a search's work. From this many lists, an HNSW graph over the centroids finds the nearest ones.
 HNSW_QUANTIZER_FROM = 1024
 REFINE_K_FACTOR = 8
+SMALL_REFINE_K_FACTOR = 64
 # OPQ alternates rotation and PQ training 50 times by default (minutes on 2 cores even for small galleries);
 # the rotation's gain levels off after ~10.
 OPQ_ITERATIONS = 10
+OPQ_MIN_VECTORS = 256 * MIN_POINTS_PER_CENTROID
 # One query on an 18-vector flat index took 0.11 ms on one OMP thread and 6.8 ms on two (STACK.md): waking a
 # thread team costs more than a small scan. 2M vector comparisons (512-d) are ~2 ms of work for one thread;
 # below that a search runs on one thread.
@@ -110,6 +112,9 @@ def _ivf_choice(count: int, why: str, chosen_by: str, kind: str = "ivf", dim: in
 
     nlist = ivf_nlist(count)
     reason = f"{why}; nlist {nlist} ~ 4*sqrt(n) with >= {MIN_POINTS_PER_CENTROID} training points per list"
+    if kind == "opq-ivfpq" and count < OPQ_MIN_VECTORS:
+        # OPQ trains its rotation with 256-centroid codebooks, which k-means cannot fit on fewer points
+        kind, reason = "ivfpq", f"{reason}; {count} vectors < {OPQ_MIN_VECTORS}, too few to train OPQ's rotation: IVF-PQ without it"
     params: dict[str, Any] = {"nlist": nlist, "nprobe": ivf_nprobe(nlist)}
     if nlist >= HNSW_QUANTIZER_FROM:
         params["quantizer"] = "hnsw"
@@ -118,7 +123,9 @@ def _ivf_choice(count: int, why: str, chosen_by: str, kind: str = "ivf", dim: in
         # PQ distances alone rank the exact nearest vector first for only ~1/3 of leave-one-out queries
         # (measured: 0.35 at 128-d, PQ16); re-ranking k_factor*k candidates on 8-bit scalar codes brings
         # recall@1 to the target, at 1 byte a dimension instead of 4.
-        params["refine"], params["k_factor"] = "SQ8", REFINE_K_FACTOR
+        # Under 10k vectors the codes get < 8 bits and rank poorly: re-rank many more candidates (cheap at that size).
+        params["refine"] = "SQ8"
+        params["k_factor"] = REFINE_K_FACTOR if params["bits"] == 8 else SMALL_REFINE_K_FACTOR
     return IndexChoice(kind, params, reason, chosen_by)
 
 
