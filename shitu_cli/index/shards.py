@@ -33,7 +33,7 @@ def parse_shard(text: str) -> dict[str, Any]:
 
 def shard_key(path: Path, gallery: Path) -> str:
     root = Path(gallery).resolve()
-    root = root if root.is_dir() else root.parent
+    root = root.parent if root.is_file() else root  # a list file: paths count from its folder
     try:
         return Path(path).resolve().relative_to(root).as_posix()
     except ValueError:
