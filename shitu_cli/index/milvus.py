@@ -70,8 +70,11 @@ def connect(uri: str, token: str | None):
         client = MilvusClient(uri=uri, token=token or "", timeout=CONNECT_TIMEOUT_S)
     except Exception as exc:  # pymilvus raises MilvusException and ConnectionConfigException, not one base
         reason = getattr(exc, "message", None) or str(exc)
-        raise BadInput(f"cannot reach Milvus at {uri}: {reason.splitlines()[0][:200]}",
-                       hint=f"check the URI and that the server runs; pass --token or set {TOKEN_ENV} if it needs one") from None
+        hint = (f"check the URI and that the server runs; pass --token or set {TOKEN_ENV} if it needs one"
+                if is_server_uri(uri) else
+                "milvus-lite lets one process at a time open its folder: is `shitu serve` or another shitu using "
+                "this index? Stop it, or keep the gallery on a Milvus server (--uri http://HOST:19530)")
+        raise BadInput(f"cannot reach Milvus at {uri}: {reason.splitlines()[0][:200]}", hint=hint) from None
     if not is_server_uri(uri):
         _local_users[uri] = _local_users.get(uri, 0) + 1
     return client

@@ -115,7 +115,7 @@ def merge_index(shard_dirs: Sequence[Path | str], out: Path | str, index_type: s
     report = BuildReport(index_dir=out, action="merged", count=len(ids), added=len(ids), index=choice, notes=notes,
                          files=files, store=store.record(index))
     report.seconds = time.perf_counter() - started
-    options = {"shards": [p.resolve().as_posix() for p in shard_dirs], "out": out.resolve().as_posix(),
+    options = {"shard_dirs": [p.resolve().as_posix() for p in shard_dirs], "out": out.resolve().as_posix(),
                "index_type": index_type, "target_recall": target_recall, "removals_expected": removals_expected,
                **store.recipe_options()}
     with writing_to(out):

@@ -101,5 +101,10 @@ class StoreSpec:
         return {"backend": "faiss"}
 
     def recipe_options(self) -> dict[str, Any]:
-        return {"index_backend": self.backend, "uri": self.recorded_uri, "collection": self.family}
+        """build_index's own parameter names, so `shitu reproduce` can replay them (a default milvus-lite folder
+        inside the index is no --uri: the replay makes its own)."""
+        from shitu_cli.index.milvus import LOCAL_DB
+
+        uri = None if self.backend == "faiss" or self.recorded_uri == LOCAL_DB else self.uri
+        return {"index_backend": self.backend, "uri": uri, "collection": self.family}
 
