@@ -208,7 +208,7 @@ def export_legacy_detector(model: Any, out_dir: Path, input_size: tuple[int, int
     spec = _input_spec(input_size)
     integral = _integral_without_matmul() if dfl_as_sum else contextlib.nullcontext()
     with ppdet_compat.full_graph_export(), ppdet_compat.onnx_convertible_upsampling(model), old_ir_compat(), \
-            integral, fresh_name_scopes(), quiet_stdout():
+            ppdet_compat.im_shape_from_image(model), integral, fresh_name_scopes(), quiet_stdout():
         paddle.jit.save(paddle.jit.to_static(model, input_spec=spec), str(out_dir / "inference"), input_spec=spec)
     (out_dir / "inference.pdiparams.info").unlink(missing_ok=True)
     return out_dir
@@ -450,7 +450,7 @@ def export_pir_detector(model: Any, out_dir: Path, input_size: tuple[int, int]) 
     out_dir = Path(out_dir)
     _ready_for_export(model)
     with ppdet_compat.full_graph_export(), ppdet_compat.onnx_convertible_upsampling(model), fresh_name_scopes(), \
-            quiet_stdout():
+            ppdet_compat.im_shape_from_image(model), quiet_stdout():
         paddle.jit.save(paddle.jit.to_static(model, input_spec=_input_spec(input_size)), str(out_dir / "model"),
                         input_spec=_input_spec(input_size))
     (out_dir / "model.pdiparams.info").unlink(missing_ok=True)

@@ -159,6 +159,31 @@ def _upsample_to_size(x, factor: int):
     return interpolate(x, size=[shape[2] * factor, shape[3] * factor], mode="nearest")
 
 
+# --- 2c. YOLOv3's exports take image + scale_factor like every other detector --------------
+# Not an upstream fault but a contract: ppdet's YOLOv3 post-processing reads an `im_shape` input (the
+# resized image's height and width), which would give its exports a third input. A detector's input is
+# always the resized image, so while an export traces, im_shape is computed from it; ppdet's input
+# pruning then drops the input (and our own exporters never declare it).
+@contextmanager
+def im_shape_from_image(model: Any) -> Iterator[None]:
+    if getattr(model, "post_process", None) is None or not hasattr(model, "yolo_head"):
+        yield  # PicoDet and PP-YOLOE read scale_factor only
+        return
+
+    def forward(inputs):
+        import paddle
+
+        image = inputs["image"]
+        size = paddle.cast(paddle.shape(image)[2:], "float32").unsqueeze(0)
+        return type(model).forward(model, {**inputs, "im_shape": paddle.expand(size, [paddle.shape(image)[0], 2])})
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward  # back to the class's own forward
+
+
 # --- 3. Pillow 10 removed ImageDraw.textsize -----------------------------------------------
 # Upstream fault: ppdet.utils.visualizer.draw_bbox calls `draw.textsize(text)`, which
 # Pillow 10 removed; any prediction drawn by ppdet raises AttributeError. Re-add it on

@@ -3,9 +3,8 @@ with NMS, atomically, plus shitu.yaml and the network's own config sections."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from shitu_cli.artifacts import atomic_write_text, dump_yaml, read_yaml, sha256_bytes
 from shitu_cli.errors import BadInput
@@ -72,7 +71,7 @@ def export_detector(run_dir: Path, recipe_name: str) -> Path:
     final = Path(run_dir) / EXPORT_DIR
     with atomic_dir(final) as staging:
         with ppdet_compat.full_graph_export(), ppdet_compat.onnx_convertible_upsampling(trainer.model), \
-                _im_shape_from_image(trainer.model, family), fresh_name_scopes():
+                ppdet_compat.im_shape_from_image(trainer.model), fresh_name_scopes():
             trainer.export(str(staging))
         produced = staging / CHECKPOINTS
         for path in produced.iterdir():
@@ -88,30 +87,6 @@ def _name_buffers_by_path(model) -> None:
     ("eager_tmp_1116") that no name guard resets; the export stores that name, so give each its path."""
     for path, buffer in model.named_buffers():
         buffer.name = f"buffer.{path}"
-
-
-@contextmanager
-def _im_shape_from_image(model, family: str) -> Iterator[None]:
-    """YOLOv3's post-processing reads an `im_shape` input (the resized image's height and width), which
-    would make its export take three inputs where every shitu detector takes image + scale_factor.
-    The detector's input always is the resized image, so the export computes im_shape from it and
-    ppdet's input pruning drops the input."""
-    if family != "yolov3":
-        yield
-        return
-
-    def forward(inputs):
-        import paddle
-
-        image = inputs["image"]
-        size = paddle.cast(paddle.shape(image)[2:], "float32").unsqueeze(0)
-        return type(model).forward(model, {**inputs, "im_shape": paddle.expand(size, [paddle.shape(image)[0], 2])})
-
-    model.forward = forward
-    try:
-        yield
-    finally:
-        del model.forward  # back to the class's own forward
 
 
 def _convert_to_deploy(model) -> None:
