@@ -58,6 +58,7 @@ def resolve_uri(uri: str | None, index_dir: Path) -> tuple[str, str]:
 def connect(uri: str, token: str | None):
     """A MilvusClient, or BadInput naming the URI when it cannot be reached (never echoing the token)."""
     logging.getLogger("pymilvus").setLevel(logging.ERROR)
+    logging.getLogger("milvus_lite").setLevel(logging.WARNING)  # its INFO lines (server start/stop, segments) are chatter
     try:
         from pymilvus import MilvusClient
     except ImportError:
