@@ -222,3 +222,48 @@ def test_a_worker_the_launcher_reports_dead_becomes_one_line_naming_its_rank_and
     assert job_exit_code(outcome) == 2
     outcome.signal_name = "SIGINT"  # a stop this process passed on
     assert job_exit_code(outcome) == 130
+
+
+@pytest.mark.slow  # two full trainings of the digits recipe (~1-3 min each on 2 shared cores)
+def test_two_processes_reach_the_quality_of_one_on_real_digits(cli, tmp_path):
+    """scikit-learn's digits (real scans), the same recipe and global batch on 1 and 2 processes: batch
+    norm statistics per process make the runs differ a little, not the quality they reach."""
+    from synth import write_digits
+
+    data = write_digits(tmp_path / "digits")
+    recipe = TESTS.parent / "recipes" / "cls" / "digits.yml"
+    top1 = {}
+    for nproc in (1, 2):
+        launch = ("--nproc", "2") if nproc == 2 else ()
+        result = cli("train-cls", data, "-o", tmp_path / f"run{nproc}", "--recipe", recipe, "--num-workers", "0",
+                     "--json", *launch)
+        assert result.exit_code == 0, result.stderr
+        top1[nproc] = json.loads(result.stdout)["best_top1"]
+    assert top1[1] >= 0.9, top1
+    assert abs(top1[2] - top1[1]) <= 0.05, top1
+
+
+@pytest.mark.slow  # a parent, a launcher and two workers, stopped after two epochs
+def test_ctrl_c_stops_every_worker_and_rank_0_exports_the_best_epoch_so_far(products, tmp_path):
+    import re
+
+    run = tmp_path / "run"
+    parent = subprocess.Popen([sys.executable, "-m", "shitu_cli", "train-rec", str(products), "-o", str(run), *TINY_REC,
+                               "--epochs", "200", "--nproc", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log, deadline = run / "logs" / "workerlog.0", time.monotonic() + 180
+        while time.monotonic() < deadline and not (log.is_file() and re.search(r"epoch\s+2/200", log.read_text(errors="replace"))):
+            time.sleep(0.5)
+        workers = _worker_pids(run, 0) + _worker_pids(run, 1)
+        assert len(workers) == 2, "the two workers never trained two epochs"
+        parent.send_signal(signal.SIGINT)
+        stdout, stderr = parent.communicate(timeout=120)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 130, stderr
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr  # rank 0's closing words reach the user
+    assert "export check" in stdout  # rank 0's table, on stdout
+    assert (run / "export" / "inference.json").is_file()
+    assert read_yaml(run / "recipe.yaml")["metrics"]["stopped_by"] == "SIGTERM"
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
