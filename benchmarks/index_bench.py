@@ -88,6 +88,13 @@ def _build_milvus(kind: str, vectors: np.ndarray, target: float, workdir: Path):
     ids = np.arange(len(vectors), dtype=np.int64)
     store.add(ids, vectors)
     store.before_commit()  # flush, as a build does before its manifest names the vectors
+    # milvus-lite builds segment indexes in the background: the build is done when none is pending
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        info = store.client.describe_index(store.collection, "vector")
+        if int(info.get("pending_index_rows", 0)) == 0:
+            break
+        time.sleep(1)
     return store, choice, ids
 
 
