@@ -49,6 +49,8 @@ EXPERIMENTS: dict[str, dict] = {
     "scratch": {},
     "distilled": {**_teacher(label_weight=0.0), "pool": True},
     "distilled+labels": {**_teacher(label_weight=1.0), "pool": True},
+    "distilled-b": {**_teacher(label_weight=0.0), "pool": True},  # the same as distilled, run in parallel
+    "distilled+labels0.3": {**_teacher(label_weight=0.3), "pool": True},
     "distilled-nopool": _teacher(label_weight=0.0),
     "distilled+labels-nopool": _teacher(label_weight=1.0),
     "distilled+labels-rel-only": {**_teacher(label_weight=1.0, cosine_weight=0.0), "pool": True},
@@ -221,8 +223,9 @@ def _append(row: dict) -> None:
 
 def table() -> None:
     rows = [json.loads(line) for line in RESULTS.read_text(encoding="utf-8").splitlines() if line.strip()]
-    print("| dataset | run | recall@1 | recall@5 | mAP | untrained r@1 / mAP | steps | wall s | peak MB | teacher cache |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| dataset | run | recall@1 | recall@5 | mAP | untrained r@1 / mAP | best epoch | mAP per epoch | steps | wall s "
+          "| peak MB | teacher cache |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if row.get("kind") == "speed":
             continue
@@ -231,12 +234,24 @@ def table() -> None:
         d = row.get("distillation") or {}
         cache = (f"{d['cache_hits']} hit / {d['cache_misses']} run ({d['teacher_seconds']} s), pool {d['pool_images']}"
                  if d else "-")
+        curve = " ".join(f"{float(r['mAP']):.2f}" for r in _history(row)) or "-"
         print(f"| {row['dataset']} | {row['name']} | {final['recall1']:.3f} | {final['recall5']:.3f} | {final['mAP']:.3f} | "
-              f"{untrained} | {row.get('steps', '-')} | {row.get('wall_s', '-')} | {row.get('peak_rss_mb', '-')} | {cache} |")
+              f"{untrained} | {row.get('best_epoch', '-')} | {curve} | {row.get('steps', '-')} | {row.get('wall_s', '-')} | "
+              f"{row.get('peak_rss_mb', '-')} | {cache} |")
     for row in rows:
         if row.get("kind") == "speed":
             print(f"\nspeed (onnxruntime, 1 thread, batch 1, median of {row['repeats']} interleaved calls): teacher "
                   f"{row['teacher_ms']} ms, student {row['student_ms']} ms: the student is {row['ratio']}x faster")
+
+
+def _history(row: dict) -> list[dict]:
+    import csv
+
+    path = PROBE_DIR / "distill-runs" / f"{row['dataset']}-{row['name']}" / "metrics.csv"
+    if row.get("kind") or not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as handle:
+        return [r for r in csv.DictReader(handle) if r.get("mAP")]
 
 
 def main(argv: list[str]) -> None:
