@@ -9,15 +9,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
+from typing import Any
 
 from shitu_cli.compress.candidate import Candidate, Stage, predictor_options
 from shitu_cli.compress.images import ImageSet, Skipped, iter_batches, load_image_set, readable_count
 from shitu_cli.compress.source import SourceModel, resolve_source
 from shitu_cli.errors import BadInput
-from shitu_cli.models.manifest import MODEL_MANIFEST, ModelManifest, read_model_manifest, write_model_manifest
+from shitu_cli.models.manifest import MODEL_MANIFEST, ModelManifest, write_model_manifest
 
 CORE = "shitu_cli.compress.pipeline:compress"
 QUANT_METHODS = ("ptq", "qat", "none")
