@@ -175,3 +175,11 @@ def test_train_cls_distils_from_an_onnx_teacher(cli, world, tmp_path):
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["teacher"].endswith("cls-teacher.onnx")
+
+
+def test_an_unnamed_output_is_the_features_for_train_rec_and_the_logits_for_train_cls(world):
+    """The teacher lists logits first; an embedder distils from its features unless told otherwise."""
+    from shitu_cli.train.teachers import TeacherOptions, load_teacher_model
+
+    assert load_teacher_model(world["teacher"], TeacherOptions(wants="features")).info.output == "embedding"
+    assert load_teacher_model(world["teacher"], TeacherOptions()).info.output == "logits"

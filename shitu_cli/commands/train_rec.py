@@ -35,7 +35,7 @@ def command(
     backbone_lr_scale: Optional[float] = typer.Option(None, "--backbone-lr-scale", help="The backbone's learning rate as a fraction of --lr (e.g. 0.1 to fine-tune a pretrained backbone gently; 0 freezes it). Default 1."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Distil from this teacher: an .onnx model (onnxruntime), a Paddle export dir (shitu.yaml) or a shitu run dir. Its outputs are cached per image under $SHITU_HOME/teacher-cache."),
     unlabeled: Optional[Path] = typer.Option(None, "--unlabeled", help="A folder of images without labels; they feed only the distillation loss (needs --teacher)."),
-    teacher_output: Optional[str] = typer.Option(None, "--teacher-output", help="ONNX teacher: the output to learn (e.g. embedding or logits); default the first 2-D output."),
+    teacher_output: Optional[str] = typer.Option(None, "--teacher-output", help="ONNX teacher: the output to learn (e.g. embedding or logits); default the first 2-D output whose name does not say class scores (logits, prob, score...)."),
     teacher_size: Optional[int] = typer.Option(None, "--teacher-size", help="Teacher input size in pixels, when the file does not fix it."),
     teacher_mean: Optional[str] = typer.Option(None, "--teacher-mean", help="Teacher normalisation mean R,G,B (e.g. 0.5,0.5,0.5); default from the file, else ImageNet's."),
     teacher_std: Optional[str] = typer.Option(None, "--teacher-std", help="Teacher normalisation std R,G,B; default from the file, else ImageNet's."),

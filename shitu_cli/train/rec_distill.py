@@ -303,7 +303,8 @@ def plan_distillation(teacher: Path | str | None, unlabeled: Path | str | None, 
     images = unlabeled_images(unlabeled)
     options = TeacherOptions(output=settings.teacher_output, size=settings.teacher_size,
                              mean=tuple(settings.teacher_mean) if settings.teacher_mean else None,
-                             std=tuple(settings.teacher_std) if settings.teacher_std else None, threads=threads)
+                             std=tuple(settings.teacher_std) if settings.teacher_std else None, threads=threads,
+                             wants="features")
     loaded = load_teacher_model(teacher, options)
     return DistillPlan(Path(teacher), Path(unlabeled) if unlabeled else None, settings, loaded, images)
 

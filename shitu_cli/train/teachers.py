@@ -25,7 +25,8 @@ MEAN_KEYS, STD_KEYS, SIZE_KEYS = ("shitu.mean", "mean"), ("shitu.std", "std"), (
 class TeacherOptions:
     """What the user said about the teacher; None: read it from the file."""
 
-    output: str | None = None  # output name; default the only / first 2-D output
+    output: str | None = None  # output name; default: see _pick_output
+    wants: str = "logits"  # what the student learns from when no output is named: logits (cls) or features (rec)
     size: int | None = None  # square input size
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -119,7 +120,7 @@ def _onnx_teacher(path: Path, options: TeacherOptions) -> LoadedTeacher:
         raise BadInput(f"the ONNX teacher takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
                        "a teacher takes one image batch", path=path)
     size = _onnx_input_size(inputs[0], options, path)
-    output = _pick_output(session.get_outputs(), options.output, path)
+    output = _pick_output(session.get_outputs(), options.output, path, options.wants)
     metadata = session.get_modelmeta().custom_metadata_map or {}
     mean, std, source = _normalisation(options, metadata, path)
     name = inputs[0].name
@@ -153,7 +154,11 @@ def _onnx_input_size(node, options: TeacherOptions, path: Path) -> tuple[int, in
                    hint="pass --teacher-size (e.g. 224)", path=path)
 
 
-def _pick_output(outputs, wanted: str | None, path: Path) -> str:
+def _pick_output(outputs, wanted: str | None, path: Path, wants: str = "logits") -> str:
+    """`wanted`, else the only output, else among the 2-D ones the first whose name says class scores (a
+    classifier's teacher) or the first whose name does not (an embedder's), else the first 2-D one."""
+    from shitu_cli.models.onnx_import import SCORE_WORDS
+
     names = [o.name for o in outputs]
     if wanted is not None:
         if wanted not in names:
@@ -162,7 +167,9 @@ def _pick_output(outputs, wanted: str | None, path: Path) -> str:
     two_d = [o.name for o in outputs if len(o.shape or []) == 2]
     if len(outputs) == 1 or not two_d:
         return names[0]  # the probe run checks what it really gives
-    return two_d[0]
+    scores = [n for n in two_d if any(word in n.lower() for word in SCORE_WORDS)]
+    preferred = scores if wants == "logits" else [n for n in two_d if n not in scores]
+    return (preferred or two_d)[0]
 
 
 def _normalisation(options: TeacherOptions, metadata: dict[str, str], path: Path):
