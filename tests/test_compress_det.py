@@ -218,6 +218,7 @@ def det_run(tmp_path_factory):
     return root / "run", root / "scenes"
 
 
+@pytest.mark.slow  # ~45 s alone: a second detector PTQ (the demo detector's covers the path); `make test-slow`
 def test_ptq_from_a_train_det_run_dir_and_from_its_export_alone(cli, det_run, tmp_path):
     run_dir, scenes = det_run
     assert (run_dir / "export" / "ppdet_model.yml").is_file()
@@ -246,6 +247,7 @@ def test_an_int8_detector_reproduces_byte_for_byte(cli, demo_int8, tmp_path):
     assert statuses["inference.pdmodel"] == statuses["inference.pdiparams"] == "identical" and report["identical"]
 
 
+@pytest.mark.slow  # ~20 s alone: the legacy-export PTQ path; `make test-slow` runs it
 def test_an_old_format_detector_without_its_architecture_is_quantized_as_is(cli, tmp_path):
     """The official PP-ShiTuV2 detector ships as inference.pdmodel with nothing to rebuild it from; here the
     demo detector exported the same way (its DFL as a matmul by 0..7) stands in for it."""
