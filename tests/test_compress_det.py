@@ -253,7 +253,8 @@ def test_an_old_format_detector_without_its_architecture_is_quantized_as_is(cli,
     demo detector exported the same way (its DFL as a matmul by 0..7) stands in for it."""
     import dataclasses
 
-    from shitu_cli.compress.det import export_legacy_detector, rebuild_detector
+    from shitu_cli.compress.det import export_legacy_detector
+    from shitu_cli.compress.det_rebuild import rebuild_detector
     from shitu_cli.compress.source import resolve_source
     from shitu_cli.models.manifest import write_model_manifest
 
@@ -289,14 +290,15 @@ def test_an_old_format_exports_pdiparams_info_is_never_unpickled(tmp_path):
     import subprocess
     import sys
 
-    from shitu_cli.compress.det import export_legacy_detector, rebuild_detector
+    from shitu_cli.compress.det import export_legacy_detector
+    from shitu_cli.compress.det_rebuild import rebuild_detector
     from shitu_cli.compress.source import resolve_source
 
     legacy = tmp_path / "legacy"
     export_legacy_detector(rebuild_detector(resolve_source(DEMO_DET)), legacy, (96, 96))
     marker = tmp_path / "payload-ran"
     (legacy / "inference.pdiparams.info").write_bytes(pickle.dumps(_WritesMarker(marker)))
-    script = ("import sys; from pathlib import Path; from shitu_cli.compress.det import _exported_parameters; "
+    script = ("import sys; from pathlib import Path; from shitu_cli.compress.det_rebuild import _exported_parameters; "
               "print(len(_exported_parameters(Path(sys.argv[1]), 'inference')))")
     env = {**os.environ, "FLAGS_enable_pir_api": "0"}
     done = subprocess.run([sys.executable, "-c", script, str(legacy)], env=env, capture_output=True, text=True)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from shitu_cli.errors import BadInput, writing_to
-from shitu_cli.index import backend
+import shitu_cli.index.backend as backend
 from shitu_cli.index.backend import IndexChoice
 from shitu_cli.index.items import GalleryItem, Skipped, hash_entries, plan_update, read_gallery, select_for_removal
 from shitu_cli.infer.predictor import PredictorOptions
