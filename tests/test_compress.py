@@ -123,6 +123,7 @@ def test_qat_fine_tunes_then_calibrates_an_int8_model_that_agrees_with_the_origi
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow  # ~12 s: a third full PTQ run for the table's layout; `make test-slow` runs it
 def test_the_report_table_shows_size_latency_and_quality(cli, cls_run, tmp_path):
     run_dir, data_dir, list_file = cls_run
     result = cli("compress", run_dir / "export", "--calib", list_file, "-o", tmp_path / "m", "--runs", "2",
@@ -162,14 +163,12 @@ def test_bad_calibration_images_are_skipped_and_reported(cli, cls_run, tmp_path)
     shutil.copytree(data_dir, calib, ignore=shutil.ignore_patterns("*.txt"))
     (calib / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     result = cli("compress", run_dir, "--calib", calib, "-o", tmp_path / "m", "--runs", "1", "--max-drop", "100",
-                 "--calib-size", "100", "--json")
+                 "--calib-size", "100", "--algo", "abs_max", "--json")  # one algorithm: the skipping is the point
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert [s["path"].endswith("broken.jpg") for s in report["skipped"]] == [True]
     assert "skipped" in result.stderr and "broken.jpg" in result.stderr
-    # auto calibrates on three quarters and scores on the rest: between them, every readable image
-    choice = report["algo_choice"]
-    assert report["calib_images"] == choice["calib_images"] and choice["calib_images"] + choice["scored_on"] == 64
+    assert report["calib_images"] == 64  # every readable image, the broken one left out
 
 
 def test_bad_input_is_a_one_line_error(cli, cls_run, tmp_path):

@@ -45,6 +45,7 @@ def test_pruning_nothing_changes_nothing_and_pruning_keeps_the_net_runnable():
     assert summary.params_after < 0.75 * summary.params_before
 
 
+@pytest.mark.slow  # ~45 s: prune, fine-tune with distillation, and prune alone; `make test-slow` runs it
 def test_prune_and_distill_writes_a_smaller_model_closer_to_the_teacher_than_pruning_alone(cli, cls_run, tmp_path):
     run_dir, data_dir = cls_run
     common = ["--calib", data_dir, "--prune", "0.3", "--runs", "2", "--max-drop", "100", "--json"]

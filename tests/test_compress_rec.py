@@ -71,6 +71,7 @@ def test_prune_rec_backbone_with_feature_distillation(cli, rec_run, tmp_path):
     assert read_model_manifest(tmp_path / "pruned").embedding_dim == read_model_manifest(run_dir / "export").embedding_dim
 
 
+@pytest.mark.slow  # ~15 s: QAT is covered in the default run by the classifier's test; `make test-slow`
 def test_qat_rec_runs_through_to_an_int8_recogniser(cli, rec_run, tmp_path):
     run_dir, products = rec_run
     common = ["--quant", "qat", "--calib", products / "train_list.txt", "--eval",

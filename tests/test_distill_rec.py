@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shitu_cli.artifacts import read_yaml
 from synth import make_class_tree
 
 TEACHER_SIZE = 32
@@ -171,10 +172,19 @@ def test_train_cls_distils_from_an_onnx_teacher(cli, world, tmp_path):
     assert cli("split-dataset", data, "--val", "0.34").exit_code == 0
     teacher = write_teacher(tmp_path / "cls-teacher.onnx", classes=3)
     result = cli("train-cls", data, "-o", tmp_path / "run", "--recipe", "tiny", "--epochs", "1", "--num-workers", "0",
-                 "--teacher", teacher, "--json")
+                 "--teacher", teacher, "--teacher-mean", "0.5,0.5,0.5", "--teacher-std", "0.5,0.5,0.5", "--json")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["teacher"].endswith("cls-teacher.onnx")
+    options = read_yaml(tmp_path / "run" / "recipe.yaml")["options"]
+    assert options["teacher_mean"] == [0.5, 0.5, 0.5] and options["teacher_std"] == [0.5, 0.5, 0.5]
+
+    common = ("train-cls", data, "-o", tmp_path / "refused", "--recipe", "tiny", "--epochs", "1")
+    bad_mean = cli(*common, "--teacher", teacher, "--teacher-mean", "0.5,0.5")
+    assert bad_mean.exit_code == 2 and "--teacher-mean must be three numbers" in bad_mean.stderr
+    not_onnx = cli(*common, "--teacher", tmp_path / "run", "--teacher-std", "0.5,0.5,0.5")
+    assert not_onnx.exit_code == 2 and "describes an ONNX teacher" in not_onnx.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def test_an_unnamed_output_is_the_features_for_train_rec_and_the_logits_for_train_cls(world):

@@ -237,6 +237,7 @@ def test_several_worker_processes_serve_each_committed_generation(tmp_path):
     assert code == 0 and "shitu serve: stopped" in server.stderr() and "Traceback" not in server.stderr()
 
 
+@pytest.mark.slow  # ~11 s: waits out a request time limit; `make test-slow` runs it
 def test_a_request_over_the_time_limit_is_a_504_json_error(tmp_path):
     _, index = demo_index(tmp_path)
     stalled = socket.socket()

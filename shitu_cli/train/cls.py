@@ -172,7 +172,9 @@ def _load_teacher(settings: Mapping[str, Any]):
         return None
     from shitu_cli.train.distill import load_teacher
 
-    return load_teacher(settings["teacher"])
+    return load_teacher(settings["teacher"], onnx_options={
+        "output": settings.get("teacher_output"), "size": settings.get("teacher_size"),
+        "mean": settings.get("teacher_mean"), "std": settings.get("teacher_std")})
 
 
 def _check_teacher_classes(teacher, data: ClsData) -> None:

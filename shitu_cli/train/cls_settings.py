@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from shitu_cli.errors import BadInput
+from shitu_cli.train.rec_settings import parse_rgb
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "cls"
 
@@ -31,6 +32,10 @@ DEFAULTS: dict[str, Any] = {
     "ema_decay": None,  # None: chosen from the run length (see auto_ema_decay)
     "pretrained": None,
     "teacher": None,
+    "teacher_output": None,  # ONNX teacher only: the output holding the logits; default one named like class scores
+    "teacher_size": None,  # ONNX teacher only: square input size when the file does not fix it
+    "teacher_mean": None,  # ONNX teacher only: R,G,B normalisation when the file does not say (else ImageNet's)
+    "teacher_std": None,
     "unlabeled": None,
     "distill_temperature": 4.0,
     "distill_weight": 0.5,
@@ -136,6 +141,12 @@ def check_settings(settings: Mapping[str, Any]) -> None:
     check_input_size(settings["model"], settings["input_size"])
     if settings["unlabeled"] and not settings["teacher"]:
         raise BadInput("--unlabeled images need a --teacher: they only contribute the distillation term")
+    onnx_only = [k for k in ("teacher_output", "teacher_size", "teacher_mean", "teacher_std") if settings[k] is not None]
+    if onnx_only and not str(settings["teacher"] or "").lower().endswith(".onnx"):
+        raise BadInput(f"--{onnx_only[0].replace('_', '-')} describes an ONNX teacher; --teacher is "
+                       f"{settings['teacher'] or 'not given'}", hint="leave it out: an export or run dir records its own")
+    if settings["teacher_size"] is not None and settings["teacher_size"] < 1:
+        raise BadInput(f"--teacher-size must be a positive integer, got {settings['teacher_size']!r}")
 
 
 def complete_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,4 +158,7 @@ def complete_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     merged["lr_decay_epochs"] = parse_decay_epochs(merged["lr_decay_epochs"])
     for key in ("pretrained", "teacher", "unlabeled"):
         merged[key] = str(merged[key]) if merged[key] else None
+    for key in ("teacher_mean", "teacher_std"):
+        if isinstance(merged[key], str):
+            merged[key] = parse_rgb(merged[key], f"--{key.replace('_', '-')}")
     return merged

@@ -155,7 +155,7 @@ def _looks_like_probabilities(scores: np.ndarray) -> bool:
     return bool(scores.min() >= 0 and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3))
 
 
-def load_teacher(source: Path | str, threads: int = 1) -> Teacher:
+def load_teacher(source: Path | str, threads: int = 1, onnx_options: dict[str, Any] | None = None) -> Teacher:
     """A teacher from an .onnx model (its first 2-D output as logits), an exported model dir (has shitu.yaml),
     a train-cls run dir, or a .pdparams checkpoint whose run dir holds recipe.yaml (to know the architecture)."""
     source = Path(source)
@@ -165,7 +165,11 @@ def load_teacher(source: Path | str, threads: int = 1) -> Teacher:
     if source.suffix.lower() == ".onnx":
         from shitu_cli.train.teachers import TeacherOptions, load_teacher_model
 
-        return OnnxTeacher.of(load_teacher_model(source, TeacherOptions(threads=threads)), source)
+        given = {k: v for k, v in (onnx_options or {}).items() if v is not None}
+        for key in ("mean", "std"):
+            if key in given:
+                given[key] = tuple(given[key])
+        return OnnxTeacher.of(load_teacher_model(source, TeacherOptions(threads=threads, **given)), source)
     if source.is_dir() and (source / MODEL_MANIFEST).is_file():
         return _exported_teacher(source, threads)
     if source.is_dir():
