@@ -143,8 +143,11 @@ def check_settings(settings: Mapping[str, Any]) -> None:
         raise BadInput("--unlabeled images need a --teacher: they only contribute the distillation term")
     onnx_only = [k for k in ("teacher_output", "teacher_size", "teacher_mean", "teacher_std") if settings[k] is not None]
     if onnx_only and not str(settings["teacher"] or "").lower().endswith(".onnx"):
-        raise BadInput(f"--{onnx_only[0].replace('_', '-')} describes an ONNX teacher; --teacher is "
-                       f"{settings['teacher'] or 'not given'}", hint="leave it out: an export or run dir records its own")
+        flag = f"--{onnx_only[0].replace('_', '-')}"
+        if not settings["teacher"]:
+            raise BadInput(f"{flag} describes an ONNX teacher, but no --teacher is given", hint="add --teacher model.onnx")
+        raise BadInput(f"{flag} describes an ONNX teacher; --teacher is {settings['teacher']}",
+                       hint="leave it out: an export or run dir records its own")
     if settings["teacher_size"] is not None and settings["teacher_size"] < 1:
         raise BadInput(f"--teacher-size must be a positive integer, got {settings['teacher_size']!r}")
 
