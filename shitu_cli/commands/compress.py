@@ -44,6 +44,7 @@ def command(
     epochs: int = typer.Option(10, "--epochs", help="Fine-tuning epochs after --prune (and for --quant qat)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Fine-tuning learning rate (default 0.02 after --prune, 0.002 for --quant qat)."),
     seed: int = typer.Option(42, "--seed", help="Seed for fine-tuning; recorded in recipe.yaml."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Detectors, with --prune: a bigger det model (train-det run dir or export, any family, same classes) to fine-tune the pruned one from, instead of the unpruned model itself. The student learns the teacher's neck features (ppdet MimicFeatureLoss) and trains on boxes: the --calib ground truth when it is a COCO json, else the teacher's detections (score >= 0.4) as pseudo-boxes. Recorded (path, sha256) in shitu.yaml."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
     """Compress a trained det, rec or cls model (INT8; pruning and distillation for rec/cls) and prove it with before/after measurements."""
@@ -55,7 +56,7 @@ def command(
     result = compress(
         model, calib, out, eval_list=eval_list, quant=quant, algo=algo, prune=prune, onnx_int8=onnx_int8,
         threads=threads, max_drop=max_drop, force=force, calib_size=calib_size, batch_size=batch_size, runs=runs,
-        epochs=epochs, lr=lr, seed=seed, on_stage=lambda name: render.info(f"compress: {name}"),
+        epochs=epochs, lr=lr, seed=seed, teacher=teacher, on_stage=lambda name: render.info(f"compress: {name}"),
     )
     if json_output:
         if result.skipped:

@@ -83,6 +83,7 @@ def compress(
     epochs: int = 10,
     lr: float | None = None,
     seed: int = 42,
+    teacher: Path | str | None = None,
     on_stage: Stage | None = None,
 ) -> CompressResult:
     """Compress `model` (a run dir or exported model dir) into `out`; see `shitu compress --help`."""
@@ -91,6 +92,8 @@ def compress(
     source = resolve_source(model)
     out = Path(out)
     quant = _check_options(source, out, quant, algo, prune, onnx_int8, threads, calib_size, batch_size)
+    if teacher is not None:
+        _check_teacher_options(source, teacher, prune)
     if lr is None:
         lr = options["lr"] = DEFAULT_LR["qat" if quant == "qat" else "prune"]  # the recipe records the rate used
     calib_set = load_image_set(calib, "calibration set").subset(calib_size)
@@ -98,7 +101,7 @@ def compress(
     work = Path(tempfile.mkdtemp(prefix="shitu-compress-"))
     try:
         candidate = _make_candidate(source, calib_set, work, quant, algo, prune, onnx_int8, batch_size,
-                                    epochs, lr, seed, stage)
+                                    epochs, lr, seed, stage, teacher)
         stage("measuring the original")
         before, reference = _measure(source.model_dir, source.manifest, source.manifest, eval_set, None, threads, batch_size, runs)
         stage("measuring the compressed model")
@@ -150,6 +153,19 @@ def _check_options(source: SourceModel, out: Path, quant: str | None, algo: str,
     return quant
 
 
+def _check_teacher_options(source: SourceModel, teacher: Path | str, prune: float | None) -> None:
+    """--teacher is the fine-tuning teacher of a pruned detector; refuse it anywhere else, and a bad teacher by name."""
+    from shitu_cli.compress.det_teacher import check_teacher
+
+    if source.task != "det":
+        raise BadInput(f"--teacher is built for detectors; this is a {source.task} model",
+                       hint="train-cls / train-rec --teacher distil cls and rec models", path=source.model_dir)
+    if prune is None:
+        raise BadInput("--teacher needs --prune: it teaches the pruned detector while it is fine-tuned",
+                       hint="add --prune R (e.g. 0.3)")
+    check_teacher(teacher, source)
+
+
 def _check_det_method(quant: str, model_dir: Path) -> None:
     """Detectors get PTQ (Paddle or ONNX) and pruning; say why QAT is not there rather than fail inside it."""
     if quant == "qat":
@@ -159,13 +175,19 @@ def _check_det_method(quant: str, model_dir: Path) -> None:
 
 def _make_candidate(source: SourceModel, calib_set: ImageSet, work: Path, quant: str, algo: str,
                     prune: float | None, onnx_int8: bool, batch_size: int, epochs: int, lr: float, seed: int,
-                    stage: Stage) -> Candidate:
+                    stage: Stage, teacher: Path | str | None = None) -> Candidate:
     from shitu_cli.compress import methods
 
     if source.task == "det" and not onnx_int8:
         from shitu_cli.compress.det import detector_prune, detector_ptq
 
-        base = detector_prune(source, calib_set, work, prune, epochs, lr, seed, batch_size, stage) if prune is not None else None
+        base = None
+        if prune is not None and teacher is not None:
+            from shitu_cli.compress.det_teacher import detector_prune_from_teacher
+
+            base = detector_prune_from_teacher(source, teacher, calib_set, work, prune, epochs, lr, seed, batch_size, stage)
+        elif prune is not None:
+            base = detector_prune(source, calib_set, work, prune, epochs, lr, seed, batch_size, stage)
         return detector_ptq(source, calib_set, work, algo, stage, base=base) if quant == "ptq" else base
     if onnx_int8:
         return methods.onnx_int8(source, calib_set, work, batch_size, stage)
