@@ -59,7 +59,8 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/yellow] {message}")
+    # soft_wrap: a warning stays one line in a log, as an error does
+    err_console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
 
 def error(exc: ShituError) -> None:
