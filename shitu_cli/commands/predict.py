@@ -47,6 +47,10 @@ def command(
     backend: str = typer.Option("auto", "--backend", help="paddle, onnxruntime, openvino, or auto: the fastest "
                                 "backend measured on this CPU for this model (the first use times the backends that give "
                                 "Paddle's outputs, a few seconds; `shitu benchmark-cpu` measures too), else paddle."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Keep peak memory low on a small device: onnxruntime "
+                                    "(chosen by --backend auto) with no memory arena, a pre-optimised model form whose "
+                                    "weights are memory-mapped, and no weight-copying layout pass; slower on fp32 models "
+                                    "(benchmarks/det_memory.md)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
 ) -> None:
     """Recognise what is in each image: top-k labels with scores and the nearest gallery image."""
@@ -61,7 +65,7 @@ def command(
         from shitu_cli.infer.draw import check_output_folder
 
         check_output_folder(save_vis, "--save-vis")
-    predictor_options = PredictorOptions(backend=backend, threads=threads, mkldnn=mkldnn)
+    predictor_options = PredictorOptions(backend=backend, threads=threads, mkldnn=mkldnn, low_memory=low_memory)
     if model is not None:
         _predict_classes(images, model, predictor_options, topk, save_vis, batch_size, json_output)
         return

@@ -21,14 +21,13 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from shitu_cli.errors import BadInput, WorkFailed
+from shitu_cli.infer import onnx_convert
+from shitu_cli.infer.onnx_convert import model_hash_of, onnx_model
 from shitu_cli.models.manifest import ModelManifest, read_model_manifest
 
 BACKENDS = ("paddle", "onnxruntime", "openvino")
 BACKEND_CHOICES = BACKENDS + ("auto",)
 PRECISIONS = ("fp32", "bf16", "int8")
-ONNX_FILE = "model.onnx"
-ONNX_STAMP = "source.json"
-ONNX_OPSET = 11
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,7 @@ class PredictorOptions:
     threads: int = 1
     mkldnn: bool = True  # Paddle only: oneDNN kernels
     precision: str = "fp32"  # fp32 | bf16 | int8 (int8 models come from `shitu compress`)
+    low_memory: bool = False  # onnxruntime only: the settings of infer/low_memory.py, for devices short of memory
 
 
 class PaddlePredictor:
@@ -128,6 +128,10 @@ class OnnxRuntimePredictor:
             raise WorkFailed("onnxruntime's CPU provider has no bf16 mode", hint="use paddle or openvino for bf16", path=model_dir)
         self.model_dir, self.manifest, self.options = Path(model_dir), manifest, options
         onnx_path = onnx_model(self.model_dir, manifest)
+        if options.low_memory:
+            from shitu_cli.infer.low_memory import low_memory_form
+
+            onnx_path = low_memory_form(onnx_path)
         self.model_files = [onnx_path]
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = max(1, options.threads)
@@ -138,6 +142,10 @@ class OnnxRuntimePredictor:
         session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session_options.log_severity_level = 3  # paddle2onnx leaves unused initializers; ORT warns about each
+        if options.low_memory:
+            from shitu_cli.infer.low_memory import apply_session_options
+
+            apply_session_options(session_options)
         try:
             self._session = ort.InferenceSession(str(onnx_path), session_options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
@@ -197,6 +205,7 @@ class OpenVinoPredictor:
         return [np.array(results[port]) for port in self._compiled.outputs]
 
 
+onnx_cache_dir = onnx_convert.onnx_cache_dir  # its old home, where callers import it from
 PREDICTORS = {"paddle": PaddlePredictor, "onnxruntime": OnnxRuntimePredictor, "openvino": OpenVinoPredictor}
 Predictor = PaddlePredictor | OnnxRuntimePredictor | OpenVinoPredictor
 
@@ -212,6 +221,7 @@ def build_predictor(model_dir: Path | str, options: PredictorOptions | None = No
     if options.precision not in PRECISIONS:
         raise BadInput(f"unknown precision {options.precision!r}", hint=f"choose one of: {', '.join(PRECISIONS)}")
     manifest = read_model_manifest(Path(model_dir), task=task)
+    options = _low_memory_backend(options)
     if options.precision == "int8" and manifest.precision != "int8":
         raise WorkFailed(
             f"this is a {manifest.precision} model; int8 needs a quantized model",
@@ -222,6 +232,17 @@ def build_predictor(model_dir: Path | str, options: PredictorOptions | None = No
     if options.backend != "paddle" and not backend_installed(options.backend):
         raise WorkFailed(f"backend {options.backend} is not installed", hint=f"pip install {options.backend}")
     return PREDICTORS[options.backend](Path(model_dir), manifest, options)
+
+
+def _low_memory_backend(options: PredictorOptions) -> PredictorOptions:
+    """Low memory runs on onnxruntime: "auto" picks it; Paddle and OpenVINO are refused by name."""
+    if not options.low_memory or options.backend == "onnxruntime":
+        return options
+    if options.backend == "auto":
+        return dataclasses.replace(options, backend="onnxruntime")
+    raise BadInput(f"--low-memory runs on onnxruntime, not {options.backend}",
+                   hint="drop --backend (or pass --backend onnxruntime); Paddle Inference's runtime alone takes about "
+                        "300 MB (benchmarks/det_memory.md)")
 
 
 def resolve_auto_backend(manifest: ModelManifest, model_dir: Path, options: PredictorOptions | None = None) -> str:
@@ -275,113 +296,6 @@ def _importable(module: str) -> bool:
 
 def installed_backends() -> list[str]:
     return [name for name in BACKENDS if backend_installed(name)]
-
-
-def model_hash_of(manifest: ModelManifest, model_dir: Path) -> str:
-    if manifest.model_hash:
-        return manifest.model_hash
-    from shitu_cli.artifacts import sha256_file
-
-    return sha256_file(Path(model_dir) / manifest.params_file)
-
-
-# ---- ONNX conversion, cached under the shitu cache (never written into the model's folder)
-
-
-def onnx_model(model_dir: Path, manifest: ModelManifest) -> Path:
-    """The ONNX file for this model, converted by paddle2onnx on first use and reused while weights and program match."""
-    import json
-
-    if manifest.model_file.endswith((".onnx", ".xml")):
-        # already ONNX (e.g. an ONNX int8 model), or OpenVINO IR from `shitu export`: nothing to convert
-        return Path(model_dir) / manifest.model_file
-    source = _conversion_source(model_dir, manifest)
-    cache = _onnx_cache_dir(source)
-    onnx_path, stamp = cache / ONNX_FILE, cache / ONNX_STAMP
-    try:
-        stamped = json.loads(stamp.read_text(encoding="utf-8"))
-        if onnx_path.is_file() and all(stamped.get(key) == value for key, value in source.items()):
-            return onnx_path
-    except (OSError, ValueError):
-        pass  # a missing or damaged stamp means: convert again
-    data = _convert_to_onnx(model_dir, manifest)
-    return _store_onnx(model_dir, source, data)
-
-
-def onnx_cache_dir(model_dir: Path, manifest: ModelManifest) -> Path:
-    """Where this model's ONNX conversion is (or would be) cached: SHITU_HOME/onnx/<weights hash>-<program hash>."""
-    return _onnx_cache_dir(_conversion_source(model_dir, manifest))
-
-
-def _conversion_source(model_dir: Path, manifest: ModelManifest) -> dict[str, str]:
-    """What an ONNX file is made from: the weights (the model hash) and the program, which a re-export
-    can change while the weights stay the same (as the demo detector's ONNX-friendly re-export did)."""
-    from shitu_cli.artifacts import sha256_file
-
-    return {"model_hash": model_hash_of(manifest, model_dir),
-            "program_hash": sha256_file(Path(model_dir) / manifest.model_file)}
-
-
-def _onnx_cache_dir(source: dict[str, str]) -> Path:
-    # Keyed by weights and program, so two exports of the same weights never overwrite each other's
-    # conversion; a model folder stays as its writer left it (shitu export writes an ONNX model folder).
-    from shitu_cli.bench.record import shitu_home
-
-    return shitu_home() / "onnx" / f"{source['model_hash'][:16]}-{source['program_hash'][:12]}"
-
-
-def _store_onnx(model_dir: Path, source: dict[str, str], data: bytes) -> Path:
-    import importlib.metadata
-    import json
-
-    from shitu_cli.artifacts import atomic_write_bytes, atomic_write_text
-
-    stamp = {**source, "paddle2onnx": importlib.metadata.version("paddle2onnx"), "opset": ONNX_OPSET}
-    cache = _onnx_cache_dir(source)
-    try:
-        atomic_write_bytes(cache / ONNX_FILE, data)
-        atomic_write_text(cache / ONNX_STAMP, json.dumps(stamp, indent=2) + "\n")
-    except OSError as exc:
-        raise WorkFailed(f"cannot write the ONNX conversion ({exc.strerror or exc})", hint="set SHITU_HOME to a writable folder",
-                         path=cache) from None
-    return cache / ONNX_FILE
-
-
-# Run in a child process: paddle2onnx aborts the whole process (SIGABRT) on ops it cannot
-# convert (e.g. a quantized model's), calls sys.exit on other failures, and prints on stdout.
-_CONVERT = """
-import sys
-import paddle2onnx
-model, params, out, opset = sys.argv[1:5]
-# optimize_tool=None: paddle2onnx's default optimizer pip-installs packages (it moved numpy to 2.x).
-paddle2onnx.export(model, params, save_file=out, opset_version=int(opset), enable_onnx_checker=True, optimize_tool=None)
-"""
-
-
-def _convert_to_onnx(model_dir: Path, manifest: ModelManifest) -> bytes:
-    import subprocess
-    import tempfile
-
-    if not _importable("paddle2onnx"):
-        raise WorkFailed("paddle2onnx is not installed; onnxruntime and openvino need it", hint="pip install paddle2onnx==2.1.0")
-    model_file, params_file = Path(model_dir) / manifest.model_file, Path(model_dir) / manifest.params_file
-    with tempfile.TemporaryDirectory(prefix="shitu-onnx-") as scratch:
-        out = Path(scratch) / ONNX_FILE
-        done = subprocess.run([sys.executable, "-c", _CONVERT, str(model_file), str(params_file), str(out), str(ONNX_OPSET)],
-                              capture_output=True, text=True, errors="replace")
-        if done.returncode != 0 or not out.is_file() or out.stat().st_size == 0:
-            reason = _conversion_error(done.stdout + done.stderr) or f"paddle2onnx exited with code {done.returncode}"
-            raise WorkFailed(f"paddle2onnx cannot convert this model ({reason})", path=model_dir)
-        return out.read_bytes()
-
-
-def _conversion_error(chatter: str) -> str | None:
-    import re
-
-    plain = re.sub(r"\x1b\[[0-9;]*m", "", chatter)
-    errors = [line.split("[ERROR]", 1)[1].strip() for line in plain.splitlines() if "[ERROR]" in line]
-    errors = [e for e in errors if e and e != "None"]
-    return errors[0][:300] if errors else None
 
 
 @functools.lru_cache(maxsize=1)
