@@ -98,7 +98,8 @@ def _build_milvus(kind: str, vectors: np.ndarray, target: float, workdir: Path):
     return store, choice, ids
 
 
-def measure_one(kind: str, n: int, target: float, build_threads: int, workdir: Path) -> dict:
+def measure_one(kind: str, n: int, target: float, build_threads: int, workdir: Path,
+                keep_dir: Path | None = None) -> dict:
     """Runs in a child process: build, tune, then time single queries on one thread."""
     from shitu_cli.index import backend
     from shitu_cli.index.sizing import estimate_memory
@@ -107,6 +108,7 @@ def measure_one(kind: str, n: int, target: float, build_threads: int, workdir: P
     queries = query_vectors(vectors, QUERIES)
     best = exact_best(vectors, queries)
     base_rss = rss_mib()
+    load_start = os.getloadavg()[0]
     reset_peak_rss()
     backend.set_threads(build_threads)
     started = time.perf_counter()
@@ -117,7 +119,26 @@ def measure_one(kind: str, n: int, target: float, build_threads: int, workdir: P
     build_s = time.perf_counter() - started
     tuned = backend.tune_search(index, choice, ids, vectors, target) if kind != "flat" else None
     tune_s = time.perf_counter() - started - build_s
-    backend.set_threads(1)  # one query at a time, as `shitu predict` searches
+    peak = rss_mib("VmHWM")
+    if keep_dir is not None and not kind.startswith("milvus"):
+        save_built(index, choice, keep_dir / f"{kind}-{n}", build_s, tune_s, tuned)
+    p50, p99, recall = time_queries(index, queries, vectors, best)
+    sweep = sweep_settings(index, choice, tuned, queries, vectors, best) if tuned and not kind.startswith("milvus") else {}
+    estimate = estimate_memory(choice.type, choice.params, n, vectors.shape[1]) if not kind.startswith("milvus") else None
+    shown = {k: v for k, v in choice.params.items() if k not in ("tuned",)}
+    return {"n": n, "type": kind, "params": shown, "build_s": build_s, "tune_s": tune_s,
+            "tuned": tuned.as_text() if tuned else None, "tune_recall": tuned.recall if tuned else None,
+            "p50_ms": p50, "p99_ms": p99,
+            "recall_at_1": recall, "peak_over_data_mib": peak - base_rss, "base_rss_mib": base_rss,
+            "estimate_mib": estimate.index_bytes / 2**20 if estimate else None,
+            "load_start": load_start, "load_end": os.getloadavg()[0], "sweep": sweep}
+
+
+def time_queries(index, queries: np.ndarray, vectors: np.ndarray, best: np.ndarray) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms, recall@1) of single k=1 queries on one thread, as `shitu predict` searches."""
+    from shitu_cli.index import backend
+
+    backend.set_threads(1)
     latencies, firsts = [], []
     for query in queries:
         tick = time.perf_counter()
@@ -126,15 +147,66 @@ def measure_one(kind: str, n: int, target: float, build_threads: int, workdir: P
         firsts.append(int(found[0, 0]))
     true_scores = np.einsum("ij,ij->i", queries, vectors[np.array(firsts)])
     recall = float((true_scores >= best - 1e-5).mean())
-    peak = rss_mib("VmHWM")
-    estimate = estimate_memory(choice.type, choice.params, n, vectors.shape[1]) if not kind.startswith("milvus") else None
-    shown = {k: v for k, v in choice.params.items() if k not in ("tuned",)}
-    return {"n": n, "type": kind, "params": shown, "build_s": build_s, "tune_s": tune_s,
-            "tuned": tuned.as_text() if tuned else None, "tune_recall": tuned.recall if tuned else None,
-            "p50_ms": 1000 * float(np.median(latencies)), "p99_ms": 1000 * float(np.percentile(latencies, 99)),
-            "recall_at_1": recall, "peak_over_data_mib": peak - base_rss, "base_rss_mib": base_rss,
-            "estimate_mib": estimate.index_bytes / 2**20 if estimate else None,
-            "load_start": os.getloadavg()[0]}
+    return 1000 * float(np.median(latencies)), 1000 * float(np.percentile(latencies, 99)), recall
+
+
+def sweep_settings(index, choice, tuned, queries: np.ndarray, vectors: np.ndarray, best: np.ndarray) -> dict:
+    """Held-out p50/p99/recall@1 at each setting the tuning tried and a few above it: where the held-out
+    queries (new photos) reach the target, beside where the leave-one-out proxy did."""
+    from shitu_cli.index import backend, tuning
+
+    chosen = int(choice.params[tuned.param])
+    values = [v for v in tuning.candidate_values(tuned.param, 10**9) if v <= 4 * chosen]
+    out = {}
+    for value in values:
+        choice.params[tuned.param] = value
+        backend.apply_search_params(index, choice)
+        out[value] = time_queries(index, queries, vectors, best)
+    choice.params[tuned.param] = chosen
+    backend.apply_search_params(index, choice)
+    return out
+
+
+def save_built(index, choice, stem: Path, build_s: float, tune_s: float, tuned) -> None:
+    """Keep a built faiss index (and its tuned params) so its search can be re-measured on a quieter machine."""
+    import faiss
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(stem.with_suffix(".faiss")))
+    stem.with_suffix(".json").write_text(json.dumps({"type": choice.type, "params": choice.params, "build_s": build_s,
+                                                     "tune_s": tune_s, "tuned": tuned.as_text() if tuned else None,
+                                                     "tune_recall": tuned.recall if tuned else None}), encoding="utf-8")
+
+
+def remeasure(kind: str, n: int, keep_dir: Path) -> dict:
+    """Search phase only, of an index save_built kept: same data, same queries, no rebuild."""
+    import faiss
+
+    from shitu_cli.index import backend
+
+    vectors = gallery_vectors(n)
+    queries = query_vectors(vectors, QUERIES)
+    best = exact_best(vectors, queries)
+    stem = keep_dir / f"{kind}-{n}"
+    saved = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+    index = faiss.read_index(str(stem.with_suffix(".faiss")))
+    choice = backend.IndexChoice(saved["type"], saved["params"])
+    backend.apply_search_params(index, choice)
+    load_start = os.getloadavg()[0]
+    p50, p99, recall = time_queries(index, queries, vectors, best)
+    tuned = None
+    if saved["tune_recall"] is not None:
+        from shitu_cli.index.tuning import Tuning
+
+        param = "ef_search" if saved["type"] == "hnsw" else "nprobe"
+        tuned = Tuning(param, int(saved["params"][param]), saved["tune_recall"], 0.0, 0, True)
+    sweep = sweep_settings(index, choice, tuned, queries, vectors, best) if tuned else {}
+    shown = {k: v for k, v in saved["params"].items() if k != "tuned"}
+    return {"n": n, "type": kind, "params": shown, "build_s": saved["build_s"], "tune_s": saved["tune_s"],
+            "tuned": saved["tuned"], "tune_recall": saved["tune_recall"], "p50_ms": p50, "p99_ms": p99,
+            "recall_at_1": recall, "peak_over_data_mib": float("nan"), "base_rss_mib": float("nan"),
+            "estimate_mib": None, "load_start": load_start, "load_end": os.getloadavg()[0], "sweep": sweep,
+            "remeasured": True}
 
 
 def machine() -> str:
@@ -184,10 +256,18 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="keep the rows already in the .jsonl (a second run)")
     parser.add_argument("--child-timeout-s", type=float, default=3600)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/shitu-index-bench"))
+    parser.add_argument("--keep-dir", type=Path, default=None,
+                        help="save each built faiss index here (a few GiB at 1M) for --remeasure")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="time the search of indexes --keep-dir saved, without rebuilding them")
     args = parser.parse_args()
     if args.one:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        row = measure_one(args.one[0], int(args.one[1]), args.target_recall, args.build_threads, args.workdir)
+        if args.remeasure:
+            row = remeasure(args.one[0], int(args.one[1]), args.keep_dir)
+        else:
+            row = measure_one(args.one[0], int(args.one[1]), args.target_recall, args.build_threads, args.workdir,
+                              args.keep_dir)
         print("ROW " + json.dumps(row), flush=True)
         return
     started_load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -201,6 +281,8 @@ def main() -> None:
             subprocess.run(["rm", "-rf", str(workdir)], check=False)
             cmd = [sys.executable, __file__, "--one", kind, str(n), "--target-recall", str(args.target_recall),
                    "--build-threads", str(args.build_threads), "--workdir", str(workdir)]
+            cmd += ["--keep-dir", str(args.keep_dir)] if args.keep_dir else []
+            cmd += ["--remeasure"] if args.remeasure else []
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout_s)
             except subprocess.TimeoutExpired:

@@ -25,6 +25,15 @@ def isolated_env(tmp_path_factory, monkeypatch):
     return home
 
 
+@pytest.fixture(scope="session")
+def rec(tmp_path_factory):
+    """A tiny untrained 64-d rec model exported like `shitu train-rec` exports one (tests/tiny_rec.py): the
+    index tests' embedder. A test module that needs another shape defines its own `rec`."""
+    from tiny_rec import export_tiny_rec
+
+    return export_tiny_rec(tmp_path_factory.mktemp("models") / "rec64", embedding_dim=64)
+
+
 @pytest.fixture
 def cli():
     """Invoke `shitu ...` in-process; returns click's Result with .stdout, .stderr and .exit_code."""

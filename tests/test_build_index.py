@@ -15,11 +15,6 @@ from tiny_rec import export_tiny_rec
 INDEX_TYPES = ["flat", "ivf", "hnsw"]
 
 
-@pytest.fixture(scope="module")
-def rec(tmp_path_factory):
-    return export_tiny_rec(tmp_path_factory.mktemp("models") / "rec64", embedding_dim=64)
-
-
 @pytest.fixture
 def gallery(tmp_path):
     root = tmp_path / "gallery"

@@ -13,12 +13,6 @@ import pytest
 
 from shitu_cli.index.store import STALL_ENV, STALL_MARKER_ENV, load_index
 from synth import draw_object, make_class_tree, write_rgb
-from tiny_rec import export_tiny_rec
-
-
-@pytest.fixture(scope="module")
-def rec(tmp_path_factory):
-    return export_tiny_rec(tmp_path_factory.mktemp("models") / "rec64", embedding_dim=64)
 
 
 def _build_in_subprocess(gallery, index, rec, env):

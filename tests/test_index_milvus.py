@@ -5,6 +5,7 @@ searches it unchanged."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -24,11 +25,6 @@ pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
 MILVUS = ("--index-backend", "milvus")
-
-
-@pytest.fixture(scope="module")
-def rec(tmp_path_factory):
-    return export_tiny_rec(tmp_path_factory.mktemp("models") / "rec64", embedding_dim=64)
 
 
 @pytest.fixture
@@ -120,12 +116,15 @@ def test_python_api_and_eval_search_the_milvus_index(cli, gallery, rec, tmp_path
 
     index = Index.build(gallery, tmp_path / "index", rec=rec, index_backend="milvus")
     pipe = Pipeline(index)
+    first = pipe.current().index.index
     image = sorted((gallery / _labels(gallery)[1]).glob("*.jpg"))[0]
     assert pipe(image).recognitions[0].label == _labels(gallery)[1]
     added = tmp_path / "new.png"
     write_rgb(added, draw_object(_labels(gallery)[0], 64, np.random.default_rng(5)))
     index.add([added], label=_labels(gallery)[0])  # the same process holds the lite folder open: shared, not locked
     assert pipe(added).recognitions[0].label == _labels(gallery)[0]
+    gc.collect()
+    assert first.closed and not pipe.current().index.index.closed  # a reload lets the old generation's client go
     result = cli("eval", gallery, "--index", tmp_path / "index", "--json")
     assert result.exit_code == 0, result.stderr
 

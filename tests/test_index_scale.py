@@ -17,11 +17,6 @@ from synth import make_class_tree
 from tiny_rec import export_tiny_rec
 
 
-@pytest.fixture(scope="module")
-def rec(tmp_path_factory):
-    return export_tiny_rec(tmp_path_factory.mktemp("models") / "rec64", embedding_dim=64)
-
-
 @pytest.fixture
 def gallery(tmp_path):
     root = tmp_path / "gallery"

@@ -16,12 +16,10 @@ from shitu_cli.index.items import GalleryItem, Skipped, hash_entries, plan_updat
 from shitu_cli.infer.predictor import PredictorOptions
 from shitu_cli.index.store import ModelRef, StoredIndex, check_writable, commit, index_exists, load_for_write, write_lock
 from shitu_cli.index.stores import StoreSpec
+from shitu_cli.index.update import apply_update, wanted_choice
 
 CORE = "shitu_cli.index.build:build_index"
 DEFAULT_INDEX_DIR = Path("index")  # in the current folder, where a bare `shitu predict` looks for it
-# An IVF quantizer trained on n vectors still partitions well up to a few times n; past
-# that the lists grow long and uneven, so the index is retrained from stored vectors.
-IVF_RETRAIN_GROWTH = 4
 
 
 @dataclass
@@ -227,8 +225,8 @@ def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_ty
     if final_count == 0:
         raise BadInput("no gallery image could be embedded, so there is nothing to index", path=gallery)
 
-    wanted = _wanted_choice(current, index_type, final_count, removals_expected, notes, store, embedder.dim)
-    index, choice = _apply(current if same_model and store.same_as(current) else None, wanted, drop, new_ids, vectors,
+    wanted = wanted_choice(current, index_type, final_count, removals_expected, notes, store, embedder.dim)
+    index, choice = apply_update(current if same_model and store.same_as(current) else None, wanted, drop, new_ids, vectors,
                            final_count, notes, embedder.dim, store, target_recall)
     kept = {i: item for i, item in items.items() if i not in set(drop)}
     for item_id, label in plan.relabel.items():
@@ -251,7 +249,7 @@ def _announce_estimate(current, index_type, removals_expected, count, dim, store
 
     if store.backend == "milvus":
         return None  # Milvus holds the vectors; its own sizing applies
-    choice = _wanted_choice(current, index_type, max(1, count), removals_expected, [], store, dim)
+    choice = wanted_choice(current, index_type, max(1, count), removals_expected, [], store, dim)
     estimate = estimate_memory(choice.type, choice.params, count, dim)
     text = f"memory estimate for {count} vectors as {choice.type}: {estimate.as_text()}"
     if notify is not None:
@@ -290,71 +288,6 @@ def _comparable_items(current: StoredIndex | None, embedder, append: bool, notes
             path=current.dir)
     notes.append(f"the rec model changed: every image is re-embedded (was {str(indexed.model_hash)[:12]})")
     return {}, False
-
-
-def _wanted_choice(current: StoredIndex | None, index_type: str, count: int, removals_expected, notes,
-                   store: StoreSpec | None = None, dim: int = 512) -> IndexChoice:
-    if current is not None and index_type == "auto" and current.manifest.choice.chosen_by == "user":
-        choice = current.manifest.choice  # an explicit --index-type earlier is not undone by the default
-        choice.params = {**choice.params}
-        return choice
-    if removals_expected is None:
-        removals_expected = current.manifest.index.get("removals_expected", True) if current else True
-    choice = backend.choose_index(index_type, count, removals_expected, dim)
-    if store is not None and store.backend == "milvus" and choice.chosen_by == "auto" and choice.type not in ("flat", "ivf", "hnsw"):
-        choice = backend.choose_index("ivf", count, removals_expected, dim)  # Milvus spreads memory over its nodes
-        choice.chosen_by, choice.reason = "auto", f"{count} vectors on Milvus: IVF (Milvus spreads the vectors over its nodes)"
-    choice.params = {**choice.params}
-    return choice
-
-
-def _apply(current: StoredIndex | None, wanted: IndexChoice, drop, new_ids, vectors, final_count, notes, dim,
-           store: StoreSpec | None = None, target_recall: float | None = None):
-    """Update the current index in place when it still fits, else rebuild from its stored vectors
-    (and then choose nprobe / efSearch for `target_recall`).
-
-    `current` is None when there is no index, its vectors came from another model, or they live elsewhere.
-    """
-    store = store or StoreSpec()
-    if current is not None and _still_fits(current, wanted, final_count):
-        choice = current.manifest.choice
-        index = backend.remove(current.index, choice, np.array(drop, dtype=np.int64))
-        if drop and choice.type == "hnsw":
-            notes.append(f"HNSW cannot remove in place: rebuilt it from its {index.ntotal} stored vectors")
-        backend.add(index, new_ids, vectors)
-        return index, choice
-    old_ids, old_vectors = _kept_vectors(current, drop, dim)
-    all_ids, all_vectors = np.concatenate([old_ids, new_ids]), np.concatenate([old_vectors, vectors])
-    if len(old_ids):
-        notes.append(f"rebuilt as {wanted.type} from {len(old_ids)} stored vectors and {len(new_ids)} new ones")
-    if wanted.type in backend.IVF_TYPES:
-        wanted.params["trained_on"] = final_count
-    index = store.new_index(wanted, dim, all_vectors, current)
-    backend.add(index, all_ids, all_vectors)
-    if target_recall is not None:
-        tuned = backend.tune_search(index, wanted, all_ids, all_vectors, target_recall)
-        if tuned is not None:
-            notes.append(f"search setting {tuned.as_text()}")
-    return index, wanted
-
-
-def _still_fits(current: StoredIndex, wanted: IndexChoice, count: int) -> bool:
-    have = current.manifest.choice
-    if have.type != wanted.type:
-        return False
-    if backend.external(current.index):
-        return True  # Milvus indexes its own segments as they fill
-    if have.type in backend.IVF_TYPES:
-        return count <= IVF_RETRAIN_GROWTH * int(have.params.get("trained_on", count))
-    return True
-
-
-def _kept_vectors(current, drop, dim) -> tuple[np.ndarray, np.ndarray]:
-    if current is None:
-        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    ids, vectors = backend.stored(current.index)
-    keep = ~np.isin(ids, np.array(drop, dtype=np.int64))
-    return ids[keep], vectors[keep]
 
 
 def _action(current, notes) -> str:

@@ -108,6 +108,7 @@ class MilvusVectors:
         self.pending_deletes: list[int] = []
         self.retired_collection: str | None = None
         self.search_params: dict[str, Any] = {}
+        self.closed = False
         self.apply_search_params(choice)
 
     # ------------------------------------------------------------------ opening
@@ -147,7 +148,11 @@ class MilvusVectors:
         return cls(client, uri, recorded, record["collection"], dim, choice, live_ids, family)
 
     def close(self) -> None:
-        release(self.client, self.uri)
+        """Let go of the connection; a second call does nothing (a reader's generation may be closed both by
+        its owner and when the pipeline that searched it is collected)."""
+        if not self.closed:
+            self.closed = True
+            release(self.client, self.uri)
 
     # ------------------------------------------------------------------ what backend.py calls
 

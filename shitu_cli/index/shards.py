@@ -85,7 +85,8 @@ def merge_index(shard_dirs: Sequence[Path | str], out: Path | str, index_type: s
                 collection: str | None = None, target_recall: float | None = 0.99, removals_expected: bool | None = None,
                 notify: Callable[[str], None] | None = None):
     """Join shard indexes (from `build_index(..., shard="i/N")`) into one new index at `out`."""
-    from shitu_cli.index.build import BuildReport, IndexState, _announce_estimate, _apply, _wanted_choice, commit_state
+    from shitu_cli.index.build import BuildReport, IndexState, _announce_estimate, commit_state
+    from shitu_cli.index.update import apply_update, wanted_choice
     from shitu_cli.index.build import write_build_recipe
     from shitu_cli.index.store import check_writable, index_exists, load_index, write_lock
     from shitu_cli.index.stores import StoreSpec
@@ -104,8 +105,8 @@ def merge_index(shard_dirs: Sequence[Path | str], out: Path | str, index_type: s
         dim = manifests[0].model.embedding_dim
         _announce_estimate(None, index_type, removals_expected, len(ids), dim, store, notify)
         try:
-            wanted = _wanted_choice(None, index_type, len(ids), removals_expected, notes, store, dim)
-            index, choice = _apply(None, wanted, [], ids, vectors, len(ids), notes, dim, store, target_recall)
+            wanted = wanted_choice(None, index_type, len(ids), removals_expected, notes, store, dim)
+            index, choice = apply_update(None, wanted, [], ids, vectors, len(ids), notes, dim, store, target_recall)
             model = manifests[0].model
             result = IndexState(index, items, choice, len(ids), model, None)
             with writing_to(out):

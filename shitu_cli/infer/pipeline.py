@@ -219,6 +219,7 @@ class Pipeline:
         _check_options(self.options)
         self.index_dir = Path(index_dir)
         self.index = load_index(self.index_dir)
+        _close_with(self, self.index)
         rec_dir = Path(rec) if rec is not None else Path(self.index.manifest.model.dir)
         # predict's default backend: the Python API gives what the CLI gives with its defaults
         predictor_options = predictor_options or PredictorOptions(backend="auto")
@@ -238,6 +239,7 @@ class Pipeline:
         check_model_fits_index(stored.manifest.model, self.embedder.manifest, self.embedder.model_dir)
         other = copy.copy(self)
         other.index = stored
+        _close_with(other, stored)
         other._k = min(stored.index.ntotal, max(1, self.options.topk) * NEIGHBOURS_PER_LABEL + 8)
         return other
 
@@ -323,6 +325,14 @@ class Pipeline:
             else:
                 results.append(ImageResult(Path(path).as_posix(), next(recognised), policy, (rgb.shape[1], rgb.shape[0])))
         return results
+
+
+def _close_with(pipeline: Pipeline, stored) -> None:
+    """Close `stored` (an external store's connection) once `pipeline` is gone: a reloading reader drops its
+    old generation's pipeline, and a search still running on it holds it until that search ends."""
+    import weakref
+
+    weakref.finalize(pipeline, stored.close)
 
 
 def _read(path: Path | str) -> tuple[Path | str, np.ndarray | None, str | None]:
