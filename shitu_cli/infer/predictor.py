@@ -63,9 +63,10 @@ class PaddlePredictor:
                 # the placement pass keeps oneDNN for the rest of the graph. Old-IR programs (INT8
                 # detectors) run placed, and their INT8 convs need the placement.
                 config.delete_pass("onednn_placement_pass")
-            if manifest.task == "det" and manifest.extra.get("family") == "yolov3":
+            if manifest.extra.get("family") == "yolov3" or _has_leaky_relu(self.model_files[0]):
                 # Paddle 3.3 segfaults (pir::FloatAttribute::data) building the FusedConv2dOp that fuses a
-                # batch-normed conv with YOLOv3's leaky ReLU; the rest of the graph keeps oneDNN.
+                # conv with a leaky ReLU, whose slope a Paddle 3 program stores as a double (YOLOv3's
+                # neck and head, or any net with one); the rest of the graph keeps oneDNN.
                 config.delete_pass("conv_activation_onednn_fuse_pass")
             for name in manifest.extra.get("onednn_skip_passes", []):
                 # Set at export for nets a oneDNN pass breaks (HRNet's upsample fuse: see models.cls_families).
@@ -95,6 +96,10 @@ class PaddlePredictor:
             self._predictor.get_input_handle(name).copy_from_cpu(np.ascontiguousarray(value))
         self._predictor.run()
         return [self._predictor.get_output_handle(name).copy_to_cpu() for name in self.output_names]
+
+
+def _has_leaky_relu(program_file: Path) -> bool:
+    return program_file.suffix == ".json" and b'"1.leaky_relu"' in program_file.read_bytes()
 
 
 @contextmanager
