@@ -67,7 +67,8 @@ def ppyoloe(scenes, tmp_path_factory):
 def yolov3(scenes, tmp_path_factory):
     recipe = _narrow_recipe("yolov3-mobilenetv1", tmp_path_factory.mktemp("recipes") / "yolov3-test.yml",
                             MobileNet={"scale": 0.25})
-    return _train(scenes, tmp_path_factory, recipe, "--label-smooth", "--mixup-epochs", "1")
+    # --warmup-steps past the run's 2 steps: taken as given, not cut (test_an_explicit_warm_up_is_taken_as_given)
+    return _train(scenes, tmp_path_factory, recipe, "--label-smooth", "--mixup-epochs", "1", "--warmup-steps", "3")
 
 
 @pytest.fixture(params=["ppyoloe", "yolov3"])
@@ -97,6 +98,15 @@ def test_the_tricks_reach_ppdet(ppyoloe, yolov3):
     assert config["YOLOv3Loss"]["label_smooth"] is True
     assert {"Mixup": {"alpha": 1.5, "beta": 1.5}} in config["TrainReader"]["sample_transforms"]
     assert config["TrainReader"]["mixup_epoch"] == 1
+
+
+def test_an_explicit_warm_up_is_taken_as_given(yolov3):
+    run, summary = yolov3
+    assert read_yaml(run / "ppdet.yml")["LearningRate"]["schedulers"][1]["steps"] == 3
+    shitu = read_yaml(run / "recipe.yaml")["options"]["recipe"]["shitu"]
+    assert (shitu["warmup_steps"], shitu["warmup_max_share"]) == (3, 0.0)  # a replay keeps it uncut too
+    assert summary["warmup"] == {"steps": 3, "asked": 3, "run_steps": 2, "capped": False, "explicit": True,
+                                 "first_decay": 2}
 
 
 def test_exported_boxes_match_the_dygraph_model(family_run, scenes):
@@ -191,6 +201,23 @@ def test_the_2x_schedule_doubles_the_epochs_with_steps_at_the_same_fractions():
     assert one["LearningRate"]["schedulers"][0] == {"name": "PiecewiseDecay", "gamma": 0.1, "milestones": [8, 11]}
     assert two["LearningRate"]["schedulers"][0]["milestones"] == [16, 22]
     assert _config("ppyoloe-s", {})["LearningRate"]["schedulers"][0]["name"] == "CosineDecay"
+
+
+def test_a_cut_warm_up_is_cut_no_further_on_replay_and_the_user_s_is_kept():
+    from shitu_cli.train.det_config import load_recipe, resolve_settings
+    from shitu_cli.train.det_schedule import fit_warmup
+
+    _, document = load_recipe("yolov3-mobilenetv1")
+    settings = resolve_settings(document, {"epochs": 12})
+    plan = fit_warmup(settings, epoch_steps=8, epochs=12, explicit=False)  # 1000 steps asked of a 96-step run
+    assert (plan.steps, plan.capped, plan.first_decay) == (9, True, 64) and "warming up for 9 steps" in plan.note()
+    replay = resolve_settings({**document, "shitu": {**document["shitu"], "warmup_steps": settings.warmup_steps}}, {})
+    assert fit_warmup(replay, epoch_steps=8, epochs=12, explicit=False).steps == 9
+    user = resolve_settings(document, {"epochs": 12, "warmup_steps": 70})
+    plan = fit_warmup(user, epoch_steps=8, epochs=12, explicit=True)
+    assert (plan.steps, plan.capped, user.warmup_max_share) == (70, False, 0.0)
+    assert "ends after the schedule's first lr drop at step 64" in plan.note()
+    assert fit_warmup(resolve_settings(document, {"warmup_max_share": 0.0}), 8, 12, explicit=False).steps == 1000
 
 
 def test_the_iou_aware_head_is_ppdets():

@@ -92,6 +92,22 @@ def test_recipe_yaml_holds_the_resolved_config(trained):
     assert recipe["outputs"]["export/model.pdiparams"] == sha256_file(run / "export" / "model.pdiparams")
 
 
+def test_a_warm_up_longer_than_the_run_allows_is_cut_said_and_recorded(trained):
+    """tiny's 2-step warm-up on a 3-step run (12 images, batch 4, 1 epoch) is cut to 10 % of it (1 step)."""
+    run, summary = trained
+    recipe = read_yaml(run / "recipe.yaml")
+    assert recipe["inputs"]["warmup"] == {"steps": 1, "asked": 2, "run_steps": 3, "capped": True, "explicit": False,
+                                          "first_decay": None}
+    assert recipe["options"]["recipe"]["shitu"]["warmup_steps"] == 1  # what a replay trains with
+    assert read_yaml(run / "ppdet.yml")["LearningRate"]["schedulers"][1] == {"name": "LinearWarmup", "start_factor": 0.1,
+                                                                            "steps": 1}
+    assert summary["warmup"]["steps"] == 1
+    stderr = (run.parent / "stderr.txt").read_text(encoding="utf-8")
+    lines = [line for line in stderr.splitlines() if "warm-up" in line]
+    assert lines == ["warning: the recipe's 2-step warm-up is longer than 10% of this run's 3 steps: warming up for "
+                     "1 steps instead (set it with --warmup-steps)"]
+
+
 def test_reproduce_replays_the_run_byte_for_byte_elsewhere(trained, tmp_path):
     import subprocess
     import sys

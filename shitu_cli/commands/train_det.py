@@ -20,6 +20,7 @@ def command(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (recipe default otherwise)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Base learning rate (cosine decay after a linear warmup)."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps, taken as given. Otherwise the recipe's, cut to 10% of the run's steps when longer (a short run would end inside it)."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square network input side in pixels, a multiple of 32."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Local .pdparams (or a weights name) to start from; mismatched layers are skipped."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch, with its own recipe, classes and settings; only --epochs (more or fewer) may change."),
@@ -46,12 +47,12 @@ def command(
     from shitu_cli.train.stop import exit_code_for
 
     flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "input_size": input_size,
-             "pretrained": str(pretrained) if pretrained else None, "seed": seed, "eval_every": eval_every,
+             "warmup_steps": warmup_steps, "pretrained": str(pretrained) if pretrained else None, "seed": seed, "eval_every": eval_every,
              "schedule": schedule, "mixup_epochs": mixup_epochs, "ema": ema, "label_smooth": label_smooth,
              "iou_aware": iou_aware, "nms": nms}
     with render.progress("train-det", None, unit="step") as bar:
         result = train_det(dataset, out, recipe=recipe, settings=flags, merge_classes=merge_classes, resume=resume,
-                           on_step=bar, on_total=bar.set_total)
+                           on_step=bar, on_total=bar.set_total, on_note=render.warn)
     if result is None:  # a data-parallel worker other than rank 0: rank 0 reports
         return
     summary = {
@@ -59,11 +60,11 @@ def command(
         "best_map": result.best_map, "best_map50": result.best_map50, "best_epoch": result.best_epoch,
         "epochs": result.epochs, "labels": result.labels, "train_images": result.train_images,
         "val_images": result.val_images, "seconds": result.seconds, "epochs_done": result.epochs_done,
-        "stopped_by": result.stopped_by,
+        "stopped_by": result.stopped_by, "warmup_steps": (result.warmup or {}).get("steps"),
     }
     per_class = result.per_class or {}
     if json_output:
-        render.print_json({**summary, "per_class": per_class, "skipped": result.skipped})
+        render.print_json({**summary, "per_class": per_class, "skipped": result.skipped, "warmup": result.warmup})
     else:
         render.file_problems("skipped images (left out of training)", [(s.path, s.reason) for s in result.skipped])
         rows = [(k.replace("_", " "), ", ".join(v) if isinstance(v, list) else v) for k, v in summary.items()]

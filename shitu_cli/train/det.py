@@ -7,7 +7,6 @@ Recipes and the ppdet config live in det_config, datasets in det_data, the expor
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,9 +21,12 @@ from shitu_cli.train.det_config import (
     CHECKPOINTS, DEFAULT_RECIPE, PPDET_CONFIG, DetSettings, build_ppdet_config, load_ppdet_config, load_recipe,
     ppdet_chatter_to, ppdet_output_to, recipe_names, resolve_settings,
 )
+from shitu_cli.train.det_checkpoints import keep_last, load_pretrained, restore_best
+from shitu_cli.train.det_checkpoints import resume as resume_weights
 from shitu_cli.train.det_data import DetDataset, coco_image_dir, prepare_dataset, read_coco
 from shitu_cli.train.det_families import trained_epochs
 from shitu_cli.train.det_metrics import class_aps
+from shitu_cli.train.det_schedule import fit_warmup, steps_per_epoch
 from shitu_cli.train.det_export import (
     EXPORT_DIR, MODEL_SECTIONS, best_weights, export_detector, load_trained_model, write_model_sections,
 )
@@ -62,6 +64,7 @@ class TrainDetResult:
     epochs_done: int = 0
     skipped: list[SkippedImage] = field(default_factory=list)  # listed images that could not be read, left out
     per_class: dict[str, dict[str, float]] | None = None  # the best epoch's AP / AP50 per class (det_metrics)
+    warmup: dict[str, Any] | None = None  # the warm-up trained with, and whether it was cut to fit the run (det_schedule)
 
 
 # ---------------------------------------------------------------- training
@@ -103,7 +106,7 @@ def _progress_callback(trainer, on_step, history: list[dict[str, float]], state:
                 self.train_seconds = time.perf_counter() - self.started
                 self.images = len(self.losses) * int(trainer.cfg.TrainReader["batch_size"]) * world.size  # ppdet's is per rank
                 self.losses = []
-                _keep_last(trainer, run_dir / CHECKPOINTS, epoch, trainer.cfg.epoch)
+                keep_last(trainer, run_dir / CHECKPOINTS, epoch, trainer.cfg.epoch)
             elif status.get("mode") == "eval" and trainer._metrics:
                 stats = trainer._metrics[0].get_results().get("bbox", [])
                 row = history[-1]
@@ -137,55 +140,6 @@ def _evaluates(trainer, epoch: int) -> bool:
     return epoch % trainer.cfg.snapshot_epoch == 0 or epoch == trainer.end_epoch
 
 
-def _keep_last(trainer, checkpoints: Path, epoch: int, epochs: int) -> None:
-    """ppdet writes a checkpoint per snapshot epoch ({epoch-1}.* or model_final.*); keep only `last.*`."""
-    name = "model_final" if epoch == epochs else str(epoch - 1)
-    if not (checkpoints / f"{name}.pdopt").is_file():
-        return
-    for suffix in (".pdparams", ".pdema"):
-        if (checkpoints / f"{name}{suffix}").is_file():
-            (checkpoints / f"{name}{suffix}").replace(checkpoints / f"last{suffix}")
-    _translate_optimizer_state(trainer.model, checkpoints / f"{name}.pdopt", checkpoints / "last.pdopt", to_structured=True)
-    (checkpoints / f"{name}.pdopt").unlink()
-
-
-def _translate_optimizer_state(model, source: Path, target: Path, to_structured: bool) -> None:
-    """ppdet keys optimiser state by paddle's unique names (conv2d_80.w_0), which depend on how many
-    layers the process built before; store structured names so a resume in any process finds them."""
-    import paddle
-
-    from shitu_cli.models.legacy import load_state
-    from shitu_cli.train.checkpoints import param_names, rename_accumulators
-
-    state = load_state(source)  # arrays only: a swapped last.pdopt never runs code
-    if not isinstance(state, dict):
-        raise BadInput("not an optimiser checkpoint", path=source, hint="restore the run's own checkpoints")
-    extras = {k: state.pop(k) for k in ("last_epoch", "LR_Scheduler") if k in state}
-    renamed = rename_accumulators(state, param_names(model), to_structured=to_structured)
-    tmp = target.with_name(f".{target.name}.tmp")
-    paddle.save({**renamed, **extras}, str(tmp))
-    tmp.replace(target)
-
-
-def _resume(trainer, checkpoints: Path) -> None:
-    """Resume from last.*: translate the optimiser keys back to this process's names first."""
-    from shitu_cli.train.checkpoints import fitting_weights
-
-    for suffix in (".pdparams", ".pdema"):
-        if (checkpoints / f"last{suffix}").is_file():
-            fitting_weights(trainer.model, checkpoints / f"last{suffix}")  # refuse, not skip, what does not fit
-    staging = checkpoints / f".resume{distributed.current_world().rank}"  # each rank stages its own copy
-    for suffix in (".pdparams", ".pdema"):
-        if (checkpoints / f"last{suffix}").is_file():
-            shutil.copyfile(checkpoints / f"last{suffix}", staging.with_suffix(suffix))
-    _translate_optimizer_state(trainer.model, checkpoints / "last.pdopt", staging.with_suffix(".pdopt"), to_structured=False)
-    try:
-        trainer.resume_weights(str(staging))
-    finally:
-        for suffix in (".pdparams", ".pdema", ".pdopt"):
-            staging.with_suffix(suffix).unlink(missing_ok=True)
-
-
 def _save_progress(run_dir: Path, history: list[dict[str, float]], state: dict[str, Any]) -> None:
     from shitu_cli.train.loop import write_metrics
 
@@ -203,27 +157,31 @@ def _seed(seed: int) -> None:
 
 def train_det(dataset: Path | str | None, out: Path | str, recipe: str | Path | dict[str, Any] | None = None,
               settings: dict[str, Any] | None = None, merge_classes: bool | None = None, resume: bool = False,
-              on_step: Callable[..., None] | None = None, on_total: Callable[[int], None] | None = None) -> TrainDetResult:
+              on_step: Callable[..., None] | None = None, on_total: Callable[[int], None] | None = None,
+              on_note: Callable[[str], None] | None = None) -> TrainDetResult:
     """Train a PicoDet mainbody detector on `dataset` into `out` and export its best checkpoint.
 
     With `resume` the run's recipe.yaml supplies dataset, recipe, class merging and settings; a
     requested one that differs is refused by name (epochs may change). Ctrl-C or SIGTERM stop after
-    the current step and the best epoch so far is exported.
+    the current step and the best epoch so far is exported. `on_note` hears a warning worth a line
+    before training starts (a recipe warm-up cut to fit a short run).
     """
     from shitu_cli.train.stop import stop_on_signals
 
     with stop_on_signals() as stop:
-        return _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, on_total, stop)
+        return _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, on_total, on_note, stop)
 
 
-def _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, on_total, stop: StopRequest) -> TrainDetResult:
+def _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, on_total, on_note,
+               stop: StopRequest) -> TrainDetResult:
     from shitu_cli.train.run_dir import check_run_dir
 
     started = time.perf_counter()
     run_dir = check_run_dir(out, resume, "train-det")
     flags = {k: v for k, v in (settings or {}).items() if v is not None}
+    warmup = None  # rank 0 fits it to the data; the other ranks read it from ppdet.yml
     if resume:
-        dataset, name, document, merge_classes, resolved = _resumed(run_dir, dataset, recipe, flags, merge_classes)
+        dataset, name, document, merge_classes, resolved, warmup = _resumed(run_dir, dataset, recipe, flags, merge_classes)
     elif dataset is None:
         raise BadInput("no DATASET given", hint="pass the dataset folder (or --resume an earlier run)")
     else:
@@ -239,10 +197,12 @@ def _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, o
         if world.is_main:
             # Absolute paths in ppdet.yml: ppdet reads them from any cwd, and run_config_hash can take the run dir out.
             data = prepare_dataset(Path(dataset), run_dir.resolve() / "data", merge_classes)
+            if not resume:  # a resumed run keeps the warm-up its recipe.yaml recorded
+                warmup = _fit_warmup(resolved, data, "warmup_steps" in flags, on_note)
             atomic_write_text(run_dir / PPDET_CONFIG,
                               dump_yaml(build_ppdet_config(document, resolved, data, run_dir.resolve())))
     document = {**document, "name": name, "shitu": asdict(resolved)}
-    _write_run_recipe(run_dir, dataset, document, merge_classes, data, None)  # so a killed run can be resumed
+    _write_run_recipe(run_dir, dataset, document, merge_classes, data, None, warmup)  # so a killed run can be resumed
 
     history, state = [], {"best_map": None, "best_map50": None, "best_epoch": None, "per_class": None}
     with ppdet_output_to(run_dir / TRAIN_LOG):
@@ -257,8 +217,8 @@ def _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, o
                             state["best_epoch"], trained_epochs(resolved), data.train_images, data.val_images,
                             round(time.perf_counter() - started, 2), history,
                             stopped_by=stop.signal_name if stop else None, epochs_done=len(history),
-                            skipped=data.skipped, per_class=state["per_class"])
-    _write_run_recipe(run_dir, dataset, document, merge_classes, data, result)
+                            skipped=data.skipped, per_class=state["per_class"], warmup=warmup)
+    _write_run_recipe(run_dir, dataset, document, merge_classes, data, result, warmup)
     return result
 
 
@@ -278,7 +238,16 @@ def _resumed(run_dir: Path, dataset, recipe, flags: dict[str, Any], merge_classe
         changed.insert(0, f"dataset {options.get('dataset')!r} -> {str(dataset)!r}")
     refuse_changes(changed, run_dir)
     resolved = resolve_settings(document, {k: v for k, v in flags.items() if k in RESUME_FREE})
-    return Path(options["dataset"]), name, document, bool(options.get("merge_classes")), resolved
+    warmup = saved_recipe(run_dir, "train-det").inputs.get("warmup")
+    return Path(options["dataset"]), name, document, bool(options.get("merge_classes")), resolved, warmup
+
+
+def _fit_warmup(settings: DetSettings, data: DetDataset, explicit: bool, on_note) -> dict[str, Any]:
+    """Cut a recipe warm-up longer than the run allows (det_schedule), say so, and return what to record."""
+    plan = fit_warmup(settings, steps_per_epoch(data.train_json, settings.batch_size), trained_epochs(settings), explicit)
+    if on_note is not None and plan.note():
+        on_note(plan.note())
+    return asdict(plan)
 
 
 def _comparable(key: str, value: Any) -> Any:
@@ -297,7 +266,7 @@ def _exportable_or_interrupted(run_dir: Path, stop: StopRequest) -> None:
 
 
 def _write_run_recipe(run_dir: Path, dataset, document: dict[str, Any], merge_classes: bool, data: DetDataset,
-                      result: TrainDetResult | None) -> None:
+                      result: TrainDetResult | None, warmup: dict[str, Any] | None) -> None:
     """recipe.yaml: at the start (no result: settings only, what --resume reads), and again at the end."""
     from shitu_cli.recipes import Recipe, write_recipe
 
@@ -321,7 +290,7 @@ def _write_run_recipe(run_dir: Path, dataset, document: dict[str, Any], merge_cl
         inputs={"dataset": str(Path(dataset).resolve()), "format": data.kind, "recipe": document["name"],
                 "sha256": data.checksums, "train_images": data.train_images, "val_images": data.val_images,
                 "skipped_images": [{"path": s.path, "reason": s.reason} for s in data.skipped],
-                "distributed": distributed.describe(world, document["shitu"]["batch_size"])},
+                "distributed": distributed.describe(world, document["shitu"]["batch_size"]), "warmup": warmup},
         metrics=metrics,
     ), [p for p in written if p.is_file()])
 
@@ -356,13 +325,13 @@ def _train(run_dir: Path, settings: DetSettings, resume: bool, history: list, st
                        hint="lower --batch-size")
     checkpoints = run_dir / CHECKPOINTS
     if resume:
-        _resume(trainer, checkpoints)
+        resume_weights(trainer, checkpoints)
         saved = read_yaml(checkpoints / STATE_FILE) if (checkpoints / STATE_FILE).is_file() else {}
         history.extend(saved.get("history", [])[: trainer.start_epoch])
         state.update({k: saved.get(k) for k in state})
-        _restore_best(trainer, state)
+        restore_best(trainer, state)
     elif settings.pretrained:
-        _load_pretrained(trainer, Path(settings.pretrained).with_suffix(".pdparams"))
+        load_pretrained(trainer, Path(settings.pretrained).with_suffix(".pdparams"))
     trainer.register_callbacks([_progress_callback(trainer, on_step, history, state, run_dir, stop)])
     if on_total is not None:
         on_total(max(0, len(trainer.loader) * (trained_epochs(settings) - trainer.start_epoch)))
@@ -373,27 +342,3 @@ def _train(run_dir: Path, settings: DetSettings, resume: bool, history: list, st
     except (ValueError, RuntimeError, MemoryError) as exc:
         raise WorkFailed(f"training failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})",
                          path=run_dir / TRAIN_LOG) from exc
-
-
-def _load_pretrained(trainer, path: Path) -> None:
-    """ppdet's own name matching (backbone-only weights fit too; misshapen layers start fresh), over
-    the array-only reader; a file of which nothing fits is refused rather than silently ignored."""
-    from ppdet.utils.checkpoint import match_state_dict
-
-    from shitu_cli.models.legacy import load_weights
-
-    if not match_state_dict(trainer.model.state_dict(), load_weights(path)):
-        raise BadInput("no weight in this file fits the detector", path=path,
-                       hint="pass PicoDet / LCNet weights (.pdparams)")
-    trainer.load_weights(str(path.with_suffix("")))
-
-
-def _restore_best(trainer, state: dict[str, Any]) -> None:
-    """ppdet's Checkpointer forgets the best mAP on resume; give it back so a worse epoch cannot replace it."""
-    from ppdet.engine.callbacks import Checkpointer
-
-    for callback in trainer._callbacks:
-        if isinstance(callback, Checkpointer) and state.get("best_map") is not None:
-            callback.best_ap = state["best_map"]
-
-

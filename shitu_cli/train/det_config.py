@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from shitu_cli.artifacts import read_yaml
 from shitu_cli.errors import BadInput
-from shitu_cli.train.det_families import apply_tricks, check_tricks, family_of, learning_rate, train_reader, trained_epochs
+from shitu_cli.train.det_families import apply_tricks, check_tricks, family_of, train_reader, trained_epochs
+from shitu_cli.train.det_schedule import WARMUP_SHARE, check_warmup, learning_rate
 
 if TYPE_CHECKING:
     from shitu_cli.train.det_data import DetDataset
@@ -38,6 +39,7 @@ class DetSettings:
     input_size: int = 320
     multi_scale_steps: int = 2  # train at input_size +- SIZE_STEP * 1..n
     warmup_steps: int = 100
+    warmup_max_share: float = WARMUP_SHARE  # a longer warm-up is cut to this share of the run's steps; 0: never
     eval_every: int = 1
     eval_batch_size: int = 4
     seed: int = 42
@@ -95,6 +97,7 @@ def resolve_settings(document: dict[str, Any], flags: dict[str, Any] | None) -> 
     if settings.lr <= 0:
         raise BadInput(f"lr must be positive, got {settings.lr}")
     check_tricks(family_of(document), settings)
+    check_warmup(settings)
     return settings
 
 
@@ -118,7 +121,7 @@ def build_ppdet_config(document: dict[str, Any], settings: DetSettings, data: De
         "epoch": trained_epochs(settings), "metric": "COCO", "num_classes": len(data.labels), "worker_num": settings.workers,
         "use_ema": settings.ema, "ema_decay": settings.ema_decay, "weights": "", "print_flops": False,
         "output_eval": str(run_dir / "eval"),  # else ppdet's COCOMetric writes bbox.json into the cwd
-        "LearningRate": learning_rate(settings),
+        "LearningRate": learning_rate(settings, trained_epochs(settings)),
         "TrainDataset": {"name": "COCODataSet", "dataset_dir": str(data.train_json.parent), "image_dir": "",
                          "anno_path": data.train_json.name, "data_fields": ["image", "gt_bbox", "gt_class", "is_crowd"]},
         "EvalDataset": {"name": "COCODataSet", "dataset_dir": str(data.val_json.parent), "image_dir": "",

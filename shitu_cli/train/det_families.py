@@ -7,7 +7,7 @@ yolov3:  ppdet's YOLOv3 architecture with an anchor YOLOv3Head (here on MobileNe
 
 Every trick is ppdet's implementation switched on by config: its Mixup transform with the reader's
 `mixup_epoch`, ModelEMA (`use_ema`), YOLOv3Loss's `label_smooth`, YOLOv3Head's `iou_aware` with
-IouAwareLoss, MatrixNMS, and PiecewiseDecay for the 1x/2x schedules.
+IouAwareLoss and MatrixNMS; the 1x/2x schedules (PiecewiseDecay) are in det_schedule.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 FAMILIES = ("picodet", "ppyoloe", "yolov3")
 SCHEDULES = ("cosine", "1x", "2x")
 NMS_KINDS = ("multiclass", "matrix")
-# ppdet's 1x (12 epochs, steps at 8 and 11) and 2x (24 epochs, steps at 16 and 22): the same fractions.
-STEP_FRACTIONS = (2 / 3, 11 / 12)
 MIXUP = {"Mixup": {"alpha": 1.5, "beta": 1.5}}  # PP-YOLO's mixup ratio distribution
 EXPAND_FILL = [123.675, 116.28, 103.53]  # RandomExpand pads with the ImageNet mean pixel
 YOLO_MAX_BOXES = 50
@@ -88,17 +86,6 @@ def train_reader(family: str, settings: DetSettings, sizes: list[int], normalize
         # ppdet mixes two images in each sample for the first mixup_epoch epochs; the last ones train on plain images
         reader["mixup_epoch"] = min(settings.mixup_epochs, trained_epochs(settings))
     return reader
-
-
-def learning_rate(settings: DetSettings) -> dict[str, Any]:
-    epochs = trained_epochs(settings)
-    warmup = {"name": "LinearWarmup", "start_factor": 0.1, "steps": settings.warmup_steps}
-    if settings.schedule == "cosine":
-        decay = {"name": "CosineDecay", "max_epochs": epochs}
-    else:
-        milestones = sorted({max(1, round(epochs * f)) for f in STEP_FRACTIONS})
-        decay = {"name": "PiecewiseDecay", "gamma": 0.1, "milestones": milestones}
-    return {"base_lr": settings.lr, "schedulers": [decay, warmup]}
 
 
 def nms_section(config: dict[str, Any], family: str) -> str:
