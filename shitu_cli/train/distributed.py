@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from shitu_cli.errors import BadInput, WorkFailed
 
@@ -25,6 +25,7 @@ from shitu_cli.errors import BadInput, WorkFailed
 ENV_RANK = "PADDLE_TRAINER_ID"
 ENV_WORLD_SIZE = "PADDLE_TRAINERS_NUM"
 ENV_LOCAL_RANK = "PADDLE_LOCAL_RANK"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,68 @@ def barrier(world: World) -> None:
         import paddle.distributed as dist
 
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------- long waits through the store
+# A gloo barrier or all-reduce on the CPU gives up after about 30 s (measured on Paddle 3.3.1), so a rank that
+# must wait for minutes (rank 0 filling the teacher cache) waits on the launcher's key-value store instead:
+# the others poll a counter there, which has no such limit, and the launcher still ends the job if a rank dies.
+POLL_SECONDS = 0.2
+
+
+def job_store():
+    """The TCP key-value store every process of the launched job shares (created by init_parallel_env)."""
+    from paddle.base import core
+
+    return core.create_or_get_global_tcp_store()
+
+
+def in_turn(world: World, name: str, work: Callable[[], T], store=None) -> T:
+    """`work()` on rank 0 first, then on the first process of each other machine, then on the rest, each
+    starting only once the one before it has finished. For a job that fills a cache: rank 0 fills it, a
+    machine that shares the cache's file system finds it full, one that does not fills its own copy once,
+    and every other process only reads. `name` must be the same on every rank and unique within the job."""
+    if not world.distributed:
+        return work()
+    store = store if store is not None else job_store()
+    leader = world.rank - world.local_rank  # the launcher numbers a machine's processes consecutively
+    if world.local_rank != 0:
+        _wait_for(store, name, leader)
+        return work()
+    try:
+        if world.rank != 0:
+            _wait_for(store, name, 0)
+        result = work()
+    except BaseException:
+        store.add(f"{name}/{world.rank}/failed", 1)
+        raise
+    store.add(f"{name}/{world.rank}/done", 1)
+    return result
+
+
+def _wait_for(store, name: str, rank: int) -> None:
+    import time
+
+    while not store.add(f"{name}/{rank}/done", 0):
+        if store.add(f"{name}/{rank}/failed", 0):
+            raise WorkFailed(f"training process rank {rank} failed at: {name}",
+                             hint="the launcher's log of that rank (RUN_DIR/logs/workerlog.N) says why")
+        time.sleep(POLL_SECONDS)
+
+
+def total_over_ranks(world: World, name: str, value: int, store=None) -> int:
+    """The sum of a per-rank count over every rank, once all have given theirs: a barrier without gloo's
+    time limit. Every rank must call it once with the same `name`."""
+    import time
+
+    if not world.distributed:
+        return value
+    store = store if store is not None else job_store()
+    store.add(f"{name}/sum", int(value))
+    store.add(f"{name}/given", 1)  # after the sum: once every rank has given, the sum is complete
+    while store.add(f"{name}/given", 0) < world.size:
+        time.sleep(POLL_SECONDS)
+    return int(store.add(f"{name}/sum", 0))
 
 
 @contextlib.contextmanager

@@ -239,6 +239,20 @@ def make_distill_loader(data: DistillData, sampler, settings: DistillSettings, s
     return make_loader
 
 
+def fill_once(targets, world=None, store=None) -> DistillData:
+    """`targets()` under paddle.distributed.launch: rank 0 runs the teacher and fills the cache while the
+    others wait, then they read it (see distributed.in_turn). The record's `teacher_images_run` becomes the
+    total over all ranks: the pool's views once, not once per rank."""
+    from shitu_cli.train import distributed
+
+    world = world or distributed.current_world()
+    data = distributed.in_turn(world, "teacher-targets", targets, store)
+    if world.distributed:  # also keeps rank 0 from training on until every rank has its targets
+        run_here = data.record["teacher_images_run"]
+        data.record["teacher_images_run"] = distributed.total_over_ranks(world, "teacher-images-run", run_here, store)
+    return data
+
+
 def settings_record(settings: DistillSettings) -> dict[str, Any]:
     return {f.name: getattr(settings, f.name) for f in fields(DistillSettings)}
 
@@ -266,7 +280,8 @@ class DistillPlan:
                 step["next"] = done + max(1, total // 10)
                 progress(teacher=(done, total))
 
-        self.data = teacher_targets(self.teacher, train, self.unlabeled, self.settings, seed, num_workers, report)
+        self.data = fill_once(lambda: teacher_targets(self.teacher, train, self.unlabeled, self.settings, seed,
+                                                      num_workers, report))
 
     def wrap(self, model, embedding_size: int):
         return wrap_student(model, self.teacher.info.dim, embedding_size)
