@@ -5,8 +5,12 @@ power-line inspection case (YOLOv3-MobileNetV1).
 It reads the exports benchmarks/families_det.py left in its work folder (run that first) and the demo
 detector. Each figure is the resident-set high-water mark (VmHWM) of a fresh process that loads the model
 and runs it 20 times (benchmarks/compress_report.py's child); the ONNX conversion happens beforehand in
-this process, so the child only loads the cached .onnx. Usage:
-    .venv/bin/python benchmarks/det_memory.py [--work /tmp/shitu-families-det]
+this process, so the child only loads the cached .onnx.
+
+Then the inspection-style section (benchmarks/det_memory_inspection.py): a YOLOv3-MobileNetV1 trained by
+`shitu train-det` on the same real-photo scenes (trained here first when --inspection-run holds no export), its
+`shitu compress` variants, on Paddle Inference, onnxruntime and onnxruntime --low-memory. Usage:
+    .venv/bin/python benchmarks/det_memory.py [--work /tmp/shitu-families-det] [--inspection-run DIR] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 BUDGET_MB = 200
 RECIPES = ["small", "ppyoloe-cpu", "ppyoloe-s", "ppyoloe-m", "yolov3-mobilenetv1"]
+FRUITS = ROOT.parent / "shared" / "data" / "fruits360"
+# How --inspection-run is trained when it holds no export (a short CPU budget: memory does not depend on accuracy).
+INSPECTION_TRAIN = ["--recipe", "yolov3-mobilenetv1", "--keep-classes", "--epochs", "10", "--input-size", "160",
+                    "--batch-size", "8", "--eval-every", "5", "--schedule", "cosine", "--lr", "0.002"]
 
 
 def onnx_ready(model_dir: Path) -> str | None:
@@ -64,38 +72,73 @@ def _agreement(value) -> str:
 
 
 def main() -> None:
-    from compress_report import machine, peak_rss_mb
+    from compress_report import machine
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/shitu-families-det"))
+    parser.add_argument("--inspection-run", type=Path, default=None, help="a yolov3-mobilenetv1 train-det run dir "
+                        "(default: WORK/runs/inspection-yolov3; trained first when it holds no export)")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md from det_memory.json")
     args = parser.parse_args()
+    record = ROOT / "benchmarks" / "det_memory.json"
     if args.report_only:
-        write_report(json.loads((ROOT / "benchmarks" / "det_memory.json").read_text(encoding="utf-8")), machine())
+        write_report(json.loads(record.read_text(encoding="utf-8")), machine())
         return
+    results = {"families": family_rows(args.work), "inspection": inspection(args)}
+    record.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    write_report(results, machine())
+
+
+def family_rows(work: Path) -> list[dict]:
+    from compress_report import peak_rss_mb
+
+    from shitu_cli.models.manifest import read_model_manifest
+
     models = {"demo detector (PicoDet, 256 px)": ROOT / "assets" / "demo" / "models" / "det"}
-    models.update({recipe: args.work / "runs" / recipe / "export" for recipe in RECIPES})
+    models.update({recipe: work / "runs" / recipe / "export" for recipe in RECIPES})
     rows = []
     for name, model_dir in models.items():
         if not (model_dir / "shitu.yaml").is_file():
             continue
-        from shitu_cli.models.manifest import read_model_manifest
-
         manifest = read_model_manifest(model_dir)
         size_mb = (model_dir / manifest.params_file).stat().st_size / 2**20
         paddle_mb = peak_rss_mb(model_dir, "paddle")
         why_not = onnx_ready(model_dir)
         onnx_mb = None if why_not else peak_rss_mb(model_dir, "onnxruntime")
-        images = sorted((args.work / "data" / "images").glob("val_*.jpg"))[:8]
+        images = sorted((work / "data" / "images").glob("val_*.jpg"))[:8]
         agreement = None if why_not or not images else round(box_agreement(model_dir, images), 2)
         rows.append({"model": name, "arch": manifest.arch, "input": manifest.input_size[0], "weights_mb": round(size_mb, 1),
                      "paddle_mb": round(paddle_mb), "onnxruntime_mb": onnx_mb and round(onnx_mb), "onnx_note": why_not,
                      "onnx_box_agreement": agreement})
-    (ROOT / "benchmarks" / "det_memory.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    write_report(rows, machine())
+    return rows
 
 
-def write_report(rows: list[dict], host: str) -> None:
+def inspection(args) -> dict:
+    import subprocess
+    import time
+
+    import det_memory_inspection as section
+
+    data = args.work / "data"
+    run = args.inspection_run or args.work / "runs" / "inspection-yolov3"
+    if not (run / "export" / "shitu.yaml").is_file():
+        subprocess.run([sys.executable, "-m", "shitu_cli", "train-det", str(data), "-o", str(run), *INSPECTION_TRAIN],
+                       cwd=ROOT, check=True, capture_output=True)
+    started = time.perf_counter()
+    models = section.make_models(run / "export", data, run.parent / f"{run.name}-compressed")
+    photos = sorted((data / "images").glob("val_*.jpg"))[:16]
+    photos += [p for c in ("apple_golden_1", "Cherry 3", "Papaya 2", "Plum 5") for p in sorted((FRUITS / "test" / c).glob("*.jpg"))[:2]]
+    rows = section.measure(models, photos, args.rounds)
+    fits = [row for row in rows if row.get("peak_mb", BUDGET_MB + 1) <= BUDGET_MB]
+    cli_model = min(fits, key=lambda row: row["peak_mb"])["model"] if fits else None
+    cli = {"model_name": Path(cli_model).name, "peak_mb": section.cli_peak(Path(cli_model), photos)} if cli_model else None
+    return {"rows": rows, "cli": cli, "photos": len(photos), "rounds": args.rounds, "seconds": round(time.perf_counter() - started),
+            "train": " ".join(INSPECTION_TRAIN), "run": str(run)}
+
+
+def write_report(results: dict, host: str) -> None:
+    rows = results["families"]
     lines = [
         "# Peak memory of the deployed detectors (runtime included)",
         "",
@@ -117,7 +160,17 @@ def write_report(rows: list[dict], host: str) -> None:
         lines.append(f"| {row['model']} | {row['arch']} | {row['input']} | {row['weights_mb']} | {row['paddle_mb']} | "
                      f"{onnx} | {_agreement(row['onnx_box_agreement'])} | "
                      f"{', '.join(fits) or 'no'} |")
+    lines += ["", *inspection_lines(results["inspection"])]
     (ROOT / "benchmarks" / "det_memory.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def inspection_lines(found: dict) -> list[str]:
+    import det_memory_inspection as section
+
+    note = (f"`train-det {found['train']}` on the scenes above; {found['photos']} photos: 16 val scenes and 8 Fruits-360 "
+            "test photos")
+    return section.report_lines(found["rows"], found["cli"], note, found["rounds"]) + [
+        "", f"The section took {found['seconds']} s (compressing included)."]
 
 
 if __name__ == "__main__":
