@@ -3,7 +3,7 @@ and schedule, next to the teacher's own retrieval figures and its speed.
 
 Usage (repository root, the project's venv; needs ../shared/teachers and the probe datasets):
 
-    python benchmarks/rec_recipe_probe.py prepare   # fmnist / fruits held-out-class splits (reused here)
+    python benchmarks/rec_recipe_probe.py prepare   # fmnist / fruits held-out-class splits (benchmarks/_rec_data.py)
     python benchmarks/distill_rec.py prepare        # + an unlabelled fmnist pool (train split, never test images)
     python benchmarks/distill_rec.py teacher        # the teacher's retrieval figures on the held-out classes
     python benchmarks/distill_rec.py run NAME...    # one child process per run: wall time and peak RSS are its own
@@ -17,22 +17,18 @@ EfficientNet-Lite0 (ImageNet) from ../shared/teachers, output `embedding` (1280-
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-PROBE_DIR = Path(os.environ.get("SHITU_PROBE_DIR", "/tmp/shitu-rec-probe"))
+from _rec_data import (FMNIST, PROBE_DIR, REPO, TEACHER, append_row, print_child_result, read_history, read_idx,
+                       read_list, rounded, run_child)
+
 RESULTS = Path(os.environ.get("DISTILL_RESULTS", REPO / "benchmarks" / "distill_rec_results.jsonl"))
-SHARED = Path(os.environ.get("SHITU_SHARED", REPO.parent / "shared"))
-TEACHER = SHARED / "teachers" / "efficientnet_lite0_imagenet.onnx"
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CACHE = PROBE_DIR / "teacher-cache"
 POOL_PER_CLASS = 400  # unlabelled fmnist train-split photos per class (all 10 classes), none in the labelled list
 
@@ -63,13 +59,6 @@ EXPERIMENTS: dict[str, dict] = {
 # ----------------------------------------------------------------------------- data
 
 
-def _idx(path: Path) -> np.ndarray:
-    data = gzip.decompress(path.read_bytes())
-    dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
 def prepare() -> None:
     """fmnist-pool/: POOL_PER_CLASS train-split photos of each of the 10 classes that the labelled list
     does not hold. The held-out gallery/query photos come from the test split, so none is in the pool."""
@@ -78,7 +67,7 @@ def prepare() -> None:
     root = PROBE_DIR / "fmnist-pool"
     labelled = {int(Path(line.split("\t")[0]).stem) for line in
                 (PROBE_DIR / "fmnist" / "train_list.txt").read_text(encoding="utf-8").splitlines()}
-    images, labels = _idx(FMNIST / "train-images-idx3-ubyte.gz"), _idx(FMNIST / "train-labels-idx1-ubyte.gz")
+    images, labels = read_idx(FMNIST / "train-images-idx3-ubyte.gz"), read_idx(FMNIST / "train-labels-idx1-ubyte.gz")
     rng = np.random.default_rng(1)
     written = 0
     for cls in range(10):
@@ -114,8 +103,7 @@ def teacher_batch(paths: list[Path]) -> np.ndarray:
 
 
 def _side(dataset: str, name: str) -> tuple[list[Path], list[str]]:
-    rows = [line.split("\t") for line in (PROBE_DIR / dataset / f"{name}_list.txt").read_text(encoding="utf-8").splitlines()]
-    return [PROBE_DIR / dataset / rel for rel, _ in rows], [label for _, label in rows]
+    return read_list(PROBE_DIR / dataset, f"{name}_list.txt")
 
 
 def teacher() -> None:
@@ -133,9 +121,9 @@ def teacher() -> None:
             sides[name] = (features, labels)
         metrics = retrieval_metrics(sides["query"][0], sides["query"][1], sides["gallery"][0], sides["gallery"][1])
         row = {"name": "teacher (EfficientNet-Lite0 embedding, 224 px)", "dataset": dataset,
-               "final": {k: round(float(metrics[k]), 4) for k in ("recall1", "recall5", "mAP")},
+               "final": rounded(metrics),
                "wall_s": round(time.perf_counter() - started, 1), "kind": "teacher"}
-        _append(row)
+        append_row(RESULTS, row)
         print(dataset, row["final"], flush=True)
 
 
@@ -167,18 +155,11 @@ def run(names: list[str], dataset: str) -> None:
             raise SystemExit(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
         out = PROBE_DIR / "distill-runs" / f"{dataset}-{name}"
         shutil.rmtree(out, ignore_errors=True)
-        started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, __file__, "_one", name, dataset, str(out)], stdout=subprocess.PIPE,
-                                 text=True)
-        stdout = child.stdout.read()
-        _, status, usage = os.wait4(child.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
+        row = run_child(Path(__file__), name, dataset, out)
+        if row is None:
             print(f"{dataset} {name}: failed", file=sys.stderr, flush=True)
             continue
-        row = json.loads(stdout.strip().splitlines()[-1])
-        row["wall_s"] = round(time.perf_counter() - started, 1)
-        row["peak_rss_mb"] = round(usage.ru_maxrss / 1024)
-        _append(row)
+        append_row(RESULTS, row)
         print(f"{dataset} {name}: {row['final']} (untrained {row['initial']}), {row['wall_s']} s, "
               f"{row['peak_rss_mb']} MB", flush=True)
 
@@ -209,16 +190,11 @@ def speed(repeats: int = 200) -> None:
     medians = {k: float(np.median(v)) * 1000 for k, v in times.items()}
     row = {"kind": "speed", "teacher_ms": round(medians["teacher"], 3), "student_ms": round(medians["student"], 3),
            "ratio": round(medians["teacher"] / medians["student"], 1), "repeats": repeats, "backend": student.backend}
-    _append(row)
+    append_row(RESULTS, row)
     print(row, flush=True)
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def _append(row: dict) -> None:
-    with RESULTS.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
 
 
 def table() -> None:
@@ -245,13 +221,9 @@ def table() -> None:
 
 
 def _history(row: dict) -> list[dict]:
-    import csv
-
-    path = PROBE_DIR / "distill-runs" / f"{row['dataset']}-{row['name']}" / "metrics.csv"
-    if row.get("kind") or not path.is_file():
+    if row.get("kind"):
         return []
-    with path.open(encoding="utf-8") as handle:
-        return [r for r in csv.DictReader(handle) if r.get("mAP")]
+    return [r for r in read_history(PROBE_DIR / "distill-runs" / f"{row['dataset']}-{row['name']}") if r.get("mAP") is not None]
 
 
 def main(argv: list[str]) -> None:
@@ -264,11 +236,7 @@ def main(argv: list[str]) -> None:
     elif command == "run":
         run(rest, os.environ.get("PROBE_DATASET", "fmnist"))
     elif command == "_one":
-        import contextlib
-
-        with contextlib.redirect_stdout(sys.stderr):
-            row = run_one(rest[0], rest[1], Path(rest[2]))
-        print(json.dumps(row, default=str))
+        print_child_result(lambda: run_one(rest[0], rest[1], Path(rest[2])))
     elif command == "speed":
         speed()
     elif command == "table":

@@ -7,7 +7,7 @@ Usage (from the repository root, with the project's venv):
     python benchmarks/onnx_finetune.py indomain NAME...  # teacher vs fine-tuned runs on the TRAINED classes' test photos
     python benchmarks/onnx_finetune.py table            # the results as a markdown table
 
-Data: the fashion-mnist held-out-class split of benchmarks/rec_recipe_probe.py (train on 6 classes,
+Data: the fashion-mnist held-out-class split of benchmarks/_rec_data.py (train on 6 classes,
 300 photos each; retrieval on 4 classes never trained on: 200 gallery, 400 query photos), written
 under $SHITU_PROBE_DIR (default /tmp/shitu-rec-probe) when missing. Teacher:
 ../shared/teachers/efficientnet_lite0_imagenet.onnx (mean = std = 0.5). Runs go to
@@ -17,18 +17,17 @@ Each run is its own process, so its wall time and peak memory (ru_maxrss) are it
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-TEACHER = REPO.parent / "shared" / "teachers" / "efficientnet_lite0_imagenet.onnx"
+from _rec_data import (FMNIST, FMNIST_NAMES, FMNIST_TRAIN, PROBE_DIR, REPO, TEACHER, append_row, prepared,
+                       print_child_result, read_history, read_idx, read_list, rounded, run_child, write_lists)
+
 RUNS = Path(os.environ.get("SHITU_ONNX_RUNS", "/tmp/shitu-onnx-finetune"))
 RESULTS = REPO / "benchmarks" / "onnx_finetune_results.jsonl"
 HALF = [0.5, 0.5, 0.5]
@@ -48,20 +47,8 @@ EXPERIMENTS: dict[str, dict] = {
 }
 
 
-def _probe():
-    spec = importlib.util.spec_from_file_location("rec_recipe_probe", REPO / "benchmarks" / "rec_recipe_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def dataset() -> Path:
-    probe = _probe()
-    root = probe.PROBE_DIR / "fmnist"
-    if not (root / "query_list.txt").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        probe.prepare_fmnist(root)
-    return root
+    return prepared("fmnist")
 
 
 def _read(root: Path, list_name: str, size: int) -> tuple[np.ndarray, list[str]]:
@@ -69,12 +56,11 @@ def _read(root: Path, list_name: str, size: int) -> tuple[np.ndarray, list[str]]
 
     from shitu_cli.data.images import read_image
 
-    images, labels = [], []
-    for line in (root / list_name).read_text(encoding="utf-8").splitlines():
-        rel, label = line.split("\t")
-        rgb = cv2.resize(read_image(root / rel), (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    paths, labels = read_list(root, list_name)
+    images = []
+    for path in paths:
+        rgb = cv2.resize(read_image(path), (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32)
         images.append(((rgb / 255.0 - 0.5) / 0.5).transpose(2, 0, 1))
-        labels.append(label)
     return np.stack(images), labels
 
 
@@ -102,9 +88,9 @@ def teacher() -> None:
             sides[side] = (features, labels)
         metrics = retrieval_metrics(sides["query_list.txt"][0], sides["query_list.txt"][1],
                                     sides["gallery_list.txt"][0], sides["gallery_list.txt"][1])
-        row = {"name": f"teacher-features-{size}px", "final": _rounded(metrics), "initial": {},
+        row = {"name": f"teacher-features-{size}px", "final": rounded(metrics), "initial": {},
                "seconds": round(time.perf_counter() - started, 1), "engine": "onnxruntime" if size == 224 else "x2paddle layer"}
-        _append(row)
+        append_row(RESULTS, row)
         print(row, flush=True)
 
 
@@ -129,28 +115,27 @@ def indomain(names: list[str]) -> None:
     for name, embed in models.items():
         metrics = retrieval_metrics(embed("query_list.txt"), sides["query_list.txt"][1], embed("gallery_list.txt"),
                                     sides["gallery_list.txt"][1])
-        row = {"name": f"{name} (trained classes)", "final": _rounded(metrics), "initial": {}}
-        _append(row)
+        row = {"name": f"{name} (trained classes)", "final": rounded(metrics), "initial": {}}
+        append_row(RESULTS, row)
         print(row, flush=True)
 
 
 def _indomain_lists() -> Path:
-    probe = _probe()
-    root = probe.PROBE_DIR / "fmnist-indomain"
+    root = PROBE_DIR / "fmnist-indomain"
     if (root / "query_list.txt").is_file():
         return root
     import cv2
 
     rng = np.random.default_rng(1)
-    test_x, test_y = probe._idx(probe.FMNIST / "t10k-images-idx3-ubyte.gz"), probe._idx(probe.FMNIST / "t10k-labels-idx1-ubyte.gz")
+    test_x, test_y = read_idx(FMNIST / "t10k-images-idx3-ubyte.gz"), read_idx(FMNIST / "t10k-labels-idx1-ubyte.gz")
     lists = {"gallery_list.txt": [], "query_list.txt": []}
-    for cls in probe.FMNIST_TRAIN:
+    for cls in FMNIST_TRAIN:
         for j, i in enumerate(rng.choice(np.flatnonzero(test_y == cls), 150, replace=False)):
-            rel = f"images/{probe.FMNIST_NAMES[cls]}/{int(i):05d}.png"
+            rel = f"images/{FMNIST_NAMES[cls]}/{int(i):05d}.png"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(root / rel), test_x[i])
-            lists["gallery_list.txt" if j < 50 else "query_list.txt"].append((rel, probe.FMNIST_NAMES[cls]))
-    probe._write_lists(root, lists)
+            lists["gallery_list.txt" if j < 50 else "query_list.txt"].append((rel, FMNIST_NAMES[cls]))
+    write_lists(root, lists)
     return root
 
 
@@ -162,10 +147,6 @@ def _paddle_features(images: np.ndarray) -> np.ndarray:
     return np.concatenate([net_outputs(net, images[i:i + 32])[index] for i in range(0, len(images), 32)])
 
 
-def _rounded(metrics: dict) -> dict:
-    return {k: round(float(metrics[k]), 4) for k in ("recall1", "recall5", "mAP")}
-
-
 def run_one(name: str, out: Path) -> dict:
     from shitu_cli.train.rec import train_rec
 
@@ -173,7 +154,7 @@ def run_one(name: str, out: Path) -> dict:
     return {"name": name, "settings": EXPERIMENTS[name], "final": result.final, "initial": result.initial,
             "best_epoch": result.best_epoch, "epochs": result.epochs, "input_size": result.input_size,
             "train_images": result.train_images, "seconds": result.seconds, "export": str(result.export_dir),
-            "history": _history(out), "warnings": result.warnings,
+            "history": read_history(out), "warnings": result.warnings,
             "onnxruntime_max_abs_diff": result.pretrained["onnxruntime_max_abs_diff"]}
 
 
@@ -186,14 +167,7 @@ def finish_one(name: str, out: Path) -> dict:
     return {"name": name, "settings": EXPERIMENTS[name], "final": result.final, "initial": result.initial,
             "best_epoch": result.best_epoch, "epochs": result.epochs, "input_size": result.input_size,
             "train_images": result.train_images, "seconds": None, "export": str(result.export_dir),
-            "history": _history(out), "warnings": result.warnings, "finished_by_resume": True}
-
-
-def _history(run_dir: Path) -> list[dict]:
-    import csv
-
-    with (run_dir / "metrics.csv").open(encoding="utf-8") as handle:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+            "history": read_history(out), "warnings": result.warnings, "finished_by_resume": True}
 
 
 def run(names: list[str]) -> None:
@@ -202,24 +176,13 @@ def run(names: list[str]) -> None:
     for name in names:
         out = RUNS / name
         shutil.rmtree(out, ignore_errors=True)
-        started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, __file__, "_one", name, str(out)], stdout=subprocess.PIPE, text=True)
-        stdout = child.stdout.read()
-        _, status, usage = os.wait4(child.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
+        row = run_child(Path(__file__), name, out)
+        if row is None:
             print(f"{name}: failed", file=sys.stderr)
             continue
-        row = json.loads(stdout.strip().splitlines()[-1])
-        row["wall_s"] = round(time.perf_counter() - started, 1)
-        row["peak_rss_mb"] = round(usage.ru_maxrss / 1024)
-        _append(row)
+        append_row(RESULTS, row)
         print(f"{name}: {row['final']} (before {row['initial']}) best epoch {row['best_epoch']}, {row['wall_s']} s, "
               f"{row['peak_rss_mb']} MB", flush=True)
-
-
-def _append(row: dict) -> None:
-    with RESULTS.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
 
 
 def table() -> None:
@@ -229,7 +192,7 @@ def table() -> None:
     for row in rows:
         final, initial = row["final"], row.get("initial") or {}
         before = f"{initial['recall1']:.3f} / {initial['mAP']:.3f}" if initial else "-"
-        curve = " ".join(f"{r['mAP']:.3f}" for r in row.get("history", []) if "mAP" in r) or "-"
+        curve = " ".join(f"{r['mAP']:.3f}" for r in row.get("history", []) if r.get("mAP") is not None) or "-"
         print(f"| {row['name']} | {final['recall1']:.3f} | {final['recall5']:.3f} | {final['mAP']:.3f} | {before} | "
               f"{row.get('best_epoch', '-')} | {curve} | {row.get('wall_s') or row.get('seconds') or '-'} | "
               f"{row.get('peak_rss_mb') or '-'} |")
@@ -244,14 +207,10 @@ def main(argv: list[str]) -> None:
         run(rest)
     elif command == "indomain":
         indomain(rest)
-    elif command in ("_one", "finish"):
-        import contextlib
-
-        with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the result line
-            row = (run_one if command == "_one" else finish_one)(rest[0], Path(rest[1]) if command == "_one" else RUNS / rest[0])
-        if command == "finish":
-            _append(row)
-        print(json.dumps(row))
+    elif command == "_one":
+        print_child_result(lambda: run_one(rest[0], Path(rest[1])))
+    elif command == "finish":
+        append_row(RESULTS, print_child_result(lambda: finish_one(rest[0], RUNS / rest[0])))
     elif command == "table":
         table()
     else:

@@ -7,12 +7,7 @@ Usage (from the repository root, with the project's venv):
     python benchmarks/rec_recipe_probe.py run NAME [NAME...] # train; one JSON line per run in results.jsonl
     python benchmarks/rec_recipe_probe.py table              # the results as a markdown table
 
-Datasets (written under $SHITU_PROBE_DIR, default /tmp/shitu-rec-probe; never committed):
-- fmnist: Debian's dataset-fashion-mnist (real product photos, 28x28 grey). Train on 6 classes
-  (300 training photos each); measure retrieval on 4 classes the model never saw, with 50 gallery
-  and 100 query photos each from the test set (400 queries).
-- fruits: ../shared/data/fruits360: train on train/+test/ (7 classes, 385 photos); measure on the
-  3 held-out classes (5 gallery + 15 query photos each, 45 queries).
+Datasets: fmnist and fruits held-out-class splits, written by benchmarks/_rec_data.py (see there).
 
 Each experiment is `shitu_cli.train.rec.train_rec` with a base recipe plus overrides, run in its own
 process so that its wall time and peak memory (ru_maxrss) are its own. A few experiments change a
@@ -22,25 +17,19 @@ training, and the report says which.
 
 from __future__ import annotations
 
-import gzip
+import importlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-PROBE_DIR = Path(os.environ.get("SHITU_PROBE_DIR", "/tmp/shitu-rec-probe"))
+from _rec_data import (PREPARE, PROBE_DIR, REPO, append_row, list_counts, prepared, print_child_result, read_history,
+                       rounded, run_child)
+
 RESULTS = REPO / "benchmarks" / "rec_recipe_results.jsonl"
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-FRUITS = REPO.parent / "shared" / "data" / "fruits360"
-FMNIST_NAMES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
-FMNIST_TRAIN = (0, 1, 3, 4, 5, 9)
-FMNIST_HELDOUT = (2, 6, 7, 8)  # pullover and shirt look like coat and t-shirt; sneaker like sandal/boot
 
 # A small, fast student: PPLCNet_x0_5 at 64 px, 128-d. Each entry: base recipe, overrides, patches.
 BASE = {"backbone": "PPLCNet_x0_5", "embedding_size": 128, "input_size": 64, "epochs": 8, "batch_size": 32,
@@ -86,80 +75,11 @@ EXPERIMENTS: dict[str, dict] = {
 # ----------------------------------------------------------------------------- datasets
 
 
-def _idx(path: Path) -> np.ndarray:
-    data = gzip.decompress(path.read_bytes())
-    dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
-def _write_lists(root: Path, lists: dict[str, list[tuple[str, str]]]) -> None:
-    for name, rows in lists.items():
-        (root / name).write_text("".join(f"{rel}\t{label}\n" for rel, label in rows), encoding="utf-8")
-
-
-def prepare_fmnist(root: Path, per_train_class: int = 300, gallery: int = 50, query: int = 100, seed: int = 0) -> None:
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    train_x, train_y = _idx(FMNIST / "train-images-idx3-ubyte.gz"), _idx(FMNIST / "train-labels-idx1-ubyte.gz")
-    test_x, test_y = _idx(FMNIST / "t10k-images-idx3-ubyte.gz"), _idx(FMNIST / "t10k-labels-idx1-ubyte.gz")
-    lists: dict[str, list[tuple[str, str]]] = {"train_list.txt": [], "gallery_list.txt": [], "query_list.txt": []}
-
-    def save(split: str, name: str, number: int, pixels: np.ndarray) -> str:
-        rel = f"images/{split}/{name}/{number:05d}.png"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(root / rel), pixels)
-        return rel
-
-    for cls in FMNIST_TRAIN:
-        for i in rng.choice(np.flatnonzero(train_y == cls), per_train_class, replace=False):
-            lists["train_list.txt"].append((save("train", FMNIST_NAMES[cls], int(i), train_x[i]), FMNIST_NAMES[cls]))
-    for cls in FMNIST_HELDOUT:
-        picked = rng.choice(np.flatnonzero(test_y == cls), gallery + query, replace=False)
-        for j, i in enumerate(picked):
-            side = "gallery_list.txt" if j < gallery else "query_list.txt"
-            lists[side].append((save("test", FMNIST_NAMES[cls], int(i), test_x[i]), FMNIST_NAMES[cls]))
-    _write_lists(root, lists)
-
-
-def prepare_fruits(root: Path, gallery: int = 5) -> None:
-    import shutil
-
-    lists: dict[str, list[tuple[str, str]]] = {"train_list.txt": [], "gallery_list.txt": [], "query_list.txt": []}
-    for split in ("train", "test", "heldout"):
-        for folder in sorted(p for p in (FRUITS / split).iterdir() if p.is_dir()):
-            files = sorted(folder.glob("*.jpg"))
-            for j, path in enumerate(files):
-                rel = f"images/{split}/{folder.name}/{path.name}"
-                (root / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, root / rel)
-                side = "train_list.txt" if split != "heldout" else ("gallery_list.txt" if j % 4 == 0 and j // 4 < gallery else "query_list.txt")
-                lists[side].append((rel, folder.name))
-    _write_lists(root, lists)
-
-
-def prepare_instances(root: Path, source: Path) -> None:
-    """The same images, each training photo its own class: PK batches then hold K augmented views of
-    one photo, and CE + triplet learn instance discrimination (no class labels used for training)."""
-    for name in ("gallery_list.txt", "query_list.txt"):
-        (root / name).write_text((source / name).read_text(encoding="utf-8"), encoding="utf-8")
-    rows = [line.split("\t")[0] for line in (source / "train_list.txt").read_text(encoding="utf-8").splitlines()]
-    (root / "images").symlink_to(source / "images")
-    _write_lists(root, {"train_list.txt": [(rel, f"photo{i:05d}") for i, rel in enumerate(rows)]})
-
-
 def prepare() -> None:
-    for name, make in (("fmnist", prepare_fmnist), ("fruits", prepare_fruits),
-                       ("fmnist-inst", lambda root: prepare_instances(root, PROBE_DIR / "fmnist")),
-                       ("fruits-inst", lambda root: prepare_instances(root, PROBE_DIR / "fruits"))):
-        root = PROBE_DIR / name
-        if (root / "query_list.txt").is_file():
+    for name in PREPARE:
+        if (PROBE_DIR / name / "query_list.txt").is_file():
             continue
-        root.mkdir(parents=True, exist_ok=True)
-        make(root)
-        counts = {n: len((root / n).read_text(encoding="utf-8").splitlines()) for n in ("train_list.txt", "gallery_list.txt", "query_list.txt")}
-        print(name, counts)
+        print(name, list_counts(prepared(name)))
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -182,18 +102,14 @@ def baselines() -> None:
     """Raw pixels (mean-centred, cosine) and a colour histogram: what any learnt model must beat."""
     from shitu_cli.train.metrics import retrieval_metrics
 
-    for dataset, size in (("fmnist", 28), ("fruits", 32)):
-        root = PROBE_DIR / dataset
+    for name, size in (("fmnist", 28), ("fruits", 32)):
+        root = PROBE_DIR / name
         gallery, gallery_labels = _read_side(root, "gallery_list.txt", size)
         query, query_labels = _read_side(root, "query_list.txt", size)
         metrics = retrieval_metrics(query, query_labels, gallery, gallery_labels)
-        _append({"name": f"raw-pixels-{size}px", "dataset": dataset, "final": _rounded(metrics), "initial": {},
-                 "seconds": None, "peak_rss_mb": None})
-        print(dataset, "raw pixels", _rounded(metrics))
-
-
-def _rounded(metrics: dict) -> dict:
-    return {k: round(float(metrics[k]), 4) for k in ("recall1", "recall5", "mAP")}
+        append_row(RESULTS, {"name": f"raw-pixels-{size}px", "dataset": name, "final": rounded(metrics), "initial": {},
+                             "seconds": None, "peak_rss_mb": None})
+        print(name, "raw pixels", rounded(metrics))
 
 
 # ----------------------------------------------------------------------------- experiments
@@ -245,22 +161,12 @@ def run_one(name: str, dataset: str, out: Path) -> dict:
     spec = EXPERIMENTS[name]
     _apply_patches(spec.get("patch", {}))
     result = train_rec(PROBE_DIR / dataset, out, recipe=spec["recipe"], **spec["overrides"])
-    history = _history(out)
+    history = read_history(out)
     return {"name": name, "dataset": dataset, "final": result.final, "initial": result.initial,
             "best_epoch": result.best_epoch, "epochs": result.epochs, "backbone": result.backbone,
             "input_size": result.input_size, "train_images": result.train_images, "seconds": result.seconds,
             "per_epoch_recall1": [row.get("recall1") for row in history], "per_epoch_loss": [row.get("loss") for row in history],
             "patch": spec.get("patch", {}), "warnings": result.warnings}
-
-
-def _history(run_dir: Path) -> list[dict]:
-    import csv
-
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open(encoding="utf-8") as handle:
-        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 def run(names: list[str], dataset: str) -> None:
@@ -272,26 +178,13 @@ def run(names: list[str], dataset: str) -> None:
             import shutil
 
             shutil.rmtree(out)
-        started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, __file__, "_one", name, dataset, str(out)], stdout=subprocess.PIPE,
-                                 text=True)
-        stdout = child.stdout.read()
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode != 0:
-            print(f"{name}: failed (exit {child.returncode})", file=sys.stderr)
+        row = run_child(Path(__file__), name, dataset, out)
+        if row is None:
+            print(f"{name}: failed", file=sys.stderr)
             continue
-        row = json.loads(stdout.strip().splitlines()[-1])
-        row["wall_s"] = round(time.perf_counter() - started, 1)
-        row["peak_rss_mb"] = round(usage.ru_maxrss / 1024)
-        _append(row)
+        append_row(RESULTS, row)
         print(f"{dataset} {name}: {row['final']} (untrained {row['initial']}) best epoch {row['best_epoch']}, "
               f"{row['wall_s']} s, {row['peak_rss_mb']} MB", flush=True)
-
-
-def _append(row: dict) -> None:
-    with RESULTS.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
 
 
 def table() -> None:
@@ -302,7 +195,7 @@ def table() -> None:
     for row in rows:
         final, initial = row["final"], row.get("initial") or {}
         untrained = f"{initial['recall1']:.3f} / {initial['mAP']:.3f}" if initial else "-"
-        history = _history(PROBE_DIR / "runs" / f"{row['dataset']}-{row['name']}")
+        history = read_history(PROBE_DIR / "runs" / f"{row['dataset']}-{row['name']}")
         curve = " ".join(f"{r['mAP']:.2f}" for r in history if r.get("mAP") is not None) or "-"
         print(f"| {row['dataset']} | {row['name']} | {final['recall1']:.3f} | {final['recall5']:.3f} | {final['mAP']:.3f} | "
               f"{untrained} | {row.get('best_epoch', '-')} | {curve} | {row.get('wall_s') or '-'} | {row.get('peak_rss_mb') or '-'} |")
@@ -319,11 +212,7 @@ def main(argv: list[str]) -> None:
         dataset = os.environ.get("PROBE_DATASET", "fmnist")
         run(rest, dataset)
     elif command == "_one":
-        import contextlib
-
-        with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the result line
-            row = run_one(rest[0], rest[1], Path(rest[2]))
-        print(json.dumps(row))
+        print_child_result(lambda: run_one(rest[0], rest[1], Path(rest[2])))
     elif command == "table":
         table()
     else:
