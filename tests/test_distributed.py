@@ -143,6 +143,25 @@ def test_train_rec_on_two_processes_writes_every_output_once(cli, products, tmp_
     assert "epoch 1/1" in result.stderr and "LAUNCH INFO" not in result.stderr
 
 
+@pytest.mark.slow  # a launcher and two workers with a teacher (~40-60 s on 2 shared cores)
+def test_two_processes_run_the_teacher_once_per_image_view_not_once_per_rank(cli, products, tmp_path):
+    """Rank 0 fills the teacher cache, rank 1 only reads it (the default run checks the same logic with
+    threads as ranks: test_teacher_fill_once.py)."""
+    from test_distill_rec import write_teacher
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    result = cli("train-rec", products, "-o", run, *TINY_REC, "--epochs", "1", "--nproc", "2", "--teacher",
+                 write_teacher(tmp_path / "t.onnx"), "--teacher-output", "embedding", "--teacher-cache", cache, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    images, views = summary["train_images"], summary["distillation"]["views"]
+    assert summary["distillation"]["teacher_images_run"] == images * views  # counted over both ranks
+    assert read_yaml(run / "recipe.yaml")["inputs"]["distillation"]["teacher_images_run"] == images * views
+    assert len(list(cache.rglob("*.npy"))) == images
+    rank0, rank1 = ((run / "logs" / f"workerlog.{r}").read_text(errors="replace") for r in (0, 1))
+    assert f"teacher: {images}/{images} images run" in rank0 and "teacher:" not in rank1
+
+
 def _worker_pids(run: Path, rank: int) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
