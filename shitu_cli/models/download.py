@@ -24,6 +24,7 @@ from shitu_cli.errors import BadInput
 from shitu_cli.models import registry
 from shitu_cli.models.export import atomic_dir
 from shitu_cli.models.manifest import MODEL_MANIFEST, read_model_manifest, write_model_manifest
+from shitu_cli.models.official_manifest import official_manifest
 from shitu_cli.models.registry import INFERENCE, WEIGHTS, CachedModel, OfficialModel
 
 CHUNK = 1 << 16
@@ -319,7 +320,7 @@ def _install_model_dir(given: Path, target: Path, name: str, model: OfficialMode
                 shutil.copyfile(folder / MODEL_MANIFEST, staging / MODEL_MANIFEST)
                 read_model_manifest(staging)
             elif model is not None:
-                write_model_manifest(staging, registry.official_manifest(model, staging, model_file, params_file, origin))
+                write_model_manifest(staging, official_manifest(model, staging, model_file, params_file, origin))
             else:
                 raise BadInput(f"{name!r} is not an official model and this folder has no {MODEL_MANIFEST}",
                                path=given, hint="use a name from `shitu models list`, or add a folder exported by shitu")

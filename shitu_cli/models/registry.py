@@ -16,7 +16,6 @@ from typing import Any
 
 from shitu_cli.artifacts import atomic_write_text
 from shitu_cli.errors import BadInput, ManifestError
-from shitu_cli.models.official_manifest import official_manifest  # noqa: F401  (registry.official_manifest, as before)
 
 OFFICIAL_BASE_URL = "https://paddle-imagenet-models-name.bj.bcebos.com"
 BASE_URL_ENV = "SHITU_MODEL_BASE_URL"  # a mirror, or a loopback server in tests
