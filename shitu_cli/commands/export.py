@@ -18,6 +18,9 @@ def command(
     int8: bool = typer.Option(False, "--int8", help="Export a quantised (int8) model as int8; a quantised model needs it."),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="Sample images or folders to compare the export "
                                                 "with the source on (default: the demo's query photos)."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="ONNX only: write the form `predict --low-memory` runs "
+                                    "(weights in weights.bin, memory-mapped) and record it in shitu.yaml, for a device "
+                                    "short of memory."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of a summary."),
 ) -> None:
     """Write MODEL in another format as a normal model folder, and report how far its outputs are from the source's."""
@@ -27,7 +30,7 @@ def command(
     model_dir = resolve_model_dir(model)
     out = out if out is not None else model_dir.with_name(f"{model_dir.name}-{fmt}{'-int8' if int8 else ''}")
     with render.progress(f"exporting to {fmt}", total=None):
-        report = export_model(model_dir, out, fmt, int8=int8, images=images)
+        report = export_model(model_dir, out, fmt, int8=int8, images=images, low_memory=low_memory)
     if json_output:
         render.print_json(report)
         return

@@ -133,7 +133,9 @@ class OnnxRuntimePredictor:
             raise WorkFailed("onnxruntime's CPU provider has no bf16 mode", hint="use paddle or openvino for bf16", path=model_dir)
         self.model_dir, self.manifest, self.options = Path(model_dir), manifest, options
         onnx_path = onnx_model(self.model_dir, manifest)
-        if options.low_memory:
+        recorded = manifest.extra.get("low_memory") is True  # `shitu export --low-memory` wrote the form itself
+        low_memory = options.low_memory or recorded
+        if options.low_memory and not recorded:
             from shitu_cli.infer.low_memory import low_memory_form
 
             onnx_path = low_memory_form(onnx_path)
@@ -147,7 +149,7 @@ class OnnxRuntimePredictor:
         session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session_options.log_severity_level = 3  # paddle2onnx leaves unused initializers; ORT warns about each
-        if options.low_memory:
+        if low_memory:
             from shitu_cli.infer.low_memory import apply_session_options
 
             apply_session_options(session_options)

@@ -39,32 +39,42 @@ class ExportReport:
     scale: float  # largest absolute output of the source on the samples
     backend: str  # the runtime the check ran the export with
     images: list[str] | None = None  # the sample images given, None for the demo queries
+    low_memory: bool = False  # written in predict --low-memory's form, recorded in shitu.yaml
     notes: list[str] = field(default_factory=list)
     recipe: Path | None = None
 
 
 def export_model(model_dir: Path | str, out: Path | str, fmt: str, int8: bool = False,
-                 images: Sequence[Path] | None = None) -> ExportReport:
-    """Write MODEL_DIR as `fmt` into OUT and compare both on sample images (the demo queries by default)."""
+                 images: Sequence[Path] | None = None, low_memory: bool = False) -> ExportReport:
+    """Write MODEL_DIR as `fmt` into OUT and compare both on sample images (the demo queries by default).
+
+    `low_memory` (ONNX only) writes the model in the form `predict --low-memory` runs (infer/low_memory.py) and
+    records it in shitu.yaml, so the device runs it with the low-memory settings and builds nothing itself."""
     from shitu_cli.models.export import atomic_dir
     from shitu_cli.models.manifest import read_model_manifest
 
     model_dir, out = Path(model_dir), Path(out)
     manifest = read_model_manifest(model_dir)
     _check_request(model_dir, out, fmt, int8, manifest)
+    if low_memory and fmt != "onnx":
+        raise BadInput(f"--low-memory writes an ONNX model for onnxruntime, not {fmt}", hint="pass --format onnx")
     samples = _sample_images(images)
     with writing_to(out), atomic_dir(out) as staging:
         files = _WRITERS[fmt](model_dir, manifest, staging)
-        _write_manifest(staging, manifest, fmt, files)
+        if low_memory:
+            files = _low_memory_files(staging, files)
+        _write_manifest(staging, manifest, fmt, files, low_memory)
         diff, scale, backend = compare_outputs(model_dir, staging, manifest.task, RUN_WITH[fmt], samples)
         tolerance = FP32_TOLERANCE * max(1.0, scale)
         if not int8 and diff > tolerance:
             raise WorkFailed(f"the {fmt} export differs from the source by up to {diff:.3g} on the sample images "
                              f"(allowed {tolerance:.3g}); nothing was written", path=model_dir)
     report = ExportReport(model_dir, out, fmt, "int8" if int8 else "fp32", files, len(samples), diff, scale, backend,
-                          [Path(p).resolve().as_posix() for p in images] if images else None)
+                          [Path(p).resolve().as_posix() for p in images] if images else None, low_memory=low_memory)
     if fmt == "openvino":
         report.notes.append("run it with --backend openvino (OpenVINO IR)")
+    if low_memory:
+        report.notes.append("shitu.yaml records low_memory: predict runs it on onnxruntime with the --low-memory settings")
     if int8 and diff > FP32_TOLERANCE * max(1.0, scale):
         report.notes.append(f"INT8 kernels of {RUN_WITH[fmt]} round unlike the source's runtime (max difference {diff:.3g}): "
                             "check its quality on your data, e.g. with `shitu eval`")
@@ -141,6 +151,16 @@ def _write_paddle(model_dir: Path, manifest, staging: Path) -> list[str]:
 _WRITERS = {"onnx": _write_onnx, "openvino": _write_openvino, "paddle": _write_paddle}
 
 
+def _low_memory_files(staging: Path, files: list[str]) -> list[str]:
+    """model.onnx replaced by its low-memory form: the graph, and its weights in a side file onnxruntime maps."""
+    from shitu_cli.infer.low_memory import FORM_FILE, WEIGHTS_FILE, low_memory_form
+
+    form = low_memory_form(staging / files[0])
+    shutil.copy2(form, staging / FORM_FILE)
+    shutil.copy2(form.parent / WEIGHTS_FILE, staging / WEIGHTS_FILE)
+    return [FORM_FILE, WEIGHTS_FILE, *files[1:]]
+
+
 def _copy_side_files(model_dir: Path, manifest, staging: Path) -> list[str]:
     """A detector's infer_cfg.yml (its preprocessing as ppdet exported it) travels with it."""
     name = str(manifest.extra.get("infer_cfg", "infer_cfg.yml"))
@@ -150,14 +170,16 @@ def _copy_side_files(model_dir: Path, manifest, staging: Path) -> list[str]:
     return []
 
 
-def _write_manifest(staging: Path, manifest, fmt: str, files: list[str]) -> None:
+def _write_manifest(staging: Path, manifest, fmt: str, files: list[str], low_memory: bool = False) -> None:
     from shitu_cli.models.manifest import write_model_manifest
 
+    extra = {**manifest.extra, "format": fmt, "runtime": RUN_WITH[fmt]}
+    if low_memory:
+        extra["low_memory"] = True  # read by infer/predictor.py: the file is the form, run with the low-memory settings
     exported = dataclasses.replace(
-        manifest, model_file=files[0], params_file=files[1] if fmt != "onnx" else files[0],
+        manifest, model_file=files[0], params_file=files[1] if fmt != "onnx" or low_memory else files[0],
         method=f"{manifest.method}+export-{fmt}" if manifest.method else f"export-{fmt}",
-        parent_model_hash=manifest.model_hash, model_hash=None,
-        extra={**manifest.extra, "format": fmt, "runtime": RUN_WITH[fmt]})
+        parent_model_hash=manifest.model_hash, model_hash=None, extra=extra)
     write_model_manifest(staging, exported)
 
 
@@ -221,7 +243,8 @@ def _write_recipe(report: ExportReport) -> Path:
     from shitu_cli.recipes import Recipe, write_recipe
 
     options: dict[str, Any] = {"model_dir": report.source.resolve().as_posix(), "out": report.out.resolve().as_posix(),
-                               "fmt": report.format, "int8": report.precision == "int8", "images": report.images}
+                               "fmt": report.format, "int8": report.precision == "int8", "images": report.images,
+                               "low_memory": report.low_memory}
     metrics = {"max_abs_diff": report.max_abs_diff, "output_scale": report.scale, "samples": report.samples,
                "checked_with": report.backend}
     with writing_to(report.out):
