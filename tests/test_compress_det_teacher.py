@@ -53,7 +53,9 @@ def test_a_bigger_teacher_fine_tunes_the_pruned_student_and_is_recorded(cli, stu
     details = manifest["extra"]["compress"]
     assert details["teacher"]["params_sha256"] == sha256_file(DEMO_DET / "model.pdiparams")
     assert details["teacher"]["path"] == str(DEMO_DET.resolve()) and details["teacher"]["arch"] == "PicoDet-LCNet_x0.75"
-    assert "on 0 labelled image(s)" in details["distill"]
+    # the demo's PicoHead has the student's strides and classes: at the student's input size its dense outputs
+    # line up one for one, so they are passed on (no labels in an image folder: no detection loss)
+    assert details["distill"].startswith("student detection loss on 0 labelled image(s); teacher's dense scores")
     assert int(re.search(r"MimicFeatureLoss on (\d+) neck level", details["distill"]).group(1)) >= 3  # every stride paired
     assert details["params_after"] < details["params_before"]
     recipe = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
@@ -62,13 +64,40 @@ def test_a_bigger_teacher_fine_tunes_the_pruned_student_and_is_recorded(cli, stu
     assert boxes.shape[-1] == 6 and int(np.asarray(count).reshape(-1)[0]) >= 0  # loads and runs with its NMS
 
 
-@pytest.mark.slow  # ~20 s: a second fine-tune, on ground-truth boxes; `make test-slow` runs it
-def test_a_coco_calibration_set_trains_the_student_on_its_boxes(cli, student, tmp_path):
+@pytest.mark.slow  # ~20 s alone: a second fine-tune; `make test-slow` runs it
+def test_coco_boxes_and_a_teacher_with_the_same_anchors_add_their_losses(cli, student, tmp_path):
+    """A teacher with the student's strides, classes and input size (here: the unpruned run itself) also passes
+    its dense scores and boxes; a COCO json's boxes train the student's detection loss."""
     run_dir, scenes = student
-    result = _compress(cli, run_dir, scenes / "train.json", tmp_path / "pruned", "--teacher", DEMO_DET)
+    result = _compress(cli, run_dir, scenes / "train.json", tmp_path / "pruned", "--teacher", run_dir)
     assert result.exit_code == 0, result.stderr
     details = yaml.safe_load((tmp_path / "pruned" / "shitu.yaml").read_text(encoding="utf-8"))["extra"]["compress"]
-    assert details["distill"].startswith("student detection loss on 8 labelled image(s)")
+    assert details["distill"].startswith("student detection loss on 8 labelled image(s); teacher's dense scores")
+
+
+def test_without_dense_outputs_to_match_the_teachers_detections_are_the_boxes(student):
+    """Another architecture's teacher: its detections (score >= PSEUDO_BOX_SCORE) become boxes in the student's
+    input pixels; a COCO json's own boxes win over them."""
+    from shitu_cli.compress.det_teacher import PSEUDO_BOX_SCORE, training_images
+    from shitu_cli.compress.images import load_image_set
+    from shitu_cli.compress.source import resolve_source
+    from shitu_cli.data.images import read_image
+    from shitu_cli.infer.detector import Detector
+
+    run_dir, scenes = student
+    source, teacher = resolve_source(run_dir), resolve_source(DEMO_DET)
+    unlabelled = load_image_set(scenes / "images", "calibration set").subset(3)
+    data = training_images(source, teacher, unlabelled, pseudo_boxes=True)
+    assert data.labelled == 0 and data.has_boxes.all() and data.student.shape[1:] == (3, 128, 128)
+    for sample, boxes in zip(unlabelled.samples, data.boxes):
+        rgb = read_image(sample.path)
+        found = Detector(DEMO_DET).detect(rgb, thresh=PSEUDO_BOX_SCORE, max_boxes=30)
+        scale = np.array([128 / rgb.shape[1], 128 / rgb.shape[0]] * 2, np.float32)
+        assert np.allclose(boxes, np.array([d.box for d in found], np.float32).reshape(-1, 4) * scale, atol=1e-3)
+    assert sum(len(b) for b in data.boxes) > 0  # the demo mainbody detector finds the drawn objects
+    labelled = load_image_set(scenes / "train.json", "calibration set").subset(2)
+    data = training_images(source, teacher, labelled, pseudo_boxes=True)
+    assert data.labelled == 2 and [len(b) for b in data.boxes] == [len(s.boxes) for s in labelled.samples]
 
 
 def _demo_copy(tmp_path: Path, name: str) -> Path:

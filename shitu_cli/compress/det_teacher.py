@@ -1,11 +1,13 @@
 """`compress DET --prune R --teacher BIG_DET`: the pruned PicoDet learns from a separate, larger detector.
 
-The teacher may be another architecture (PP-YOLOE, YOLOv3, a wider PicoDet): what passes between them
-does not depend on its head. The student trains with its own detection loss (PicoHead's VFL + DFL + GIoU,
-SimOTA) on boxes: the --calib ground truth where the images carry it (a COCO json), else the teacher's
-detections above PSEUDO_BOX_SCORE (pseudo-box distillation). Beside that, each student neck level learns
-the teacher's neck level of the same stride through ppdet's MimicFeatureLoss (a 1x1 align conv where the
-channel counts differ, dropped after training).
+The teacher may be another architecture (PP-YOLOE, YOLOv3, a wider PicoDet). Three losses, each where it fits:
+- features: each student neck level learns the teacher's level of the same stride through ppdet's
+  MimicFeatureLoss (a 1x1 align conv where the channel counts differ, dropped after training);
+- outputs: a PicoDet teacher whose dense outputs line up with the student's (same strides, classes and
+  input size) passes its per-anchor scores (BCE) and boxes (L1, weighted by its score), as the self-teacher does;
+- boxes: the student's own detection loss (PicoHead's VFL + DFL + GIoU, SimOTA) on the --calib ground truth
+  where the images carry it (a COCO json); without labels and without dense outputs to match (another
+  architecture), on the teacher's detections at or above PSEUDO_BOX_SCORE (pseudo-box distillation).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from shitu_cli.compress.images import ImageSet, iter_readable
 from shitu_cli.compress.source import SourceModel, resolve_source
 from shitu_cli.errors import BadInput
 
-PSEUDO_BOX_SCORE = 0.4  # teacher detections at or above this score become the student's boxes
+PSEUDO_BOX_SCORE = 0.3  # teacher detections at or above this score become the student's boxes
 MAX_PSEUDO_BOXES = 30
 FEATURE_WEIGHT = 1.0  # MimicFeatureLoss (normalised MSE) against the detection loss
 
@@ -34,7 +36,8 @@ class TrainingImages:
     teacher: np.ndarray  # [N, 3, H, W], same size, the teacher's normalisation
     boxes: list[np.ndarray]  # per image [n, 4] x1, y1, x2, y2
     classes: list[np.ndarray]  # per image [n, 1] int64
-    labelled: int  # images whose boxes are ground truth (the rest: the teacher's)
+    has_boxes: np.ndarray  # [N] bool: the image's boxes are to be trained on (ground truth, or the teacher's)
+    labelled: int  # images whose boxes are ground truth
 
 
 # ----------------------------------------------------------------------------- checks
@@ -94,21 +97,30 @@ def detector_prune_from_teacher(source: SourceModel, teacher_path: Path | str, c
     teacher = rebuild_detector(teacher_source)
     stage(f"pruning {ratio:.0%} of the backbone's inner filters (L1)")
     summary = prune_lcnet_backbone(student, ratio)
-    stage(f"detecting with the teacher on the calibration images (boxes at score >= {PSEUDO_BOX_SCORE:g})")
-    data = training_images(source, teacher_source, calib_set)
+    dense = _dense_outputs_line_up(teacher, student, tuple(source.manifest.input_size))
+    if not dense:
+        stage(f"detecting with the teacher on the calibration images (boxes at score >= {PSEUDO_BOX_SCORE:g})")
+    data = training_images(source, teacher_source, calib_set, pseudo_boxes=not dense)
     stage(f"fine-tuning from the teacher: {epochs} epoch(s) on {len(data.student)} image(s)")
-    levels = _fine_tune(teacher, student, data, epochs, lr, seed, batch_size, work / "finetune")
+    levels = _fine_tune(teacher, student, data, dense, epochs, lr, seed, batch_size, work / "finetune")
     out_dir = export_pir_detector(student, work / "pruned", tuple(source.manifest.input_size))
     copy_infer_cfg(source, out_dir)
     method = f"prune-l1-{ratio:g}+distill-teacher"
     details = {"prune": "l1-filter (backbone, inner layers)", "ratio": ratio, "params_before": summary.params_before,
                "params_after": summary.params_after, "finetune_epochs": epochs, "finetune_images": len(data.student),
-               "distill": (f"student detection loss on {data.labelled} labelled image(s) and the teacher's boxes "
-                           f"(score >= {PSEUDO_BOX_SCORE:g}) on {len(data.student) - data.labelled}; "
-                           f"MimicFeatureLoss on {levels} neck level(s) of equal stride"),
+               "distill": _loss_summary(data, dense, levels),
                "teacher": teacher_record(teacher_source, teacher_path)}
     manifest = derived_manifest(source, DET_MODEL, DET_PARAMS, "fp32", method)
     return Candidate(out_dir, stage_manifest(out_dir, manifest), method, details, layer=student)
+
+
+def _loss_summary(data: TrainingImages, dense: bool, levels: int) -> str:
+    unlabelled = len(data.student) - data.labelled
+    boxes = f"student detection loss on {data.labelled} labelled image(s)"
+    if not dense:
+        boxes += f" and on the teacher's boxes (score >= {PSEUDO_BOX_SCORE:g}) in {unlabelled}"
+    outputs = "; teacher's dense scores (BCE) and boxes (L1)" if dense else ""
+    return f"{boxes}{outputs}; MimicFeatureLoss on {levels} neck level(s) of equal stride"
 
 
 def _check_student(student: Any, source: SourceModel) -> None:
@@ -120,8 +132,9 @@ def _check_student(student: Any, source: SourceModel) -> None:
                        hint="drop --teacher (the unpruned model teaches itself)", path=source.model_dir)
 
 
-def training_images(source: SourceModel, teacher: SourceModel, calib_set: ImageSet) -> TrainingImages:
-    """Each readable image at the student's input size in both normalisations, with its boxes."""
+def training_images(source: SourceModel, teacher: SourceModel, calib_set: ImageSet, pseudo_boxes: bool) -> TrainingImages:
+    """Each readable image at the student's input size in both normalisations, with its boxes: the ground
+    truth, else (with `pseudo_boxes`) the teacher's detections."""
     from shitu_cli.infer.detector import DetPreprocess, Detector
     from shitu_cli.infer.predictor import PredictorOptions
 
@@ -130,24 +143,27 @@ def training_images(source: SourceModel, teacher: SourceModel, calib_set: ImageS
     # the teacher's own normalisation, at the student's size: the two nets' feature maps then line up
     teacher_pre = DetPreprocess(student_pre.size, teacher_detector.preprocess.interpolation, teacher_detector.preprocess.table)
     labels = list(source.manifest.labels)
-    students, teachers, boxes, classes, labelled = [], [], [], [], 0
+    students, teachers, boxes, classes, has_boxes, truth = [], [], [], [], [], []
     for rgb, sample in iter_readable(calib_set):
         image, scale_factor = student_pre(rgb)
         students.append(image[0])
         teachers.append(teacher_pre(rgb)[0][0])
         if sample.boxes is not None:
             rows = [(*box[:4], _class_index(box[4], labels, calib_set.source)) for box in sample.boxes]
-            labelled += 1
-        else:
+        elif pseudo_boxes:
             found = teacher_detector.detect(rgb, thresh=PSEUDO_BOX_SCORE, max_boxes=MAX_PSEUDO_BOXES)
             rows = [(*d.box, labels.index(d.label)) for d in found if d.label in labels]
+        else:
+            rows = []
+        has_boxes.append(sample.boxes is not None or pseudo_boxes)
+        truth.append(sample.boxes is not None)
         table = np.asarray(rows, np.float32).reshape(-1, 5)
         scale_y, scale_x = scale_factor[0]
         boxes.append(table[:, :4] * np.array([scale_x, scale_y, scale_x, scale_y], np.float32))
         classes.append(table[:, 4:].astype(np.int64))
     if not students:
         raise BadInput("no calibration image could be read", hint="check the --calib images", path=calib_set.source)
-    return TrainingImages(np.stack(students), np.stack(teachers), boxes, classes, labelled)
+    return TrainingImages(np.stack(students), np.stack(teachers), boxes, classes, np.array(has_boxes), sum(truth))
 
 
 def _class_index(name: str, labels: list[str], where: Path) -> int:
@@ -162,7 +178,7 @@ def _class_index(name: str, labels: list[str], where: Path) -> int:
 # ----------------------------------------------------------------------------- training
 
 
-def _fine_tune(teacher: Any, student: Any, data: TrainingImages, epochs: int, lr: float, seed: int,
+def _fine_tune(teacher: Any, student: Any, data: TrainingImages, dense: bool, epochs: int, lr: float, seed: int,
                batch_size: int, run_dir: Path) -> int:
     """Train `student` in place; returns how many neck levels were distilled."""
     import paddle
@@ -187,26 +203,77 @@ def _fine_tune(teacher: Any, student: Any, data: TrainingImages, epochs: int, lr
             x_student[flip], x_teacher[flip] = x_student[flip][..., ::-1], x_teacher[flip][..., ::-1]
             boxes = [_flipped(data.boxes[i], width) if f else data.boxes[i] for i, f in zip(index, flip)]
             yield (paddle.to_tensor(np.ascontiguousarray(x_student)), paddle.to_tensor(np.ascontiguousarray(x_teacher)),
-                   boxes, [data.classes[i] for i in index])
+                   boxes, [data.classes[i] for i in index], data.has_boxes[index])
 
     def loss_fn(model, batch):
-        x_student, x_teacher, boxes, classes = batch
+        x_student, x_teacher, boxes, classes, has_boxes = batch
         with paddle.no_grad():
             fpn_t = _neck(teacher, x_teacher)
+            outputs_t = teacher.head.forward_eval(fpn_t, export_post_process=True) if dense else None
         fpn_s = _neck(model.student, x_student)
-        head_outs = model.student.head.forward_train(fpn_s)
-        meta = {"im_id": paddle.arange(len(boxes)), "gt_bbox": [paddle.to_tensor(b) for b in boxes],
-                "gt_class": [paddle.to_tensor(c) for c in classes]}
-        det = model.student.head.get_loss(head_outs, meta)
-        detection = det["loss_vfl"] + det["loss_bbox"] + det["loss_dfl"]
-        feature = sum(mimic(fpn_s[i], fpn_t[j]) for mimic, (i, j, _, _) in zip(model.mimics, pairs)) if pairs else 0.0
-        loss = detection + feature
-        return loss, {"det": round(float(detection), 5), "feat": round(float(feature), 5)}
+        logs, loss = {}, 0.0
+        if has_boxes.any():
+            detection = _detection_loss(model.student.head, fpn_s, boxes, classes, has_boxes)
+            loss, logs["det"] = loss + detection, round(float(detection), 5)
+        if dense:
+            outputs_s = model.student.head.forward_eval(fpn_s, export_post_process=True)
+            output = _dense_output_loss(outputs_s, outputs_t, float(x_student.shape[-1]))
+            loss, logs["out"] = loss + output, round(float(output), 5)
+        if pairs:
+            feature = sum(mimic(fpn_s[i], fpn_t[j]) for mimic, (i, j, _, _) in zip(model.mimics, pairs))
+            loss, logs["feat"] = loss + feature, round(float(feature), 5)
+        return loss, logs
 
     config = LoopConfig(epochs=epochs, lr=lr, warmup_epochs=0.0, ema_decay=None, seed=seed, weight_decay=1e-5)
     fit(trainee, make_loader, -(-len(data.student) // batch_size), loss_fn, None, config, run_dir, batch_size=batch_size)
     student.eval()
     return len(pairs)
+
+
+def _detection_loss(head: Any, fpn: list, boxes: list, classes: list, has_boxes: np.ndarray):
+    """PicoHead's own training loss (VFL + GIoU + DFL, SimOTA) on the images of the batch that have boxes."""
+    import paddle
+
+    keep = np.flatnonzero(has_boxes)
+    cls_scores, box_preds = head.forward_train(fpn)
+    if len(keep) < len(has_boxes):
+        index = paddle.to_tensor(keep)
+        cls_scores = [paddle.index_select(t, index) for t in cls_scores]
+        box_preds = [paddle.index_select(t, index) for t in box_preds]
+    meta = {"im_id": paddle.arange(len(keep)), "gt_bbox": [paddle.to_tensor(boxes[i]) for i in keep],
+            "gt_class": [paddle.to_tensor(classes[i]) for i in keep]}
+    losses = head.get_loss((cls_scores, box_preds), meta)
+    return losses["loss_vfl"] + losses["loss_bbox"] + losses["loss_dfl"]
+
+
+def _dense_output_loss(outputs_s, outputs_t, input_side: float):
+    """Per-anchor score BCE, plus box L1 (in input sides) where the teacher sees an object: the self-teacher's
+    output loss, with the bigger teacher's outputs."""
+    import paddle.nn.functional as F
+
+    (scores_s, boxes_s), (scores_t, boxes_t) = outputs_s, outputs_t
+    score_loss = F.binary_cross_entropy(scores_s.clip(1e-6, 1 - 1e-6), scores_t)
+    weight = scores_t.max(axis=1).unsqueeze(-1)
+    box_loss = (weight * (boxes_s - boxes_t).abs()).sum() / (weight.sum() * 4 + 1e-6) / input_side
+    return score_loss + box_loss
+
+
+def _dense_outputs_line_up(teacher: Any, student: Any, input_size: tuple[int, int]) -> bool:
+    """Whether the teacher's per-anchor scores and boxes match the student's one for one (a PicoDet head
+    with the same strides, classes and anchors at the student's input size)."""
+    import paddle
+    from ppdet.modeling.heads.simota_head import OTAVFLHead
+
+    if not isinstance(getattr(teacher, "head", None), OTAVFLHead):
+        return False
+    probe = paddle.zeros([1, 3, *input_size], "float32")
+    with paddle.no_grad():
+        try:
+            got = [t.shape for t in student.head.forward_eval(_neck(student, probe), export_post_process=True)]
+            want = [t.shape for t in teacher.head.forward_eval(_neck(teacher, probe), export_post_process=True)]
+        except (ValueError, RuntimeError):
+            return False
+    return got == want and list(student.head.fpn_stride) == list(teacher.head.fpn_stride)
 
 
 def _neck(net: Any, x) -> list:
