@@ -1,7 +1,10 @@
 """Runs shitu's training loop (fit) on a small batch-norm-free classifier: alone, or as one rank under
 `python -m paddle.distributed.launch`. tests/test_distributed.py compares the two runs' weights.
 
-Usage: python dp_fit.py RUN_DIR [GLOBAL_BATCH]
+Usage: python dp_fit.py RUN_DIR [GLOBAL_BATCH [EVAL_SECONDS]]
+
+EVAL_SECONDS > 0 gives the run an evaluation (accuracy on the training features, rank 0 alone, every epoch)
+that takes at least that long, as a big validation set would.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 
-def main(run_dir: Path, global_batch: int) -> None:
+def main(run_dir: Path, global_batch: int, eval_seconds: float = 0.0) -> None:
+    import time
+
     import paddle
 
     from shitu_cli.train.distributed import current_world, shard_batches
@@ -35,11 +40,17 @@ def main(run_dir: Path, global_batch: int) -> None:
     def loss_fn(net, batch):
         return paddle.nn.functional.cross_entropy(net(batch[0]), batch[1]), {}
 
+    def evaluate(net) -> dict[str, float]:
+        time.sleep(eval_seconds)
+        with paddle.no_grad():
+            predicted = net(paddle.to_tensor(features)).numpy().argmax(axis=1)
+        return {"top1": float((predicted == labels).mean())}
+
     config = LoopConfig(epochs=2, lr=0.2, weight_decay=1e-4, warmup_epochs=0.5, ema_decay=0.9, seed=3)
-    fit(model, make_loader, len(features) // global_batch, loss_fn, None, config, run_dir)
+    fit(model, make_loader, len(features) // global_batch, loss_fn, evaluate if eval_seconds > 0 else None, config, run_dir)
     if current_world().is_main:
         (run_dir / "done.txt").write_text(f"world {world.size}\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 16)
+    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 16, float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)

@@ -59,6 +59,17 @@ def test_two_processes_train_the_weights_one_process_trains_with_the_same_global
     assert sorted(p.name for p in launched.rglob("*")) == sorted(p.name for p in alone.rglob("*"))
 
 
+@pytest.mark.slow  # ~90 s: two launched processes, rank 0 evaluating for 35 s after each of 2 epochs
+def test_rank_0_evaluating_longer_than_gloos_timeout_does_not_end_the_job(tmp_path):
+    """A gloo collective gives up after ~30 s (Paddle 3.3.1); rank 1 waits out rank 0's evaluation through
+    the launcher's key-value store instead, however long it takes."""
+    run = tmp_path / "run"
+    done = _launch(TESTS / "dp_fit.py", str(run), "16", "35", log_dir=tmp_path / "logs")
+    assert done.returncode == 0, (tmp_path / "logs" / "workerlog.1").read_text()[-3000:]
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and "top1" in rows[0] and (run / "done.txt").read_text() == "world 2\n"
+
+
 def test_each_rank_gets_whole_distinct_classes_of_every_global_pk_batch():
     from shitu_cli.train.distributed import World
     from shitu_cli.train.samplers import PKBatchSampler

@@ -15,7 +15,9 @@ Without the launcher's environment every function here is a no-op for a world of
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -229,13 +231,6 @@ def lost_peer(exc: BaseException) -> WorkFailed | None:
                       hint="the launcher's log names the worker that failed")
 
 
-def barrier(world: World) -> None:
-    if world.distributed:
-        import paddle.distributed as dist
-
-        dist.barrier()
-
-
 # ----------------------------------------------------------------------------- long waits through the store
 # A gloo barrier or all-reduce on the CPU gives up after about 30 s (measured on Paddle 3.3.1), so a rank that
 # must wait for minutes (rank 0 filling the teacher cache) waits on the launcher's key-value store instead:
@@ -248,6 +243,16 @@ def job_store():
     from paddle.base import core
 
     return core.create_or_get_global_tcp_store()
+
+
+def _add(store, key: str, amount: int) -> int:
+    """store.add with SIGINT/SIGTERM held back until it returns: a signal landing in the store client's
+    blocking receive fails the call (EINTR) instead of retrying it. The signal is handled right after."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        return int(store.add(key, amount))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def in_turn(world: World, name: str, work: Callable[[], T], store=None) -> T:
@@ -267,17 +272,17 @@ def in_turn(world: World, name: str, work: Callable[[], T], store=None) -> T:
             _wait_for(store, name, 0)
         result = work()
     except BaseException:
-        store.add(f"{name}/{world.rank}/failed", 1)
+        _add(store, f"{name}/{world.rank}/failed", 1)
         raise
-    store.add(f"{name}/{world.rank}/done", 1)
+    _add(store, f"{name}/{world.rank}/done", 1)
     return result
 
 
 def _wait_for(store, name: str, rank: int) -> None:
     import time
 
-    while not store.add(f"{name}/{rank}/done", 0):
-        if store.add(f"{name}/{rank}/failed", 0):
+    while not _add(store, f"{name}/{rank}/done", 0):
+        if _add(store, f"{name}/{rank}/failed", 0):
             raise WorkFailed(f"training process rank {rank} failed at: {name}",
                              hint="the launcher's log of that rank (RUN_DIR/logs/workerlog.N) says why")
         time.sleep(POLL_SECONDS)
@@ -291,11 +296,21 @@ def total_over_ranks(world: World, name: str, value: int, store=None) -> int:
     if not world.distributed:
         return value
     store = store if store is not None else job_store()
-    store.add(f"{name}/sum", int(value))
-    store.add(f"{name}/given", 1)  # after the sum: once every rank has given, the sum is complete
-    while store.add(f"{name}/given", 0) < world.size:
+    _add(store, f"{name}/sum", int(value))
+    _add(store, f"{name}/given", 1)  # after the sum: once every rank has given, the sum is complete
+    while _add(store, f"{name}/given", 0) < world.size:
         time.sleep(POLL_SECONDS)
-    return int(store.add(f"{name}/sum", 0))
+    return _add(store, f"{name}/sum", 0)
+
+
+_barriers = itertools.count()  # every rank passes the same barriers in the same order
+
+
+def barrier(world: World, store=None) -> None:
+    """Every rank waits here until all have arrived, for as long as that takes (through the store: rank 0
+    may be evaluating, exporting or converting a dataset for minutes)."""
+    if world.distributed:
+        total_over_ranks(world, f"barrier/{next(_barriers)}", 0, store)
 
 
 @contextlib.contextmanager

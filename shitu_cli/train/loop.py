@@ -158,6 +158,8 @@ def fit(
         state = checkpoints.load_last(model, optimizer, schedule, ema) or state
     elif checkpoints.state_file.exists() and world.is_main:
         checkpoints.state_file.unlink()
+    # Rank 0 may have evaluated the untrained net alone; gloo's collectives give up after ~30 s, the store's wait does not.
+    distributed.barrier(world)
     distributed.check_resumed_together(state["epoch"], world, run_dir)
     train_model = distributed.wrap_model(model, world)  # after loading: DataParallel starts every rank from rank 0's weights
     stopping = False
@@ -194,7 +196,8 @@ def fit(
         mean_loss = distributed.mean_over_ranks(float(np.mean(losses)) if losses else float("nan"), world)
         if not world.is_main:
             state["epoch"] = epoch
-            continue  # rank 0 evaluates and writes; the others go on to the next epoch's first all-reduce
+            distributed.barrier(world)  # while rank 0 evaluates and writes, however long that takes
+            continue
         row = {"epoch": epoch, "lr": float(optimizer.get_lr()), "loss": mean_loss}
         if evaluate is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
             eval_model = ema.module if ema is not None else model
@@ -211,6 +214,7 @@ def fit(
         if on_step is not None:
             on_step(advance=0, epoch_end=_epoch_summary(row, config.epochs, len(losses) * batch_size, train_seconds,
                                                         time.perf_counter() - epoch_started))
+        distributed.barrier(world)
 
     stopping = distributed.agree_stop(stop, world)  # a signal during the last evaluation counts too
     distributed.unwrap_model(model)
