@@ -140,9 +140,14 @@ def test_exported_embeddings_tell_classes_apart(trained, lists):
     cosine = unit @ unit.T
     same = (labels[:, None] == labels[None]) & ~np.eye(len(paths), dtype=bool)
     assert cosine[~same & ~np.eye(len(paths), dtype=bool)].min() < 0.9
-    # Properties of any trained embedder, on any CPU: MKL's AVX2 path trains other weights than AVX-512's
-    # (margin 0.18 there, 0.43 here; nearest-neighbour accuracy 0.41 on both, chance 1/12).
-    assert cosine[same].mean() > cosine[labels[:, None] != labels[None]].mean() + 0.1
+    # Properties of any trained embedder, on any CPU, read from rankings rather than raw cosines: MKL's AVX2
+    # path trains other weights than AVX-512's, and the best epoch by mAP can be one whose vectors share a
+    # large common component (every cosine ~0.99 on the AVX2 path) yet rank same-class images first.
+    # For most images, same-class images score above other classes on average (0.93 AVX-512, 0.83 AVX2) ...
+    other = labels[:, None] != labels[None]
+    same_first = [cosine[row][same[row]].mean() > cosine[row][other[row]].mean() for row in range(len(paths))]
+    assert np.mean(same_first) > 0.7
+    # ... and the nearest other image is of the same class well above chance (0.32 / 0.38, chance 1/12).
     np.fill_diagonal(cosine, -np.inf)
     nearest_same = labels[cosine.argmax(axis=1)] == labels
     assert nearest_same.mean() > 3 / len(set(labels))
