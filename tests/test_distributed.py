@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -207,7 +208,11 @@ def test_a_killed_worker_ends_the_job_with_one_line_and_exit_1(products, tmp_pat
             parent.kill()
     assert parent.returncode == 1, stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "training worker rank 1 was killed by SIGKILL" in last and "logs" in last
+    # Whichever the launcher saw fail first (rank 1 killed, or rank 0 aborting on gloo's lost connection to
+    # it, both within the launcher's 2 s poll), the line names rank 1 and its log.
+    assert last.startswith("error:") and re.search(r"training worker rank 1 (was killed by SIGKILL|died or stopped "
+                                                   r"answering \(rank 0 lost its connection)", last), last
+    assert "workerlog.1" in last
     assert not any(Path(f"/proc/{pid}").exists() for pid in survivors)  # rank 0 did not outlive the job
     assert not (run / "export").exists()
 
@@ -252,6 +257,26 @@ def test_a_worker_the_launcher_reports_dead_becomes_one_line_naming_its_rank_and
     assert job_exit_code(outcome) == 2
     outcome.signal_name = "SIGINT"  # a stop this process passed on
     assert job_exit_code(outcome) == 130
+
+
+def test_a_worker_that_aborted_on_a_lost_peer_points_at_the_peer(tmp_path):
+    """The launcher names the first failed worker in rank order; when that one only aborted because gloo lost
+    its connection to another, the line names the other (the one that died first) and its log."""
+    from shitu_cli.errors import WorkFailed
+    from shitu_cli.train.launch import LaunchOutcome, _take_line, job_exit_code
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "workerlog.0").write_text(
+        "epoch 1/3  loss 2.1\nterminate called after throwing an instance of 'gloo::TimeoutException'\n"
+        "  what():  [/paddle/third_party/gloo/gloo/transport/tcp/pair.cc:584] TIMEOUT self_rank = 0 "
+        "pair_rank = 1 peer_str = [127.0.0.1]:21890\n", encoding="utf-8")
+    outcome = LaunchOutcome(exit_code=1, log_dir=tmp_path / "logs", stdout="")
+    _take_line(f"Container rank 0 status failed cmd ['python'] code -6 log {tmp_path}/logs/workerlog.0", outcome, None)
+    with pytest.raises(WorkFailed) as failed:
+        job_exit_code(outcome)
+    message = str(failed.value)
+    assert "training worker rank 1 died or stopped answering" in message and "rank 0 lost its connection" in message
+    assert "was killed by SIGABRT" in message and f"{tmp_path}/logs/workerlog.1" in message
 
 
 @pytest.mark.slow  # two full trainings of the digits recipe (~1-3 min each on 2 shared cores)

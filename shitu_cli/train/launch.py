@@ -28,6 +28,9 @@ NOISE = re.compile(
     r"|\s+warnings\.warn\(|.*UserWarning: When training, we now always track|-+ ERROR LOG DETAIL -+)"
 )
 FAILED = re.compile(r"Container rank (\d+) status \w+ cmd .* code (-?\d+) log (\S+)")
+# gloo's last words when the worker on the other end of a connection died or hung: the launcher then names
+# this worker (the first failed one in rank order), not the one that died first.
+LOST_PEER = re.compile(r"gloo/transport/.*self_rank = (\d+) pair_rank = (\d+)")
 
 
 @dataclass
@@ -170,9 +173,27 @@ def job_exit_code(outcome: LaunchOutcome) -> int:
         return 0
     if outcome.failed_code == 2:
         return 2
+    lost = _lost_peer(outcome.failed_log)
+    if lost is not None:
+        reporter, peer = lost
+        raise WorkFailed(f"training worker rank {peer} died or stopped answering (rank {reporter} lost its connection "
+                         f"to it and {_how_it_ended(outcome.failed_code, outcome.exit_code)}); the launcher stopped the others",
+                         hint=f"rank {peer}'s log: {outcome.log_dir / f'workerlog.{peer}'}", path=outcome.log_dir.parent)
     rank = "a training worker" if outcome.failed_rank is None else f"training worker rank {outcome.failed_rank}"
     raise WorkFailed(f"{rank} {_how_it_ended(outcome.failed_code, outcome.exit_code)}; the launcher stopped the others",
                      hint=f"its log: {outcome.failed_log or outcome.log_dir}", path=outcome.log_dir.parent)
+
+
+def _lost_peer(log: str | None) -> tuple[int, int] | None:
+    """(this rank, the peer it lost) when a worker's log ends in gloo's lost-connection error."""
+    if not log or not Path(log).is_file():
+        return None
+    tail = Path(log).read_text(encoding="utf-8", errors="replace").splitlines()[-20:]
+    for line in reversed(tail):
+        found = LOST_PEER.search(line)
+        if found:
+            return int(found.group(1)), int(found.group(2))
+    return None
 
 
 def _how_it_ended(code: int | None, launcher_code: int) -> str:
