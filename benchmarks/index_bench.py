@@ -220,9 +220,9 @@ def machine() -> str:
 
 def render(rows: list[dict], started_load: str, target: float) -> str:
     lines = ["# Gallery index benchmark", "",
-             f"Machine: {machine()}. Load average when the run started: {started_load}. The 2 cores are shared "
-             "with ~7 other sessions' jobs (load 8-10 during the run): absolute times are inflated and noisy, the p99 "
-             "column most of all; ratios within one size are fairer.", "",
+             f"Machine: {machine()}. Load average when the run started: {started_load}; `load` = the 1-minute load "
+             "average when each row's search timing started and ended. On a shared machine absolute times are inflated "
+             "and noisy, the p99 column most of all; ratios within one size are fairer.", "",
              f"Data: synthetic {DIM}-d L2-normalised vectors in clusters of ~10 (a product with several photos); "
              f"{QUERIES} queries are gallery vectors plus noise (new photos of indexed products, not in the gallery). "
              "recall@1 = share of queries whose first result scores as high as the exact best (ties count). Build uses "
@@ -230,19 +230,23 @@ def render(rows: list[dict], started_load: str, target: float) -> str:
              f"--target-recall {target} search for nprobe/efSearch on 500 leave-one-out gallery queries. Search: one query at a "
              "time, 1 thread, k=1. Peak = the child process's peak RSS above its RSS with the data loaded; estimate = "
              "shitu's pre-build memory estimate of the index.", "",
-             "| vectors | type | params | build s | tune s | tuned | p50 ms | p99 ms | recall@1 | peak MiB | estimate MiB |",
-             "|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "| vectors | type | params | build s | tune s | tuned | p50 ms | p99 ms | recall@1 | peak MiB | estimate MiB | load |",
+             "|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['n']:,} | {row['type']} | failed: {row['error'][:120]} | | | | | | | | |")
+            lines.append(f"| {row['n']:,} | {row['type']} | failed: {row['error'][:120]} | | | | | | | | | |")
             continue
         params = ", ".join(f"{k} {v}" for k, v in row["params"].items()) or "-"
         estimate = f"{row['estimate_mib']:,.0f}" if row["estimate_mib"] is not None else "-"
         tuned = "-" if row["tune_recall"] is None else f"{row['tune_recall']:.3f}"
         lines.append(f"| {row['n']:,} | {row['type']} | {params} | {row['build_s']:.1f} | {row['tune_s']:.1f} | {tuned} | "
                      f"{row['p50_ms']:.3f} | {row['p99_ms']:.3f} | {row['recall_at_1']:.3f} | "
-                     f"{row['peak_over_data_mib']:,.0f} | {estimate} |")
+                     f"{row['peak_over_data_mib']:,.0f} | {estimate} | {_load(row)} |")
     return "\n".join(lines) + "\n"
+
+
+def _load(row: dict) -> str:
+    return f"{row['load_start']:.1f}-{row['load_end']:.1f}" if "load_end" in row else "-"
 
 
 def main() -> None:
