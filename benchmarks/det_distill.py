@@ -82,16 +82,20 @@ def compress_both_ways(student_run: Path, teacher_run: Path | None, calib: Path,
 
     source = resolve_source(student_run)
     calib_set = load_image_set(calib, "calibration set").subset(args.calib_size)
+    # the same photos as a COCO json: their ground-truth boxes train the student too
+    labelled_set = load_image_set(calib.parent / "data" / "train.json", "calibration set").subset(args.calib_size)
     models = {}
     log = lambda name: print(f"  {name}", file=sys.stderr, flush=True)  # noqa: E731
     ways = {
         "self": lambda w: detector_prune(source, calib_set, w, args.prune, args.epochs, args.lr, 42, 8, log),
         "teacher": lambda w: detector_prune_from_teacher(source, teacher_run, calib_set, w, args.prune, args.epochs,
                                                          args.lr, 42, 8, log),
+        "labels": lambda w: detector_prune_from_teacher(source, teacher_run, labelled_set, w, args.prune, args.epochs,
+                                                        args.lr, 42, 8, log),
     }
     keep = work / "models"
     for name, prune in ways.items():
-        if name == "teacher" and teacher_run is None:
+        if (name != "self" and teacher_run is None) or (args.ways and name not in args.ways):
             continue
         if (keep / f"{name}-int8" / "shitu.yaml").is_file():
             models[f"{name}-fp32"], models[f"{name}-int8"] = keep / f"{name}-fp32", keep / f"{name}-int8"
@@ -111,14 +115,14 @@ def compress_both_ways(student_run: Path, teacher_run: Path | None, calib: Path,
                                                             default=str), encoding="utf-8")
             models[f"{name}-{suffix}"] = target
         shutil.rmtree(scratch, ignore_errors=True)
-    if not (keep / "student-int8" / "shitu.yaml").is_file():
+    if not (keep / "student-int8" / "shitu.yaml").is_file() and not args.ways:
         scratch = work / "scratch-int8"
         shutil.rmtree(scratch, ignore_errors=True)
         int8 = detector_ptq(source, calib_set, scratch, "hist", log)
         shutil.copytree(int8.model_dir, keep / "student-int8")
         shutil.rmtree(scratch, ignore_errors=True)
     models["student-int8"] = keep / "student-int8"
-    return models
+    return {name: path for name, path in models.items() if (path / "shitu.yaml").is_file()}
 
 
 def coco_scores(model_dir: Path, data: Path) -> dict[str, float]:
@@ -183,7 +187,9 @@ def size_mb(model_dir: Path) -> float:
 ROWS = [("teacher", "teacher (PicoDet LCNet x1.5), fp32"), ("student", "student (PicoDet LCNet x0.75), fp32"),
         ("student-int8", "student, INT8"), ("self-fp32", "student pruned + self-distilled, fp32"),
         ("self-int8", "student pruned + self-distilled, INT8"), ("teacher-fp32", "student pruned + teacher-distilled, fp32"),
-        ("teacher-int8", "student pruned + teacher-distilled, INT8")]
+        ("teacher-int8", "student pruned + teacher-distilled, INT8"),
+        ("labels-fp32", "student pruned + teacher-distilled + ground-truth boxes, fp32"),
+        ("labels-int8", "student pruned + teacher-distilled + ground-truth boxes, INT8")]
 
 
 def write_report(results: dict, out: Path, args, seconds: float) -> None:
@@ -191,8 +197,11 @@ def write_report(results: dict, out: Path, args, seconds: float) -> None:
     lines = [
         "# Detector distillation from a bigger teacher: pruned + INT8 PicoDet, self-teacher vs teacher",
         "",
-        f"Written by `benchmarks/det_distill.py` in one run ({seconds / 60:.0f} min) on a shared 2-core machine "
-        f"({platform.processor() or platform.machine()}), busy with other jobs.",
+        f"Written by `benchmarks/det_distill.py` on a shared 2-core machine ({platform.processor() or platform.machine()}), "
+        "busy with other jobs, in stages that reuse what the earlier ones left in --work: the two trainings ran in the "
+        "background, then each compression way (`--ways`, fine-tune + export wall minutes: "
+        + ", ".join(f"{way} {minutes}" for way, minutes in results["finetune_minutes"].items())
+        + f"), then one last run ({seconds / 60:.0f} min) measured every model: mAP, and latency interleaved.",
         "",
         f"- **Set**: benchmarks/families_det.py's scenes: {results['train_scenes']} train / {results['val_scenes']} val "
         "at 160x160, real Fruits-360 photos (4 classes) pasted onto the demo's real background photos; val scenes use "
@@ -203,9 +212,12 @@ def write_report(results: dict, out: Path, args, seconds: float) -> None:
         + ". Runs cut short were stopped with SIGTERM (train-det then exports the best evaluated epoch) to fit the "
         "shared machine's time.",
         f"- **Compression**: prune {args.prune:g} of the student's inner backbone filters (L1), fine-tune {args.epochs} "
-        f"epochs at lr {args.lr:g} on {results['calib_images']} train photos given as a plain folder (no labels), "
-        "then Paddle PTQ (hist) to INT8. Self-teacher (what shitu.yaml records): "
-        f"{results['distill']['self']}. Bigger teacher: {results['distill']['teacher']}.",
+        f"epochs at lr {args.lr:g} on {results['calib_images']} train photos given as a plain folder (no labels; "
+        "the main comparison) or, in the last two rows, as a COCO json with their boxes, "
+        "then Paddle PTQ (hist) to INT8. Self-teacher: the unpruned student's neck features (MSE), dense scores (BCE) "
+        f"and boxes (L1), its head frozen. Bigger teacher, the photos as a folder: {results['distill']['teacher']}."
+        + (f" Bigger teacher, the same photos as a COCO json (ground-truth boxes): {results['distill']['labels']}."
+           if "labels" in results["distill"] else ""),
         "- **mAP**: pycocotools on the val scenes, every NMS row kept. **Latency**: Paddle Inference, oneDNN, "
         f"1 thread, batch 1, preprocessing + net + NMS, the models taking turns per image over {args.runs} val images; "
         "p50 / p90. **Size**: the params file.",
@@ -214,6 +226,8 @@ def write_report(results: dict, out: Path, args, seconds: float) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for key, title in ROWS:
+        if key not in rows:
+            continue
         row = rows[key]
         lines.append(f"| {title} | {row['mAP']:.3f} | {row['mAP50']:.3f} | {row['p50_ms']} | {row['p90_ms']} | "
                      f"{row['size_mb']} | {row.get('params', '-')} |")
@@ -242,6 +256,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--calib-size", type=int, default=64)
     parser.add_argument("--runs", type=int, default=32)
+    parser.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "det_distill.md",
+                        help="where the report goes (its .json beside it)")
+    parser.add_argument("--ways", nargs="*", choices=["self", "teacher", "labels"],
+                        help="compress only these ways and stop (to run them in parallel); the last run measures all")
     parser.add_argument("--self-only", action="store_true",
                         help="train the student and compress it the self-teacher way only (while the teacher trains)")
     args = parser.parse_args()
@@ -258,9 +276,11 @@ def main() -> None:
     runs = {role: train(data, args.work, role) for role in ("teacher", "student")}
     models = {"teacher": runs["teacher"] / "export", "student": runs["student"] / "export",
               **compress_both_ways(runs["student"], runs["teacher"], calib, args.work, args)}
+    if args.ways:
+        return
     timing = latencies(models, data, args.runs)
     rows = {name: {**coco_scores(path, data), **timing[name], "size_mb": size_mb(path)} for name, path in models.items()}
-    for name in ("self-fp32", "teacher-fp32"):
+    for name in [n for n in ("self-fp32", "teacher-fp32", "labels-fp32") if n in models]:
         details = json.loads((models[name] / "details.json").read_text(encoding="utf-8"))
         rows[name]["params"] = rows[name.replace("fp32", "int8")]["params"] = details["params_after"]
         rows["student"]["params"] = rows["student-int8"]["params"] = details["params_before"]
@@ -268,11 +288,14 @@ def main() -> None:
     results = {"rows": rows, "train": train_info, "train_scenes": args.train_scenes, "val_scenes": args.val_scenes,
                "calib_images": min(args.calib_size, len(list(calib.glob("*.jpg"))))}
     results["distill"] = {way: json.loads((models[f"{way}-fp32"] / "details.json").read_text(encoding="utf-8"))["distill"]
-                          for way in ("self", "teacher")}
+                          for way in ("self", "teacher", "labels") if f"{way}-fp32" in models}
+    results["finetune_minutes"] = {
+        way: json.loads((models[f"{way}-fp32"] / "details.json").read_text(encoding="utf-8"))["finetune_minutes"]
+        for way in ("self", "teacher", "labels") if f"{way}-fp32" in models}
     results["verdict"] = verdict(rows)
     results["run_seconds"] = round(time.perf_counter() - started)
-    (ROOT / "benchmarks" / "det_distill.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
-    write_report(results, ROOT / "benchmarks" / "det_distill.md", args, time.perf_counter() - started)
+    args.report.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    write_report(results, args.report, args, time.perf_counter() - started)
 
 
 if __name__ == "__main__":
