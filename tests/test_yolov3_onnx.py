@@ -107,3 +107,14 @@ def test_a_trained_yolov3s_onnx_boxes_are_paddles(tmp_path):
         assert len(want) == len(got) == 10
         for a, b in zip(want, got):
             assert a.label == b.label and abs(a.score - b.score) < 1e-3 and np.abs(np.subtract(a.box, b.box)).max() < 0.05
+
+
+def test_the_export_check_pairs_a_detectors_tied_boxes_instead_of_ranking_them():
+    from shitu_cli.models.convert import _matched_difference
+
+    source = np.array([[0, 0.50010, 10, 10, 50, 50], [0, 0.50008, 60, 60, 90, 90], [1, 0.4, 5, 5, 20, 20]])
+    export = source[[1, 0, 2]].copy()  # the two tied boxes in the other order, as another runtime may rank them
+    export[0, 1], export[1, 1] = 0.50011, 0.50007
+    assert _matched_difference(source, export) < 1e-3
+    export[2, 0] = 2  # a box of another class has no partner
+    assert _matched_difference(source, export) == float("inf")
