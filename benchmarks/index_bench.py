@@ -27,11 +27,19 @@ TYPES = ("flat", "ivf", "ivfpq", "opq-ivfpq", "hnsw", "milvus-ivf", "milvus-hnsw
 HERE = Path(__file__).resolve().parent
 
 
+CATEGORIES = 0  # --categories: 0 = product centres independent at random; K = products drawn around K category centres
+
+
 def gallery_vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
     """Clustered like a product gallery (several photos per product), not uniform noise:
-    n/10 product centres, each photo a noisy copy of its centre. Built in chunks (1M x 512 is 2 GiB)."""
+    n/10 product centres, each photo a noisy copy of its centre. Built in chunks (1M x 512 is 2 GiB).
+    With CATEGORIES, the product centres themselves cluster around that many category centres (as real
+    embeddings do: shoes near shoes); without, any two products are equally unrelated."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(max(1, n // 10), dim)).astype(np.float32)
+    if CATEGORIES:
+        categories = rng.normal(size=(CATEGORIES, dim)).astype(np.float32)
+        centres = categories[rng.integers(0, CATEGORIES, len(centres))] + 0.7 * centres
     out = np.empty((n, dim), np.float32)
     for start in range(0, n, 100_000):
         rows = min(100_000, n - start)
@@ -126,7 +134,7 @@ def measure_one(kind: str, n: int, target: float, build_threads: int, workdir: P
     sweep = sweep_settings(index, choice, tuned, queries, vectors, best) if tuned and not kind.startswith("milvus") else {}
     estimate = estimate_memory(choice.type, choice.params, n, vectors.shape[1]) if not kind.startswith("milvus") else None
     shown = {k: v for k, v in choice.params.items() if k not in ("tuned",)}
-    return {"n": n, "type": kind, "params": shown, "build_s": build_s, "tune_s": tune_s,
+    return {"n": n, "type": kind, "categories": CATEGORIES, "params": shown, "build_s": build_s, "tune_s": tune_s,
             "tuned": tuned.as_text() if tuned else None, "tune_recall": tuned.recall if tuned else None,
             "p50_ms": p50, "p99_ms": p99,
             "recall_at_1": recall, "peak_over_data_mib": peak - base_rss, "base_rss_mib": base_rss,
@@ -239,7 +247,8 @@ def render(rows: list[dict], started_load: str, target: float) -> str:
         params = ", ".join(f"{k} {v}" for k, v in row["params"].items()) or "-"
         estimate = f"{row['estimate_mib']:,.0f}" if row["estimate_mib"] is not None else "-"
         tuned = "-" if row["tune_recall"] is None else f"{row['tune_recall']:.3f}"
-        lines.append(f"| {row['n']:,} | {row['type']} | {params} | {row['build_s']:.1f} | {row['tune_s']:.1f} | {tuned} | "
+        kind = row["type"] + (f" ({row['categories']} categories)" if row.get("categories") else "")
+        lines.append(f"| {row['n']:,} | {kind} | {params} | {row['build_s']:.1f} | {row['tune_s']:.1f} | {tuned} | "
                      f"{row['p50_ms']:.3f} | {row['p99_ms']:.3f} | {row['recall_at_1']:.3f} | "
                      f"{row['peak_over_data_mib']:,.0f} | {estimate} | {_load(row)} |")
     return "\n".join(lines) + "\n"
@@ -264,7 +273,11 @@ def main() -> None:
                         help="save each built faiss index here (a few GiB at 1M) for --remeasure")
     parser.add_argument("--remeasure", action="store_true",
                         help="time the search of indexes --keep-dir saved, without rebuilding them")
+    parser.add_argument("--categories", type=int, default=0,
+                        help="draw product centres around this many category centres (0: independent, the default)")
     args = parser.parse_args()
+    global CATEGORIES
+    CATEGORIES = args.categories
     if args.one:
         args.workdir.mkdir(parents=True, exist_ok=True)
         if args.remeasure:
@@ -287,6 +300,7 @@ def main() -> None:
                    "--build-threads", str(args.build_threads), "--workdir", str(workdir)]
             cmd += ["--keep-dir", str(args.keep_dir)] if args.keep_dir else []
             cmd += ["--remeasure"] if args.remeasure else []
+            cmd += ["--categories", str(args.categories)]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout_s)
             except subprocess.TimeoutExpired:
