@@ -1,7 +1,8 @@
 """Mainbody detector training: a recipe + a COCO/VOC dataset -> ppdet's Trainer -> best COCO mAP
 checkpoint -> an exported PicoDet with NMS (model.json + model.pdiparams + infer_cfg.yml + shitu.yaml).
 
-Recipes and the ppdet config live in det_config, datasets in det_data, the export in det_export.
+Recipes and the ppdet config live in det_config, datasets in det_data, the lr schedule (and the warm-up fitted
+to short runs) in det_schedule, checkpoints and resuming in det_checkpoints, the export in det_export.
 """
 
 from __future__ import annotations
