@@ -76,8 +76,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/shitu-families-det"))
-    parser.add_argument("--inspection-run", type=Path, default=None, help="a yolov3-mobilenetv1 train-det run dir "
-                        "(default: WORK/runs/inspection-yolov3; trained first when it holds no export)")
+    parser.add_argument("--inspection-run", type=Path, nargs="+", default=None, help="yolov3-mobilenetv1 train-det run "
+                        "dirs, one per input size (default: WORK/runs/inspection-yolov3, trained first when it holds no export)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md from det_memory.json")
     args = parser.parse_args()
@@ -120,21 +120,36 @@ def inspection(args) -> dict:
 
     import det_memory_inspection as section
 
+    from shitu_cli.models.manifest import read_model_manifest
+
     data = args.work / "data"
-    run = args.inspection_run or args.work / "runs" / "inspection-yolov3"
-    if not (run / "export" / "shitu.yaml").is_file():
-        subprocess.run([sys.executable, "-m", "shitu_cli", "train-det", str(data), "-o", str(run), *INSPECTION_TRAIN],
+    runs = args.inspection_run or [args.work / "runs" / "inspection-yolov3"]
+    if not (runs[0] / "export" / "shitu.yaml").is_file():
+        subprocess.run([sys.executable, "-m", "shitu_cli", "train-det", str(data), "-o", str(runs[0]), *INSPECTION_TRAIN],
                        cwd=ROOT, check=True, capture_output=True)
     started = time.perf_counter()
-    models = section.make_models(run / "export", data, run.parent / f"{run.name}-compressed")
+    groups = {}
+    for number, run in enumerate(runs):
+        size = read_model_manifest(run / "export").input_size[0]
+        groups[f"{size} px"] = section.make_models(run / "export", data, run.parent / f"{run.name}-compressed",
+                                                   every_method=number == 0)
     photos = sorted((data / "images").glob("val_*.jpg"))[:16]
     photos += [p for c in ("apple_golden_1", "Cherry 3", "Papaya 2", "Plum 5") for p in sorted((FRUITS / "test" / c).glob("*.jpg"))[:2]]
-    rows = section.measure(models, photos, args.rounds)
-    fits = [row for row in rows if row.get("peak_mb", BUDGET_MB + 1) <= BUDGET_MB]
-    cli_model = min(fits, key=lambda row: row["peak_mb"])["model"] if fits else None
-    cli = {"model_name": Path(cli_model).name, "peak_mb": section.cli_peak(Path(cli_model), photos)} if cli_model else None
+    rows = section.measure(groups, photos, args.rounds)
+    (ROOT / "benchmarks" / "det_memory.rows.json").write_text(json.dumps(rows, indent=1, default=str), encoding="utf-8")
+    cli = section.cli_rows(groups, photos, runs[0].parent / "inspection-low-memory-exports")
+    (ROOT / "benchmarks" / "det_memory.rows.json").unlink()  # kept only when the CLI part failed
     return {"rows": rows, "cli": cli, "photos": len(photos), "rounds": args.rounds, "seconds": round(time.perf_counter() - started),
-            "train": " ".join(INSPECTION_TRAIN), "run": str(run)}
+            "train": {f"{read_model_manifest(run / 'export').input_size[0]} px": _command_line(run) for run in runs},
+            "runs": [str(run) for run in runs]}
+
+
+def _command_line(run: Path) -> str:
+    """How the run was trained, from its recipe.yaml (data and output paths left out)."""
+    from shitu_cli.artifacts import read_yaml
+
+    argv = [str(a) for a in read_yaml(run / "recipe.yaml")["argv"][1:]]
+    return " ".join(a if not a.startswith("/") else Path(a).name for a in argv)
 
 
 def write_report(results: dict, host: str) -> None:
@@ -167,8 +182,9 @@ def write_report(results: dict, host: str) -> None:
 def inspection_lines(found: dict) -> list[str]:
     import det_memory_inspection as section
 
-    note = (f"`train-det {found['train']}` on the scenes above; {found['photos']} photos: 16 val scenes and 8 Fruits-360 "
-            "test photos")
+    trained = "; ".join(f"{size}: `{line}`" for size, line in found["train"].items())
+    note = (f"{trained}, on the scenes above (memory and latency do not depend on how well a net is trained); "
+            f"{found['photos']} photos: 16 val scenes and 8 Fruits-360 test photos")
     return section.report_lines(found["rows"], found["cli"], note, found["rounds"]) + [
         "", f"The section took {found['seconds']} s (compressing included)."]
 
