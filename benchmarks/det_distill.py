@@ -10,9 +10,14 @@ the teacher's detections are the only boxes), and each pruned model is calibrate
 hist). These are the library twins of:
     shitu compress STUDENT --prune R --quant ptq --algo hist --calib CALIB ...                   # self-teacher
     shitu compress STUDENT --prune R --quant ptq --algo hist --calib CALIB --teacher TEACHER ... # bigger teacher
-called once each so the fp32 pruned model and its INT8 copy come from the same fine-tune.
+called once each so the fp32 pruned model and its INT8 copy come from the same fine-tune. Two more ways give
+the same photos as a COCO json (their ground-truth boxes): with the bigger teacher ("labels"), and the control
+("self-boxes") with the unpruned student as its own teacher through the same path:
+    shitu compress STUDENT --prune R --quant ptq --algo hist --calib train.json --teacher TEACHER ...
+    shitu compress STUDENT --prune R --quant ptq --algo hist --calib train.json --teacher STUDENT ...
 Usage:
     .venv/bin/python benchmarks/det_distill.py [--work DIR] [--prune 0.3] [--epochs 8] [--calib-size 64]
+    (this report: --epochs 20; each way first with --ways WAY, then one run without --ways measures all)
 """
 
 from __future__ import annotations
@@ -92,6 +97,10 @@ def compress_both_ways(student_run: Path, teacher_run: Path | None, calib: Path,
                                                          args.lr, 42, 8, log),
         "labels": lambda w: detector_prune_from_teacher(source, teacher_run, labelled_set, w, args.prune, args.epochs,
                                                         args.lr, 42, 8, log),
+        # the control for "labels": the same boxes with the unpruned student as its own teacher (same
+        # architecture, so its dense scores/boxes line up anchor by anchor); `--teacher STUDENT_RUN` on the CLI
+        "self-boxes": lambda w: detector_prune_from_teacher(source, student_run, labelled_set, w, args.prune,
+                                                            args.epochs, args.lr, 42, 8, log),
     }
     keep = work / "models"
     for name, prune in ways.items():
@@ -189,7 +198,10 @@ ROWS = [("teacher", "teacher (PicoDet LCNet x1.5), fp32"), ("student", "student 
         ("self-int8", "student pruned + self-distilled, INT8"), ("teacher-fp32", "student pruned + teacher-distilled, fp32"),
         ("teacher-int8", "student pruned + teacher-distilled, INT8"),
         ("labels-fp32", "student pruned + teacher-distilled + ground-truth boxes, fp32"),
-        ("labels-int8", "student pruned + teacher-distilled + ground-truth boxes, INT8")]
+        ("labels-int8", "student pruned + teacher-distilled + ground-truth boxes, INT8"),
+        ("self-boxes-fp32", "student pruned + self as teacher + ground-truth boxes, fp32"),
+        ("self-boxes-int8", "student pruned + self as teacher + ground-truth boxes, INT8")]
+WAYS = ["self", "teacher", "labels", "self-boxes"]
 
 
 def write_report(results: dict, out: Path, args, seconds: float) -> None:
@@ -213,11 +225,14 @@ def write_report(results: dict, out: Path, args, seconds: float) -> None:
         "shared machine's time.",
         f"- **Compression**: prune {args.prune:g} of the student's inner backbone filters (L1), fine-tune {args.epochs} "
         f"epochs at lr {args.lr:g} on {results['calib_images']} train photos given as a plain folder (no labels; "
-        "the main comparison) or, in the last two rows, as a COCO json with their boxes, "
+        "the main comparison) or, in the last four rows, as a COCO json with their boxes, "
         "then Paddle PTQ (hist) to INT8. Self-teacher: the unpruned student's neck features (MSE), dense scores (BCE) "
         f"and boxes (L1), its head frozen. Bigger teacher, the photos as a folder: {results['distill']['teacher']}."
         + (f" Bigger teacher, the same photos as a COCO json (ground-truth boxes): {results['distill']['labels']}."
-           if "labels" in results["distill"] else ""),
+           if "labels" in results["distill"] else "")
+        + (" The control, the same COCO json with the unpruned student as its own teacher (`--teacher` given the "
+           f"student's run; same architecture, so its dense outputs line up): {results['distill']['self-boxes']}."
+           if "self-boxes" in results["distill"] else ""),
         "- **mAP**: pycocotools on the val scenes, every NMS row kept. **Latency**: Paddle Inference, oneDNN, "
         f"1 thread, batch 1, preprocessing + net + NMS, the models taking turns per image over {args.runs} val images; "
         "p50 / p90. **Size**: the params file.",
@@ -244,10 +259,28 @@ def notes(rows: dict, steps: int, calib_images: int) -> list[str]:
         f"params file {student['size_mb'] / int8['size_mb']:.1f}x, but ran at {speed:.2f}x the fp32 speed here "
         "(oneDNN INT8 on this CPU, 160 px, small convs, a loaded machine): the size is the gain, not the latency.",
         f"- Without labels the loss is pruning's, and {steps} fine-tuning steps on {calib_images} photos do not repair "
-        "it with either teacher. With the photos' boxes the student trains on its own detection loss as well; this "
-        "benchmark has no run with boxes but without the bigger teacher (the self-teacher path takes no labels), so "
-        "it does not split that recovery between the boxes and the teacher.",
+        "it with either teacher. With the photos' boxes the student trains on its own detection loss as well"
+        + (": " + boxes_split(rows) if "self-boxes-int8" in rows else
+           "; this run has no control with boxes but without the bigger teacher, so it does not split that "
+           "recovery between the boxes and the teacher."),
     ]
+
+
+def boxes_split(rows: dict) -> str:
+    """How much of the with-boxes recovery is the boxes' and how much the bigger teacher's."""
+    parts = []
+    for precision in ("int8", "fp32"):
+        labels, control = rows[f"labels-{precision}"], rows[f"self-boxes-{precision}"]
+        unlabelled = rows[f"teacher-{precision}"]
+        parts.append(f"{precision.upper()} {control['mAP']:.3f} mAP with the self-teacher + boxes vs "
+                     f"{labels['mAP']:.3f} with the bigger teacher + boxes ({labels['mAP'] - control['mAP']:+.3f} for "
+                     f"the bigger teacher, given the boxes; the boxes add {labels['mAP'] - unlabelled['mAP']:+.3f} "
+                     "to the bigger teacher's unlabelled run)")
+    # the two with-boxes rows share one code path (the --teacher one: whole student fine-tuned), unlike the
+    # unlabelled self-distilled rows (head frozen), so only they isolate the teacher
+    return ("; ".join(parts) + ". The two with-boxes rows share one code path (`--teacher`, the whole student "
+            "fine-tuned) and differ only in the teacher, so they isolate its share; the unlabelled self-distilled "
+            "rows take another path (head frozen) and are not that control.")
 
 
 def verdict(rows: dict) -> str:
@@ -268,6 +301,13 @@ def verdict(rows: dict) -> str:
         text += (f"With the same photos' ground-truth boxes as well, the bigger teacher's pruned + INT8 student "
                  f"reaches {rows['labels-int8']['mAP']:.3f} mAP / {rows['labels-int8']['mAP50']:.3f} mAP50 "
                  f"({rows['labels-fp32']['mAP']:.3f} fp32), {share:.0%} of the unpruned student's mAP. ")
+    if "self-boxes-int8" in rows:
+        gain = rows["labels-int8"]["mAP"] - rows["self-boxes-int8"]["mAP"]
+        text += (f"The control, the same boxes with the unpruned student as its own teacher, reaches "
+                 f"{rows['self-boxes-int8']['mAP']:.3f} mAP / {rows['self-boxes-int8']['mAP50']:.3f} mAP50 INT8 "
+                 f"({rows['self-boxes-fp32']['mAP']:.3f} fp32): "
+                 + (f"the bigger teacher adds {gain:+.3f} mAP on top of the boxes. " if gain > 0 else
+                    f"the bigger teacher adds nothing on top of the boxes ({gain:+.3f} mAP); the boxes do the work. "))
     text += (f"Without labels the best pruned + INT8 student keeps {kept:.0%} of the unpruned student's mAP: "
              + ("the mAP is recovered." if recovered else
                 "the bigger teacher recovers some mAP that the self-teacher does not, but neither gets near the "
@@ -289,7 +329,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "det_distill.md",
                         help="where the report goes (its .json beside it)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json beside it")
-    parser.add_argument("--ways", nargs="*", choices=["self", "teacher", "labels"],
+    parser.add_argument("--ways", nargs="*", choices=WAYS,
                         help="compress only these ways and stop (to run them in parallel); the last run measures all")
     parser.add_argument("--self-only", action="store_true",
                         help="train the student and compress it the self-teacher way only (while the teacher trains)")
@@ -317,7 +357,7 @@ def main() -> None:
         return
     timing = latencies(models, data, args.runs)
     rows = {name: {**coco_scores(path, data), **timing[name], "size_mb": size_mb(path)} for name, path in models.items()}
-    for name in [n for n in ("self-fp32", "teacher-fp32", "labels-fp32") if n in models]:
+    for name in [n for n in [f"{way}-fp32" for way in WAYS] if n in models]:
         details = json.loads((models[name] / "details.json").read_text(encoding="utf-8"))
         rows[name]["params"] = rows[name.replace("fp32", "int8")]["params"] = details["params_after"]
         rows["student"]["params"] = rows["student-int8"]["params"] = details["params_before"]
@@ -325,10 +365,10 @@ def main() -> None:
     results = {"rows": rows, "train": train_info, "train_scenes": args.train_scenes, "val_scenes": args.val_scenes,
                "calib_images": min(args.calib_size, len(list(calib.glob("*.jpg"))))}
     results["distill"] = {way: json.loads((models[f"{way}-fp32"] / "details.json").read_text(encoding="utf-8"))["distill"]
-                          for way in ("self", "teacher", "labels") if f"{way}-fp32" in models}
+                          for way in WAYS if f"{way}-fp32" in models}
     results["finetune_minutes"] = {
         way: json.loads((models[f"{way}-fp32"] / "details.json").read_text(encoding="utf-8"))["finetune_minutes"]
-        for way in ("self", "teacher", "labels") if f"{way}-fp32" in models}
+        for way in WAYS if f"{way}-fp32" in models}
     results["verdict"] = verdict(rows)
     results["run_seconds"] = round(time.perf_counter() - started)
     args.report.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
