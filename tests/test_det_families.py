@@ -220,6 +220,74 @@ def test_a_cut_warm_up_is_cut_no_further_on_replay_and_the_user_s_is_kept():
     assert fit_warmup(resolve_settings(document, {"warmup_max_share": 0.0}), 8, 12, explicit=False).steps == 1000
 
 
+def test_epoch_switches_scale_to_a_short_run_once_and_a_flag_wins():
+    from dataclasses import asdict
+
+    from shitu_cli.train.det import _fit_epoch_switches
+    from shitu_cli.train.det_config import build_ppdet_config, load_recipe, resolve_settings
+    from shitu_cli.train.det_data import DetDataset
+
+    placeholder = Path("/nonexistent/data.json")
+    data = DetDataset(Path("/nonexistent"), "coco", placeholder, placeholder, ["a", "b"], 1, 1, 1, 1)
+    notes = []
+
+    def fitted(recipe, flags, document=None):
+        document = document or load_recipe(recipe)[1]
+        settings = resolve_settings(document, flags)
+        points = {p["name"]: p for p in _fit_epoch_switches(settings, document, set(flags), notes.append)}
+        config = build_ppdet_config(document, settings, data, Path("/nonexistent/run"))
+        return settings, points, config, {**document, "shitu": asdict(settings)}
+
+    # PP-YOLO mixes 250 of 270 epochs: a 20-epoch run mixes 18 and trains the last 2 on plain images
+    settings, points, config, recorded = fitted("yolov3-mobilenetv1", {"epochs": 20})
+    assert (settings.mixup_epochs, config["TrainReader"]["mixup_epoch"], points["mixup_epochs"]["scaled"]) == (18, 18, True)
+    assert notes.pop() == ("the recipe's epoch switches are set for 270 epochs and this run trains 20: mixup for the "
+                           "first 18 epochs instead of 250 (set them with --mixup-epochs)")
+    # a replay of the recorded recipe trains the same 18, scaled no further and with no note
+    settings, points, config, _ = fitted(None, {}, recorded)
+    assert (settings.mixup_epochs, points["mixup_epochs"]["scaled"], notes) == (18, False, [])
+    # PP-YOLOE assigns with ATSS for 30 of 300 epochs: 2 of 20; the flag is taken as given
+    settings, points, config, _ = fitted("ppyoloe-s", {"epochs": 20})
+    assert (config["PPYOLOEHead"]["static_assigner_epoch"], settings.static_assigner_epochs) == (2, 2)
+    assert "the static (ATSS) assigner for the first 2 epochs instead of 30" in notes.pop()
+    settings, points, config, _ = fitted("ppyoloe-s", {"epochs": 20, "static_assigner_epochs": 15})
+    assert (config["PPYOLOEHead"]["static_assigner_epoch"], points["static_assigner_epochs"]["explicit"], notes) == (15, True, [])
+    # a run as long as the recipe's keeps its switches; a 2x run of a 1x recipe is longer
+    assert fitted("ppyoloe-s", {})[2]["PPYOLOEHead"]["static_assigner_epoch"] == 30
+    assert fitted("yolov3-mobilenetv1", {"schedule": "2x"})[0].mixup_epochs == 250 and notes == []
+
+
+def test_a_scaled_switch_keeps_an_epoch_on_each_side_where_the_run_has_two():
+    from shitu_cli.train.det_schedule import scaled_epoch_point
+
+    assert [scaled_epoch_point(250, run, 270) for run in (1, 2, 3, 20, 269, 270, 400)] == [1, 1, 2, 18, 249, 250, 250]
+    assert [scaled_epoch_point(30, run, 300) for run in (5, 9, 10, 299)] == [1, 1, 1, 29]
+    assert scaled_epoch_point(0, 20, 270) == 0  # off stays off
+    assert scaled_epoch_point(269, 20, 270) == 19
+
+
+def test_static_assigner_epochs_are_a_ppyoloe_setting():
+    from shitu_cli.errors import BadInput
+
+    with pytest.raises(BadInput, match="static-assigner-epochs is a PP-YOLOE-head setting"):
+        _config("yolov3-mobilenetv1", {"static_assigner_epochs": 3})
+    with pytest.raises(BadInput, match="must not be negative"):
+        _config("ppyoloe-cpu", {"static_assigner_epochs": -1})
+
+
+def test_the_runs_record_the_switch_epochs_they_trained_with(ppyoloe, yolov3):
+    run, summary = ppyoloe  # ppyoloe-cpu's 30 of 80 ATSS epochs, on a 1-epoch run
+    assert read_yaml(run / "ppdet.yml")["PPYOLOEHead"]["static_assigner_epoch"] == 1
+    recipe = read_yaml(run / "recipe.yaml")
+    assert recipe["options"]["recipe"]["shitu"]["static_assigner_epochs"] == 1
+    assert recipe["inputs"]["epoch_switches"] == summary["epoch_switches"] == [
+        {"name": "static_assigner_epochs", "epochs": 1, "asked": 30, "run_epochs": 1, "recipe_epochs": 80,
+         "scaled": True, "explicit": False}]
+    run, summary = yolov3  # --mixup-epochs 1: taken as given
+    assert [(s["name"], s["epochs"], s["explicit"], s["scaled"]) for s in summary["epoch_switches"]] == [
+        ("mixup_epochs", 1, True, False)]
+
+
 def test_the_iou_aware_head_is_ppdets():
     config = _config("yolov3-mobilenetv1", {"iou_aware": True, "nms": "matrix"})
     assert config["YOLOv3Head"]["iou_aware"] is True and config["YOLOv3Loss"]["iou_aware_loss"] == "IouAwareLoss"

@@ -27,7 +27,8 @@ def command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate COCO mAP on val every N epochs (and checkpoint)."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine, or ppdet's step schedules 1x / 2x (2x trains twice --epochs)."),
-    mixup_epochs: Optional[int] = typer.Option(None, "--mixup-epochs", help="ppdet's Mixup for the first N epochs, the last ones without it (0: off)."),
+    mixup_epochs: Optional[int] = typer.Option(None, "--mixup-epochs", help="ppdet's Mixup for the first N epochs, the last ones without it (0: off), taken as given. Otherwise the recipe's, scaled to a run shorter than its schedule."),
+    static_assigner_epochs: Optional[int] = typer.Option(None, "--static-assigner-epochs", help="PP-YOLOE: the static (ATSS) assigner for the first N epochs, then the task-aligned one, taken as given. Otherwise the recipe's, scaled to a run shorter than its schedule."),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Keep ppdet's exponential moving average of the weights."),
     label_smooth: Optional[bool] = typer.Option(None, "--label-smooth/--no-label-smooth", help="YOLOv3 loss label smoothing (yolov3 recipes)."),
     iou_aware: Optional[bool] = typer.Option(None, "--iou-aware/--no-iou-aware", help="YOLOv3 IoU-aware branch and loss (yolov3 recipes)."),
@@ -48,7 +49,8 @@ def command(
 
     flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "input_size": input_size,
              "warmup_steps": warmup_steps, "pretrained": str(pretrained) if pretrained else None, "seed": seed, "eval_every": eval_every,
-             "schedule": schedule, "mixup_epochs": mixup_epochs, "ema": ema, "label_smooth": label_smooth,
+             "schedule": schedule, "mixup_epochs": mixup_epochs,
+             "static_assigner_epochs": static_assigner_epochs, "ema": ema, "label_smooth": label_smooth,
              "iou_aware": iou_aware, "nms": nms}
     with render.progress("train-det", None, unit="step") as bar:
         result = train_det(dataset, out, recipe=recipe, settings=flags, merge_classes=merge_classes, resume=resume,
@@ -64,7 +66,8 @@ def command(
     }
     per_class = result.per_class or {}
     if json_output:
-        render.print_json({**summary, "per_class": per_class, "skipped": result.skipped, "warmup": result.warmup})
+        render.print_json({**summary, "per_class": per_class, "skipped": result.skipped, "warmup": result.warmup,
+                           "epoch_switches": result.epoch_switches})
     else:
         render.file_problems("skipped images (left out of training)", [(s.path, s.reason) for s in result.skipped])
         rows = [(k.replace("_", " "), ", ".join(v) if isinstance(v, list) else v) for k, v in summary.items()]

@@ -20,14 +20,15 @@ from shitu_cli.errors import BadInput, WorkFailed
 from shitu_cli.train import distributed
 from shitu_cli.train.det_config import (
     CHECKPOINTS, DEFAULT_RECIPE, PPDET_CONFIG, DetSettings, build_ppdet_config, load_ppdet_config, load_recipe,
+    recipe_epochs,
     ppdet_chatter_to, ppdet_output_to, recipe_names, resolve_settings,
 )
 from shitu_cli.train.det_checkpoints import keep_last, load_pretrained, restore_best
 from shitu_cli.train.det_checkpoints import resume as resume_weights
 from shitu_cli.train.det_data import DetDataset, coco_image_dir, prepare_dataset, read_coco
-from shitu_cli.train.det_families import trained_epochs
+from shitu_cli.train.det_families import epoch_switches, family_of, trained_epochs
 from shitu_cli.train.det_metrics import class_aps
-from shitu_cli.train.det_schedule import fit_warmup, steps_per_epoch
+from shitu_cli.train.det_schedule import epoch_points_note, fit_epoch_points, fit_warmup, steps_per_epoch
 from shitu_cli.train.det_export import (
     EXPORT_DIR, MODEL_SECTIONS, best_weights, export_detector, load_trained_model, write_model_sections,
 )
@@ -66,6 +67,7 @@ class TrainDetResult:
     skipped: list[SkippedImage] = field(default_factory=list)  # listed images that could not be read, left out
     per_class: dict[str, dict[str, float]] | None = None  # the best epoch's AP / AP50 per class (det_metrics)
     warmup: dict[str, Any] | None = None  # the warm-up trained with, and whether it was cut to fit the run (det_schedule)
+    epoch_switches: list[dict[str, Any]] | None = None  # mixup / static-assigner epochs, scaled to a short run or not
 
 
 # ---------------------------------------------------------------- training
@@ -180,9 +182,10 @@ def _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, o
     started = time.perf_counter()
     run_dir = check_run_dir(out, resume, "train-det")
     flags = {k: v for k, v in (settings or {}).items() if v is not None}
-    warmup = None  # rank 0 fits it to the data; the other ranks read it from ppdet.yml
+    warmup = switches = None  # rank 0 fits them to the run; the other ranks read them from ppdet.yml
     if resume:
-        dataset, name, document, merge_classes, resolved, warmup = _resumed(run_dir, dataset, recipe, flags, merge_classes)
+        dataset, name, document, merge_classes, resolved, warmup, switches = _resumed(
+            run_dir, dataset, recipe, flags, merge_classes)
     elif dataset is None:
         raise BadInput("no DATASET given", hint="pass the dataset folder (or --resume an earlier run)")
     else:
@@ -200,10 +203,11 @@ def _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, o
             data = prepare_dataset(Path(dataset), run_dir.resolve() / "data", merge_classes)
             if not resume:  # a resumed run keeps the warm-up its recipe.yaml recorded
                 warmup = _fit_warmup(resolved, data, "warmup_steps" in flags, on_note)
+                switches = _fit_epoch_switches(resolved, document, set(flags), on_note)
             atomic_write_text(run_dir / PPDET_CONFIG,
                               dump_yaml(build_ppdet_config(document, resolved, data, run_dir.resolve())))
     document = {**document, "name": name, "shitu": asdict(resolved)}
-    _write_run_recipe(run_dir, dataset, document, merge_classes, data, None, warmup)  # so a killed run can be resumed
+    _write_run_recipe(run_dir, dataset, document, merge_classes, data, None, warmup, switches)  # so a killed run can be resumed
 
     history, state = [], {"best_map": None, "best_map50": None, "best_epoch": None, "per_class": None}
     with ppdet_output_to(run_dir / TRAIN_LOG):
@@ -218,8 +222,8 @@ def _train_det(dataset, out, recipe, settings, merge_classes, resume, on_step, o
                             state["best_epoch"], trained_epochs(resolved), data.train_images, data.val_images,
                             round(time.perf_counter() - started, 2), history,
                             stopped_by=stop.signal_name if stop else None, epochs_done=len(history),
-                            skipped=data.skipped, per_class=state["per_class"], warmup=warmup)
-    _write_run_recipe(run_dir, dataset, document, merge_classes, data, result, warmup)
+                            skipped=data.skipped, per_class=state["per_class"], warmup=warmup, epoch_switches=switches)
+    _write_run_recipe(run_dir, dataset, document, merge_classes, data, result, warmup, switches)
     return result
 
 
@@ -239,8 +243,9 @@ def _resumed(run_dir: Path, dataset, recipe, flags: dict[str, Any], merge_classe
         changed.insert(0, f"dataset {options.get('dataset')!r} -> {str(dataset)!r}")
     refuse_changes(changed, run_dir)
     resolved = resolve_settings(document, {k: v for k, v in flags.items() if k in RESUME_FREE})
-    warmup = saved_recipe(run_dir, "train-det").inputs.get("warmup")
-    return Path(options["dataset"]), name, document, bool(options.get("merge_classes")), resolved, warmup
+    inputs = saved_recipe(run_dir, "train-det").inputs
+    return (Path(options["dataset"]), name, document, bool(options.get("merge_classes")), resolved, inputs.get("warmup"),
+            inputs.get("epoch_switches"))
 
 
 def _fit_warmup(settings: DetSettings, data: DetDataset, explicit: bool, on_note) -> dict[str, Any]:
@@ -249,6 +254,16 @@ def _fit_warmup(settings: DetSettings, data: DetDataset, explicit: bool, on_note
     if on_note is not None and plan.note():
         on_note(plan.note())
     return asdict(plan)
+
+
+def _fit_epoch_switches(settings: DetSettings, document: dict[str, Any], flags: set[str], on_note) -> list[dict[str, Any]]:
+    """Scale the recipe's mixup / static-assigner epochs to a run shorter than its schedule (det_schedule), say so,
+    and return what to record; the flags that set one keep it as given."""
+    switches = epoch_switches(family_of(document), settings, document)
+    points = fit_epoch_points(settings, switches, trained_epochs(settings), recipe_epochs(document), flags)
+    if on_note is not None and epoch_points_note(points):
+        on_note(epoch_points_note(points))
+    return [asdict(p) for p in points]
 
 
 def _comparable(key: str, value: Any) -> Any:
@@ -267,7 +282,8 @@ def _exportable_or_interrupted(run_dir: Path, stop: StopRequest) -> None:
 
 
 def _write_run_recipe(run_dir: Path, dataset, document: dict[str, Any], merge_classes: bool, data: DetDataset,
-                      result: TrainDetResult | None, warmup: dict[str, Any] | None) -> None:
+                      result: TrainDetResult | None, warmup: dict[str, Any] | None,
+                      switches: list[dict[str, Any]] | None = None) -> None:
     """recipe.yaml: at the start (no result: settings only, what --resume reads), and again at the end."""
     from shitu_cli.recipes import Recipe, write_recipe
 
@@ -291,7 +307,8 @@ def _write_run_recipe(run_dir: Path, dataset, document: dict[str, Any], merge_cl
         inputs={"dataset": str(Path(dataset).resolve()), "format": data.kind, "recipe": document["name"],
                 "sha256": data.checksums, "train_images": data.train_images, "val_images": data.val_images,
                 "skipped_images": [{"path": s.path, "reason": s.reason} for s in data.skipped],
-                "distributed": distributed.describe(world, document["shitu"]["batch_size"]), "warmup": warmup},
+                "distributed": distributed.describe(world, document["shitu"]["batch_size"]), "warmup": warmup,
+                "epoch_switches": switches},
         metrics=metrics,
     ), [p for p in written if p.is_file()])
 

@@ -51,6 +51,7 @@ class DetSettings:
     # PP-YOLO's tricks, each ppdet's own implementation (see det_families)
     schedule: str = "cosine"  # cosine, or ppdet's step schedules 1x / 2x (2x trains 2 * epochs)
     mixup_epochs: int = 0  # ppdet's Mixup for the first N epochs; the last ones without it
+    static_assigner_epochs: int | None = None  # PP-YOLOE: ATSS for the first N epochs; None: the recipe head's
     label_smooth: bool = False  # YOLOv3Loss label smoothing (yolov3 family)
     iou_aware: bool = False  # YOLOv3Head IoU-aware branch + IouAwareLoss (yolov3 family)
     nms: str = "multiclass"  # multiclass or matrix (ppdet's MatrixNMS)
@@ -99,6 +100,14 @@ def resolve_settings(document: dict[str, Any], flags: dict[str, Any] | None) -> 
     check_tricks(family_of(document), settings)
     check_warmup(settings)
     return settings
+
+
+def recipe_epochs(document: dict[str, Any]) -> int:
+    """The epochs the recipe's own schedule trains (its `shitu:` block, no flags): what its epoch-based
+    switches (mixup, PP-YOLOE's static assigner) were written for."""
+    from shitu_cli.recipes import merge_settings
+
+    return trained_epochs(DetSettings(**merge_settings(asdict(DetSettings()), document.get("shitu"))))
 
 
 # ---------------------------------------------------------------- ppdet config

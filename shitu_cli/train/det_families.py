@@ -25,6 +25,7 @@ NMS_KINDS = ("multiclass", "matrix")
 MIXUP = {"Mixup": {"alpha": 1.5, "beta": 1.5}}  # PP-YOLO's mixup ratio distribution
 EXPAND_FILL = [123.675, 116.28, 103.53]  # RandomExpand pads with the ImageNet mean pixel
 YOLO_MAX_BOXES = 50
+PPYOLOE_STATIC_ASSIGNER_EPOCHS = 4  # PPYOLOEHead's default static_assigner_epoch
 
 
 def family_of(document: dict[str, Any]) -> str:
@@ -52,10 +53,29 @@ def check_tricks(family: str, settings: DetSettings) -> None:
         raise BadInput(f"unknown nms {settings.nms!r}", hint=f"choose one of: {', '.join(NMS_KINDS)}")
     if settings.mixup_epochs < 0:
         raise BadInput(f"mixup-epochs must not be negative, got {settings.mixup_epochs}")
+    if settings.static_assigner_epochs is not None:
+        if family != "ppyoloe":
+            raise BadInput(f"static-assigner-epochs is a PP-YOLOE-head setting; this recipe is {family}",
+                           hint="use it with a ppyoloe recipe, or drop it")
+        if settings.static_assigner_epochs < 0:
+            raise BadInput(f"static-assigner-epochs must not be negative, got {settings.static_assigner_epochs}")
     for trick in ("label_smooth", "iou_aware"):
         if getattr(settings, trick) and family != "yolov3":
             raise BadInput(f"{trick} is a YOLOv3-head trick; this recipe is {family}",
                            hint="use it with the yolov3-mobilenetv1 recipe, or drop it")
+
+
+def epoch_switches(family: str, settings: DetSettings, document: dict[str, Any]) -> dict[str, int]:
+    """The run's epoch-based switches (setting -> epochs of the first phase), for det_schedule to fit to
+    the run: mixup when on, and PP-YOLOE's static assigner (the settings' value, else its head section's)."""
+    switches = {"mixup_epochs": int(settings.mixup_epochs)} if settings.mixup_epochs else {}
+    if family == "ppyoloe":
+        asked = settings.static_assigner_epochs
+        if asked is None:
+            head = document.get("PPYOLOEHead") or {}
+            asked = head.get("static_assigner_epoch", PPYOLOE_STATIC_ASSIGNER_EPOCHS)
+        switches["static_assigner_epochs"] = int(asked)
+    return switches
 
 
 def train_reader(family: str, settings: DetSettings, sizes: list[int], normalize: dict[str, Any],
@@ -108,6 +128,8 @@ def apply_tricks(config: dict[str, Any], family: str, settings: DetSettings) -> 
     else:
         nms["keep_top_k"] = settings.keep_top_k
     holder["nms"] = nms
+    if family == "ppyoloe" and settings.static_assigner_epochs is not None:
+        holder["static_assigner_epoch"] = int(settings.static_assigner_epochs)  # ATSS before, task-aligned after
     config[section] = holder
     if family != "yolov3":
         return

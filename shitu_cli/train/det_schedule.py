@@ -95,3 +95,59 @@ def learning_rate(settings: DetSettings, epochs: int) -> dict[str, Any]:
     else:
         decay = {"name": "PiecewiseDecay", "gamma": 0.1, "milestones": milestones(settings, epochs)}
     return {"base_lr": settings.lr, "schedulers": [decay, warmup]}
+
+
+# ---------------------------------------------------------------- epoch points fitted to short runs
+
+# Epoch-based switches of a recipe, as (setting, what it switches for the note): both are written for the
+# recipe's full schedule (PP-YOLO mixes 250 of 270 epochs; PP-YOLOE assigns with ATSS for 30 of 300), so a
+# run shorter than the switch never reaches the second phase that the recipe's results depend on.
+EPOCH_POINTS = {"mixup_epochs": "mixup", "static_assigner_epochs": "the static (ATSS) assigner"}
+
+
+@dataclass
+class EpochPoint:
+    """An epoch-based switch the run uses, and why: recorded in recipe.yaml (inputs.epoch_points)."""
+
+    name: str  # the DetSettings field: mixup_epochs or static_assigner_epochs
+    epochs: int  # the first phase trains this many epochs, the rest of the run the second
+    asked: int  # what the recipe (or the flag) asked for
+    run_epochs: int
+    recipe_epochs: int  # the epochs the recipe's schedule was written for
+    scaled: bool
+    explicit: bool  # set with a flag: taken as is
+
+
+def scaled_epoch_point(asked: int, run_epochs: int, recipe_epochs: int) -> int:
+    """`asked` scaled by run / recipe epochs (rounded down), with at least one epoch before the switch and
+    one after it when the run has two; unchanged when the run is not shorter than the recipe's schedule
+    (and so on a replay, whose recipe is the run's own) or the switch is off (0)."""
+    if asked <= 0 or run_epochs >= recipe_epochs:
+        return asked
+    scaled = asked * run_epochs // recipe_epochs
+    return max(1, min(scaled, run_epochs - 1)) if run_epochs >= 2 else 1
+
+
+def fit_epoch_points(settings: DetSettings, asked: dict[str, int], run_epochs: int, recipe_epochs: int,
+                     explicit: set[str]) -> list[EpochPoint]:
+    """Scale each switch in `asked` (setting name -> epochs) to the run unless a flag set it (`explicit`);
+    updates `settings`, so recipe.yaml records the epochs trained with, which a replay takes as they are."""
+    points = []
+    for name, value in asked.items():
+        epochs = int(value) if name in explicit else scaled_epoch_point(int(value), run_epochs, recipe_epochs)
+        setattr(settings, name, epochs)
+        points.append(EpochPoint(name, epochs, int(value), run_epochs, recipe_epochs,
+                                 scaled=epochs != int(value), explicit=name in explicit))
+    return points
+
+
+def epoch_points_note(points: list[EpochPoint]) -> str | None:
+    """The one warning line a terminal shows when a switch was scaled to the run, or None."""
+    scaled = [p for p in points if p.scaled]
+    if not scaled:
+        return None
+    first = scaled[0]
+    changes = ", ".join(f"{EPOCH_POINTS[p.name]} for the first {p.epochs} epochs instead of {p.asked}" for p in scaled)
+    flags = " / ".join(f"--{p.name.replace('_', '-')}" for p in scaled)
+    return (f"the recipe's epoch switches are set for {first.recipe_epochs} epochs and this run trains "
+            f"{first.run_epochs}: {changes} (set them with {flags})")
