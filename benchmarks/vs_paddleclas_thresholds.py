@@ -24,7 +24,8 @@ def sweep(index_dir: Path, det_dir: Path, scenes: Path) -> dict[tuple[float, flo
     """(det_thresh, cover_thresh) -> (objects found, objects, extra boxes)."""
     from shitu_cli import demo
     from shitu_cli.infer.detector import Detector
-    from shitu_cli.infer.pipeline import DEFAULTS, Pipeline
+    from shitu_cli.infer.options import DEFAULTS
+    from shitu_cli.infer.pipeline import Pipeline
 
     truth = json.loads((scenes / "ground_truth.json").read_text(encoding="utf-8"))
     paths = [scenes / name for name in sorted(truth)]
@@ -40,7 +41,7 @@ def sweep(index_dir: Path, det_dir: Path, scenes: Path) -> dict[tuple[float, flo
 
 
 def markdown(tables: dict[str, dict], models) -> str:
-    from shitu_cli.infer.pipeline import DEFAULTS
+    from shitu_cli.infer.options import DEFAULTS
 
     lines = ["# predict's thresholds, tuned on scenes with ground truth", "",
              f"Written by `benchmarks/vs_paddleclas_thresholds.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC with the "

@@ -35,6 +35,17 @@ def rec(tmp_path_factory):
 
 
 @pytest.fixture
+def gallery(tmp_path):
+    """A small drawn gallery: 4 class folders of 3 images each (the index tests' default; a module that needs
+    another defines its own `gallery`)."""
+    from synth import make_class_tree
+
+    root = tmp_path / "gallery"
+    make_class_tree(root, n_classes=4, per_class=3, size=64, seed=1)
+    return root
+
+
+@pytest.fixture
 def cli():
     """Invoke `shitu ...` in-process; returns click's Result with .stdout, .stderr and .exit_code."""
     from shitu_cli.cli import app

@@ -9,39 +9,21 @@ import shutil
 import numpy as np
 import pytest
 
-from synth import draw_object, make_class_tree, write_rgb
+from index_cli import build_index_json, gallery_labels, predicted_labels
+from synth import draw_object, write_rgb
 from tiny_rec import export_tiny_rec
 
 INDEX_TYPES = ["flat", "ivf", "hnsw"]
 
 
-@pytest.fixture
-def gallery(tmp_path):
-    root = tmp_path / "gallery"
-    make_class_tree(root, n_classes=4, per_class=3, size=64, seed=1)
-    return root
-
-
-def _labels(gallery):
-    return sorted(p.name for p in gallery.iterdir() if p.is_dir())
-
-
 def _build(cli, gallery, index, *extra):
-    result = cli("build-index", gallery, "-o", index, *extra, "--json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
+    return build_index_json(cli, gallery, "-o", index, *extra)
 
 
 def _manifest(index):
     from shitu_cli.index.store import read_index_manifest
 
     return read_index_manifest(index)
-
-
-def _predicted_labels(cli, index, target):
-    result = cli("predict", target, "--index", index, "--json")
-    assert result.exit_code == 0, result.stderr
-    return {img["path"]: img["recognitions"][0]["label"] for img in json.loads(result.stdout)["images"]}
 
 
 def test_build_writes_a_self_describing_index(cli, gallery, rec, tmp_path):
@@ -59,7 +41,7 @@ def test_build_writes_a_self_describing_index(cli, gallery, rec, tmp_path):
     for name in ("vector.index", "id_map.json"):
         assert (index / manifest.files[name]["path"]).is_file()
     id_map = json.loads((index / manifest.files["id_map.json"]["path"]).read_text(encoding="utf-8"))
-    assert {item["label"] for item in id_map.values()} == set(_labels(gallery))
+    assert {item["label"] for item in id_map.values()} == set(gallery_labels(gallery))
     assert all(len(item["sha256"]) == 64 for item in id_map.values())
     recipe = (index / "recipe.yaml").read_text(encoding="utf-8")
     assert "shitu_cli.index.build:build_index" in recipe and "manifest.yaml" in recipe
@@ -72,11 +54,11 @@ def test_list_file_gallery_with_relative_paths_and_spaces_in_labels(cli, gallery
     report = _build(cli, listing, tmp_path / "index", "--rec", rec)
     assert report["count"] == 12
     assert [s["reason"] for s in report["skipped"]] == ["listed in gallery.txt but not found"]
-    assert set(_predicted_labels(cli, tmp_path / "index", gallery).values()) == set(_labels(gallery))
+    assert set(predicted_labels(cli, tmp_path / "index", gallery).values()) == set(gallery_labels(gallery))
 
 
 def test_bad_images_are_skipped_and_reported_not_fatal(cli, gallery, rec, tmp_path):
-    label = _labels(gallery)[0]
+    label = gallery_labels(gallery)[0]
     (gallery / label / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (gallery / "loose.jpg").write_bytes((gallery / label / "000.jpg").read_bytes())
     table = cli("build-index", gallery, "-o", tmp_path / "index", "--rec", rec)
@@ -94,16 +76,16 @@ def test_remove_by_label_and_list_then_append_back(cli, gallery, rec, tmp_path, 
     index = tmp_path / "index"
     first = _build(cli, gallery, index, "--rec", rec, "--index-type", kind)
     assert first["index"]["type"] == kind and first["count"] == 12
-    gone = _labels(gallery)[0]
+    gone = gallery_labels(gallery)[0]
     removed = cli("build-index", "-o", index, "--remove", gone, "--json")
     assert removed.exit_code == 0, removed.stderr
     assert json.loads(removed.stdout)["removed"] == 3
     if kind == "hnsw":
         assert "HNSW cannot remove in place: rebuilt" in removed.stderr
-    assert gone not in set(_predicted_labels(cli, index, gallery).values())
+    assert gone not in set(predicted_labels(cli, index, gallery).values())
 
     listing = tmp_path / "drop.txt"
-    victim = sorted((gallery / _labels(gallery)[1]).glob("*.jpg"))[0]
+    victim = sorted((gallery / gallery_labels(gallery)[1]).glob("*.jpg"))[0]
     listing.write_text(f"{victim.relative_to(tmp_path).as_posix()}\n", encoding="utf-8")
     assert json.loads(cli("build-index", "-o", index, "--remove", listing, "--json").stdout)["removed"] == 1
     assert _manifest(index).count == 8
@@ -111,7 +93,7 @@ def test_remove_by_label_and_list_then_append_back(cli, gallery, rec, tmp_path, 
     again = _build(cli, gallery, index, "--append")
     assert (again["added"], len(again["duplicates"]), again["count"]) == (4, 8, 12)
     assert _manifest(index).index["type"] == kind  # an explicit type survives later runs
-    predicted = _predicted_labels(cli, index, gallery)
+    predicted = predicted_labels(cli, index, gallery)
     assert all(label == path.split("/")[-2] for path, label in predicted.items())
 
 
@@ -119,7 +101,7 @@ def test_remove_by_label_and_list_then_append_back(cli, gallery, rec, tmp_path, 
 def test_rerun_on_a_changed_folder_syncs_the_index(cli, gallery, rec, tmp_path, kind):
     index = tmp_path / "index"
     _build(cli, gallery, index, "--rec", rec, "--index-type", kind)
-    labels = _labels(gallery)
+    labels = gallery_labels(gallery)
     (gallery / labels[0] / "000.jpg").unlink()                                        # deleted
     write_rgb(gallery / labels[1] / "000.jpg", draw_object(labels[2], 64, np.random.default_rng(9)))  # changed
     write_rgb(gallery / labels[3] / "new.jpg", draw_object(labels[3], 64, np.random.default_rng(8)))   # added
@@ -129,7 +111,7 @@ def test_rerun_on_a_changed_folder_syncs_the_index(cli, gallery, rec, tmp_path, 
     table = cli("build-index", gallery, "-o", index)
     assert table.exit_code == 0 and "unchanged" in table.stdout
     assert _build(cli, gallery, index)["unchanged"] == 12
-    predicted = _predicted_labels(cli, index, gallery)
+    predicted = predicted_labels(cli, index, gallery)
     assert all(label == path.split("/")[-2] for path, label in predicted.items())
 
 
@@ -137,7 +119,7 @@ def test_append_skips_exact_duplicates_even_under_new_names(cli, gallery, rec, t
     index = tmp_path / "index"
     _build(cli, gallery, index, "--rec", rec)
     extra = tmp_path / "more"
-    label = _labels(gallery)[0]
+    label = gallery_labels(gallery)[0]
     (extra / label).mkdir(parents=True)
     shutil.copy(gallery / label / "000.jpg", extra / label / "copy.jpg")
     write_rgb(extra / label / "fresh.jpg", draw_object(label, 64, np.random.default_rng(77)))

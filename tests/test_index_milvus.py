@@ -18,36 +18,14 @@ import pytest
 import yaml
 
 from shitu_cli.index.store import STALL_ENV, STALL_MARKER_ENV, load_index
-from synth import draw_object, make_class_tree, write_rgb
+from index_cli import build_index_json, gallery_labels, predicted_labels
+from synth import draw_object, write_rgb
 from tiny_rec import export_tiny_rec
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
 MILVUS = ("--index-backend", "milvus")
-
-
-@pytest.fixture
-def gallery(tmp_path):
-    root = tmp_path / "gallery"
-    make_class_tree(root, n_classes=4, per_class=3, size=64, seed=1)
-    return root
-
-
-def _labels(gallery):
-    return sorted(p.name for p in gallery.iterdir() if p.is_dir())
-
-
-def _build(cli, *args):
-    result = cli("build-index", *args, "--json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def _predicted(cli, index, target):
-    result = cli("predict", target, "--index", index, "--json")
-    assert result.exit_code == 0, result.stderr
-    return {img["path"]: img["recognitions"][0]["label"] for img in json.loads(result.stdout)["images"]}
 
 
 def _manifest(index):
@@ -67,7 +45,7 @@ def _stored_ids(index):
 def test_build_predict_sync_append_remove_on_milvus_lite(cli, gallery, rec, tmp_path, kind, monkeypatch):
     monkeypatch.setenv("MILVUS_TOKEN", "root:sekrit")  # ignored by milvus-lite; must never reach the disk
     index = tmp_path / "index"
-    first = _build(cli, gallery, "-o", index, "--rec", rec, "--index-type", kind, *MILVUS)
+    first = build_index_json(cli, gallery, "-o", index, "--rec", rec, "--index-type", kind, *MILVUS)
     assert (first["count"], first["index"]["type"], first["store"]["backend"]) == (12, kind, "milvus")
     manifest = _manifest(index)
     assert manifest["vectors"]["backend"] == "milvus" and manifest["vectors"]["uri"] == "milvus.db"
@@ -75,14 +53,14 @@ def test_build_predict_sync_append_remove_on_milvus_lite(cli, gallery, rec, tmp_
     assert not any(p.name == "vector.index" for p in index.rglob("*"))  # the vectors are in Milvus only
     assert (index / "milvus.db").is_dir()
     assert "sekrit" not in "".join(p.read_text(encoding="utf-8", errors="replace") for p in index.rglob("*.yaml"))
-    predicted = _predicted(cli, index, gallery)
+    predicted = predicted_labels(cli, index, gallery)
     assert all(label == path.split("/")[-2] for path, label in predicted.items())
 
-    labels = _labels(gallery)  # re-sync: one deleted, one changed, one added
+    labels = gallery_labels(gallery)  # re-sync: one deleted, one changed, one added
     (gallery / labels[0] / "000.jpg").unlink()
     write_rgb(gallery / labels[1] / "000.jpg", draw_object(labels[2], 64, np.random.default_rng(9)))
     write_rgb(gallery / labels[3] / "new.jpg", draw_object(labels[3], 64, np.random.default_rng(8)))
-    report = _build(cli, gallery, "-o", index)  # no flags: the index's own backend
+    report = build_index_json(cli, gallery, "-o", index)  # no flags: the index's own backend
     assert (report["added"], report["changed"], report["removed"], report["unchanged"]) == (1, 1, 1, 10)
     assert _manifest(index)["vectors"]["backend"] == "milvus" and len(_stored_ids(index)) == 12
 
@@ -90,19 +68,19 @@ def test_build_predict_sync_append_remove_on_milvus_lite(cli, gallery, rec, tmp_
     assert removed.exit_code == 0, removed.stderr
     assert json.loads(removed.stdout)["removed"] == 3
     assert len(_stored_ids(index)) == 9  # deleted from the collection after the commit, not just hidden
-    assert labels[2] not in set(_predicted(cli, index, gallery).values())
-    again = _build(cli, gallery, "-o", index, "--append")
+    assert labels[2] not in set(predicted_labels(cli, index, gallery).values())
+    again = build_index_json(cli, gallery, "-o", index, "--append")
     assert (again["added"], again["count"]) == (3, 12)
-    predicted = _predicted(cli, index, gallery)
+    predicted = predicted_labels(cli, index, gallery)
     assert all(label == path.split("/")[-2] for path, label in predicted.items())
 
 
 @pytest.mark.slow
 def test_new_model_rebuilds_into_a_new_collection_and_drops_the_old(cli, gallery, rec, tmp_path):
     index = tmp_path / "index"
-    _build(cli, gallery, "-o", index, "--rec", rec, *MILVUS)
+    build_index_json(cli, gallery, "-o", index, "--rec", rec, *MILVUS)
     other = export_tiny_rec(tmp_path / "other", embedding_dim=32, seed=3)
-    rebuilt = _build(cli, gallery, "-o", index, "--rec", other)
+    rebuilt = build_index_json(cli, gallery, "-o", index, "--rec", other)
     assert rebuilt["action"] == "rebuilt" and rebuilt["store"]["collection"] == "shitu_index_v2"
     stored = load_index(index)
     try:
@@ -117,12 +95,12 @@ def test_python_api_and_eval_search_the_milvus_index(cli, gallery, rec, tmp_path
     index = Index.build(gallery, tmp_path / "index", rec=rec, index_backend="milvus")
     pipe = Pipeline(index)
     first = pipe.current().index.index
-    image = sorted((gallery / _labels(gallery)[1]).glob("*.jpg"))[0]
-    assert pipe(image).recognitions[0].label == _labels(gallery)[1]
+    image = sorted((gallery / gallery_labels(gallery)[1]).glob("*.jpg"))[0]
+    assert pipe(image).recognitions[0].label == gallery_labels(gallery)[1]
     added = tmp_path / "new.png"
-    write_rgb(added, draw_object(_labels(gallery)[0], 64, np.random.default_rng(5)))
-    index.add([added], label=_labels(gallery)[0])  # the same process holds the lite folder open: shared, not locked
-    assert pipe(added).recognitions[0].label == _labels(gallery)[0]
+    write_rgb(added, draw_object(gallery_labels(gallery)[0], 64, np.random.default_rng(5)))
+    index.add([added], label=gallery_labels(gallery)[0])  # the same process holds the lite folder open: shared, not locked
+    assert pipe(added).recognitions[0].label == gallery_labels(gallery)[0]
     gc.collect()
     assert first.closed and not pipe.current().index.index.closed  # a reload lets the old generation's client go
     result = cli("eval", gallery, "--index", tmp_path / "index", "--json")
@@ -132,8 +110,8 @@ def test_python_api_and_eval_search_the_milvus_index(cli, gallery, rec, tmp_path
 @pytest.mark.slow  # a subprocess that imports paddle: ~25 s on 2 shared cores
 def test_killed_writer_leaves_a_consistent_milvus_index(cli, gallery, rec, tmp_path):
     index = tmp_path / "index"
-    _build(cli, gallery, "-o", index, "--rec", rec, *MILVUS)
-    labels = _labels(gallery)
+    build_index_json(cli, gallery, "-o", index, "--rec", rec, *MILVUS)
+    labels = gallery_labels(gallery)
     write_rgb(gallery / labels[0] / "added.jpg", draw_object(labels[0], 64, np.random.default_rng(11)))
     (gallery / labels[1] / "001.jpg").unlink()
     marker = tmp_path / "stalled"
@@ -157,7 +135,7 @@ def test_killed_writer_leaves_a_consistent_milvus_index(cli, gallery, rec, tmp_p
     finally:
         stored.close()
     assert len(_stored_ids(index)) == 13  # the stray is in the collection until the next writer
-    report = _build(cli, gallery, "-o", index)
+    report = build_index_json(cli, gallery, "-o", index)
     assert (report["added"], report["removed"], report["count"]) == (1, 1, 12)
     assert len(_stored_ids(index)) == 12  # the next writer cleaned up the stray
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from synth import draw_object, make_class_tree, write_rgb
+from index_cli import build_index_json, gallery_labels, predicted_labels
+from synth import draw_object, write_rgb
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
@@ -58,29 +59,6 @@ def milvus_server(tmp_path_factory):
         log.close()
 
 
-@pytest.fixture
-def gallery(tmp_path):
-    root = tmp_path / "gallery"
-    make_class_tree(root, n_classes=4, per_class=3, size=64, seed=1)
-    return root
-
-
-def _labels(gallery):
-    return sorted(p.name for p in gallery.iterdir() if p.is_dir())
-
-
-def _build(cli, *args):
-    result = cli("build-index", *args, "--json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def _predicted(cli, index, target):
-    result = cli("predict", target, "--index", index, "--json")
-    assert result.exit_code == 0, result.stderr
-    return {img["path"]: img["recognitions"][0]["label"] for img in json.loads(result.stdout)["images"]}
-
-
 def _server_ids(uri, collection):
     """The ids the server itself holds, asked through a client of our own (not the index's)."""
     from pymilvus import MilvusClient
@@ -95,7 +73,7 @@ def _server_ids(uri, collection):
 
 def test_build_sync_append_remove_and_predict_on_a_milvus_server(cli, gallery, rec, tmp_path, milvus_server):
     index = tmp_path / "shop"
-    first = _build(cli, gallery, "-o", index, "--rec", rec, "--index-backend", "milvus", "--uri", milvus_server,
+    first = build_index_json(cli, gallery, "-o", index, "--rec", rec, "--index-backend", "milvus", "--uri", milvus_server,
                    "--collection", "shop_server")
     assert (first["count"], first["store"]["backend"], first["store"]["uri"]) == (12, "milvus", milvus_server)
     vectors = yaml.safe_load((index / "manifest.yaml").read_text(encoding="utf-8"))["vectors"]
@@ -103,26 +81,26 @@ def test_build_sync_append_remove_and_predict_on_a_milvus_server(cli, gallery, r
                                                                       "collection": "shop_server_v1"}
     assert not any(p.suffix in (".db", ".index") for p in index.rglob("*"))  # nothing but the id map is local
     assert len(_server_ids(milvus_server, "shop_server_v1")) == 12
-    predicted = _predicted(cli, index, gallery)
+    predicted = predicted_labels(cli, index, gallery)
     assert all(label == path.split("/")[-2] for path, label in predicted.items())
 
-    labels = _labels(gallery)  # re-sync with no backend flags: the manifest's server
+    labels = gallery_labels(gallery)  # re-sync with no backend flags: the manifest's server
     (gallery / labels[0] / "000.jpg").unlink()
     write_rgb(gallery / labels[3] / "new.jpg", draw_object(labels[3], 64, np.random.default_rng(8)))
-    report = _build(cli, gallery, "-o", index)
+    report = build_index_json(cli, gallery, "-o", index)
     assert (report["added"], report["removed"], report["unchanged"], report["store"]["uri"]) == (1, 1, 11, milvus_server)
     assert len(_server_ids(milvus_server, "shop_server_v1")) == 12
 
     removed = cli("build-index", "-o", index, "--remove", labels[2], "--json")
     assert removed.exit_code == 0 and json.loads(removed.stdout)["removed"] == 3, removed.stderr
     assert len(_server_ids(milvus_server, "shop_server_v1")) == 9  # deleted on the server after the commit
-    assert labels[2] not in set(_predicted(cli, index, gallery).values())
-    again = _build(cli, gallery, "-o", index, "--append")
+    assert labels[2] not in set(predicted_labels(cli, index, gallery).values())
+    again = build_index_json(cli, gallery, "-o", index, "--append")
     assert (again["added"], again["count"]) == (3, 12)
 
     moved = tmp_path / "elsewhere" / "shop"  # the folder names the server, not a path: it moves freely
     shutil.copytree(index, moved)
-    predicted = _predicted(cli, moved, gallery)
+    predicted = predicted_labels(cli, moved, gallery)
     assert len(predicted) == 12 and all(label == path.split("/")[-2] for path, label in predicted.items())
 
 
@@ -135,7 +113,7 @@ def test_python_pipeline_searches_a_milvus_server_and_closes_old_generations(gal
                         collection="api_server")
     assert index.manifest.vectors["uri"] == milvus_server
     pipe = Pipeline(index)
-    labels = _labels(gallery)
+    labels = gallery_labels(gallery)
     first = pipe.current().index.index
     assert pipe(sorted((gallery / labels[1]).glob("*.jpg"))[0]).recognitions[0].label == labels[1]
     added = tmp_path / "new.png"

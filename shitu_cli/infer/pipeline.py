@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import numpy as np
 
 from shitu_cli.errors import BadInput, ShituError
-from shitu_cli.infer.options import DEFAULTS, WHOLE_IMAGE_POLICIES, PipelineOptions  # noqa: F401 (re-exported)
+from shitu_cli.infer.options import WHOLE_IMAGE_POLICIES, PipelineOptions
 
 UNKNOWN = "unknown"
 # Each distinct label needs its nearest gallery item; a few neighbours per label finds them.
