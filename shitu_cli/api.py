@@ -77,6 +77,13 @@ class Index:
 
         return load_index(self.path)
 
+    def _items(self):
+        """The committed generation's items (id -> GalleryItem). They live in the id map; an external
+        store opened along with them (a Milvus client, which holds a milvus-lite folder) is let go at once."""
+        stored = self.load()
+        stored.close()
+        return stored.items
+
     @property
     def manifest(self):
         from shitu_cli.index.store import read_index_manifest
@@ -91,7 +98,7 @@ class Index:
     def labels(self) -> dict[str, int]:
         """label -> how many items the index holds for it."""
         counts: dict[str, int] = {}
-        for item in self.load().items.values():
+        for item in self._items().values():
             counts[item.label] = counts.get(item.label, 0) + 1
         return dict(sorted(counts.items()))
 
@@ -115,7 +122,7 @@ class Index:
                 for path in copied:
                     path.unlink(missing_ok=True)
                 raise
-            indexed = {item.path: item_id for item_id, item in self.load().items.items()}
+            indexed = {item.path: item_id for item_id, item in self._items().items()}
             mine = {p.resolve().as_posix() for p in copied}
             # another process's edit may have indexed this call's file already: then it is added, not a duplicate
             report.duplicates = [d for d in report.duplicates if d.path in mine and d.path not in indexed]
@@ -137,7 +144,7 @@ class Index:
         if sum(chosen) != 1:
             raise BadInput("name exactly one of: a label, gallery paths, item ids")
         with self._edit_lock:
-            items = self.load().items
+            items = self._items()
             gone = _paths_of_label(items, label) if label is not None else _paths_of(items, paths, ids)
             with tempfile.TemporaryDirectory() as tmp:
                 listed = Path(tmp) / "remove.txt"

@@ -107,6 +107,19 @@ def test_python_api_and_eval_search_the_milvus_index(cli, gallery, rec, tmp_path
     assert result.exit_code == 0, result.stderr
 
 
+def test_reading_an_index_through_the_api_lets_its_milvus_client_go(gallery, rec, tmp_path):
+    """Index.labels/add/remove read the id map; the Milvus client loading it opens must not outlive the call
+    (milvus-lite holds its folder's lock while any client of it is open in this process)."""
+    from shitu_cli.api import Index
+    from shitu_cli.index import milvus
+
+    index = Index.build(gallery, tmp_path / "index", rec=rec, index_backend="milvus")
+    lite_folder = (tmp_path / "index" / index.manifest.vectors["uri"]).resolve().as_posix()
+    assert milvus._local_users.get(lite_folder, 0) == 0
+    assert sum(index.labels().values()) == 12
+    assert milvus._local_users.get(lite_folder, 0) == 0
+
+
 @pytest.mark.slow  # a subprocess that imports paddle: ~25 s on 2 shared cores
 def test_killed_writer_leaves_a_consistent_milvus_index(cli, gallery, rec, tmp_path):
     index = tmp_path / "index"
