@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from shitu_cli.artifacts import dump_yaml, read_yaml
+from det_checks import assert_export_matches_dygraph
 from synth_scenes import make_coco_scenes
 
 QUICK = ("--epochs", "1", "--batch-size", "4", "--input-size", "160")
@@ -110,29 +110,8 @@ def test_an_explicit_warm_up_is_taken_as_given(yolov3):
 
 
 def test_exported_boxes_match_the_dygraph_model(family_run, scenes):
-    import paddle
-
-    from shitu_cli.data.images import read_image
-    from shitu_cli.infer.detector import Detector
-    from shitu_cli.train.det import load_trained_model
-
     _, (run, _) = family_run
-    root, _ = scenes
-    detector = Detector(run / "export")
-    model = load_trained_model(run)
-    for path in sorted((root / "images").glob("val_*.jpg"))[:2]:
-        rgb = read_image(path)
-        exported, count = detector.raw(rgb)
-        image, scale_factor = detector.preprocess(rgb)
-        with paddle.no_grad():
-            out = model({"image": paddle.to_tensor(image), "scale_factor": paddle.to_tensor(scale_factor),
-                         "im_shape": paddle.to_tensor(np.array([image.shape[2:]], np.float32))})
-        dygraph = out["bbox"].numpy()[: int(out["bbox_num"].numpy()[0])]
-        exported = exported[: int(count[0])]
-        assert len(exported) > 0 and abs(len(exported) - len(dygraph)) <= 2
-        for row in exported[np.argsort(-exported[:, 1])][:20]:  # near-equal scores may swap places
-            same_class = dygraph[dygraph[:, 0] == row[0]]
-            assert np.abs(same_class[:, 1:] - row[1:]).max(axis=1).min() < 1e-2, row
+    assert_export_matches_dygraph(run, scenes[0])
 
 
 def test_predict_det_only_reports_the_detectors_classes(family_run, scenes, tmp_path):

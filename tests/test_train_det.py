@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from shitu_cli.artifacts import read_yaml, sha256_file
+from det_checks import assert_export_matches_dygraph
 from synth_scenes import make_coco_scenes
 
 TINY = ("--recipe", "tiny", "--epochs", "1", "--batch-size", "4")
@@ -121,31 +122,8 @@ def test_reproduce_replays_the_run_byte_for_byte_elsewhere(trained, tmp_path):
 
 
 def test_exported_boxes_match_the_dygraph_model(trained, scenes):
-    import paddle
-
-    from shitu_cli.data.images import read_image
-    from shitu_cli.infer.detector import Detector
-    from shitu_cli.train.det import load_trained_model
-
     run, _ = trained
-    root, _ = scenes
-    detector = Detector(run / "export")
-    model = load_trained_model(run)
-    for path in sorted((root / "images").glob("val_*.jpg"))[:2]:
-        rgb = read_image(path)
-        exported, count = detector.raw(rgb)
-        image, scale_factor = detector.preprocess(rgb)
-        with paddle.no_grad():
-            out = model({"image": paddle.to_tensor(image), "scale_factor": paddle.to_tensor(scale_factor),
-                         "im_shape": paddle.to_tensor(np.array([image.shape[2:]], np.float32))})
-        dygraph = out["bbox"].numpy()[: int(out["bbox_num"].numpy()[0])]
-        exported = exported[: int(count[0])]
-        assert len(exported) > 0 and abs(len(exported) - len(dygraph)) <= 2
-        # Near-equal scores may swap places between kernels: match each top box, not row order.
-        for row in exported[np.argsort(-exported[:, 1])][:20]:
-            same_class = dygraph[dygraph[:, 0] == row[0]]
-            distance = np.abs(same_class[:, 1:] - row[1:]).max(axis=1)
-            assert distance.min() < 1e-2, row
+    assert_export_matches_dygraph(run, scenes[0])
 
 
 def test_detector_runs_with_and_without_onednn(trained, scenes):
