@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ import pytest
 import yaml
 
 from index_cli import build_index_json, gallery_labels, predicted_labels
+from ports import free_port
 from synth import draw_object, write_rgb
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
 SERVER_START_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def milvus_server(tmp_path_factory):
     if not exe.exists():
         pytest.skip("milvus-lite's server command is not installed beside this Python")
     data = tmp_path_factory.mktemp("milvus-server")
-    port = _free_port()
+    port = free_port()
     log = (data / "server.log").open("w", encoding="utf-8")
     server = subprocess.Popen([str(exe), "server", "--data-dir", str(data / "data"), "--host", "127.0.0.1",
                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)

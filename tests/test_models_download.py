@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 import tarfile
 
 import pytest
 import yaml
 
+from ports import free_port
 from shitu_cli.models.registry import BASE_URL_ENV, OFFICIAL_MODELS, cache_root, downloads_dir
 from tests.model_server import ModelServer, fake_model_files, tar_bytes, tar_with_member, write_bytes
 
@@ -153,9 +153,7 @@ def test_http_errors_name_the_url(cli, server, status):
 
 
 def test_offline_says_how_to_add_by_hand(cli, monkeypatch):
-    with socket.socket() as probe:  # a loopback port that nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a loopback port that nothing listens on
     monkeypatch.setenv(BASE_URL_ENV, f"http://127.0.0.1:{port}")
     result = cli("models", "pull", "PP-ShiTuV2-rec")
     assert result.exit_code == 2

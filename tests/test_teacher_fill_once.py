@@ -5,21 +5,15 @@ loaded teacher; tests/test_distributed.py runs the same thing as two launched pr
 
 from __future__ import annotations
 
-import socket
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ports import free_port
 from synth import make_class_tree
 from test_distill_rec import write_teacher
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def _run_ranks(images, caches: list[Path], fail_rank: int | None = None) -> dict
     from shitu_cli.train.rec_distill import distill_settings, fill_once, teacher_targets
     from shitu_cli.train.teachers import TeacherOptions, load_teacher_model
 
-    port, size = _free_port(), len(caches)
+    port, size = free_port(), len(caches)
     master = core.TCPStore("127.0.0.1", port, True, 1, 60)
     stores = [master] + [core.TCPStore("127.0.0.1", port, False, 1, 60) for _ in range(size - 1)]
     train = [LabeledImage(p, 0) for p in images["train"]]
