@@ -28,6 +28,9 @@ HERE = Path(__file__).resolve().parent
 
 
 CATEGORIES = 0  # --categories: 0 = product centres independent at random; K = products drawn around K category centres
+TUNE_ON = "leave-one-out"  # --tune-on held-out: --target-recall measured on 500 other noisy queries (seed 2), as
+# `build-index --tune-queries` measures on a user's own query photos; never the queries that are timed
+TUNE_QUERIES = 500
 
 
 def gallery_vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
@@ -125,7 +128,8 @@ def measure_one(kind: str, n: int, target: float, build_threads: int, workdir: P
     else:
         index, choice, ids = _build_faiss(kind, vectors, target)
     build_s = time.perf_counter() - started
-    tuned = backend.tune_search(index, choice, ids, vectors, target) if kind != "flat" else None
+    tune_queries = query_vectors(vectors, TUNE_QUERIES, seed=2) if TUNE_ON == "held-out" else None
+    tuned = backend.tune_search(index, choice, ids, vectors, target, queries=tune_queries) if kind != "flat" else None
     tune_s = time.perf_counter() - started - build_s
     peak = rss_mib("VmHWM")
     if keep_dir is not None and not kind.startswith("milvus"):
@@ -134,7 +138,7 @@ def measure_one(kind: str, n: int, target: float, build_threads: int, workdir: P
     sweep = sweep_settings(index, choice, tuned, queries, vectors, best) if tuned and not kind.startswith("milvus") else {}
     estimate = estimate_memory(choice.type, choice.params, n, vectors.shape[1]) if not kind.startswith("milvus") else None
     shown = {k: v for k, v in choice.params.items() if k not in ("tuned",)}
-    return {"n": n, "type": kind, "categories": CATEGORIES, "params": shown, "build_s": build_s, "tune_s": tune_s,
+    return {"n": n, "type": kind, "categories": CATEGORIES, "tune_on": TUNE_ON, "queries": len(queries), "params": shown, "build_s": build_s, "tune_s": tune_s,
             "tuned": tuned.as_text() if tuned else None, "tune_recall": tuned.recall if tuned else None,
             "p50_ms": p50, "p99_ms": p99,
             "recall_at_1": recall, "peak_over_data_mib": peak - base_rss, "base_rss_mib": base_rss,
@@ -275,9 +279,13 @@ def main() -> None:
                         help="time the search of indexes --keep-dir saved, without rebuilding them")
     parser.add_argument("--categories", type=int, default=0,
                         help="draw product centres around this many category centres (0: independent, the default)")
+    parser.add_argument("--tune-on", choices=("leave-one-out", "held-out"), default="leave-one-out",
+                        help="what --target-recall is measured on: gallery vectors (as build-index without "
+                             "--tune-queries) or 500 other noisy queries (as with --tune-queries)")
+    parser.add_argument("--queries", type=int, default=300, help="timed held-out queries")
     args = parser.parse_args()
-    global CATEGORIES
-    CATEGORIES = args.categories
+    global CATEGORIES, TUNE_ON, QUERIES
+    CATEGORIES, TUNE_ON, QUERIES = args.categories, args.tune_on, args.queries
     if args.one:
         args.workdir.mkdir(parents=True, exist_ok=True)
         if args.remeasure:
@@ -300,7 +308,7 @@ def main() -> None:
                    "--build-threads", str(args.build_threads), "--workdir", str(workdir)]
             cmd += ["--keep-dir", str(args.keep_dir)] if args.keep_dir else []
             cmd += ["--remeasure"] if args.remeasure else []
-            cmd += ["--categories", str(args.categories)]
+            cmd += ["--categories", str(args.categories), "--tune-on", args.tune_on, "--queries", str(args.queries)]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout_s)
             except subprocess.TimeoutExpired:

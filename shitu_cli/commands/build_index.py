@@ -31,7 +31,10 @@ def command(  # noqa: C901 (options only)
                                         help="Milvus token (user:password or API key); never written to the index."),
     collection: Optional[str] = typer.Option(None, "--collection", help="Milvus collection name stem (default: shitu_ + the index folder's name)."),
     target_recall: float = typer.Option(0.99, "--target-recall", help="IVF/HNSW: the cheapest nprobe/efSearch whose measured "
-                                        "recall@1 (leave-one-out gallery queries vs exact search) reaches this; 0 keeps the size rule."),
+                                        "recall@1 (vs exact search; on --tune-queries, else leave-one-out gallery images) reaches this; 0 keeps the size rule."),
+    tune_queries: Optional[Path] = typer.Option(None, "--tune-queries", help="Query photos (a folder, or a list file such as split-dataset's val.txt) to "
+                                                "measure --target-recall on: new photos of gallery products, not gallery images. "
+                                                "Closer to real searches than leave-one-out; re-tunes an index updated in place too."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/N: index only shard i (from 0) of N of the gallery, by path "
                                         "hash, for `shitu merge-index`; run the N shards anywhere."),
     removals: Optional[bool] = typer.Option(
@@ -76,7 +79,8 @@ def command(  # noqa: C901 (options only)
                                  removals_expected=removals, batch_size=batch_size, threads=threads, mkldnn=mkldnn,
                                  progress=bar, det=det, det_thresh=det_thresh, predictor_backend=backend,
                                  index_backend=index_backend, uri=uri, token=token, collection=collection,
-                                 target_recall=target_recall or None, shard=shard, notify=render.info)
+                                 target_recall=target_recall or None, shard=shard, notify=render.info,
+                                 tune_queries=tune_queries)
     for note in report.notes:
         render.info(note)
     if json_output:

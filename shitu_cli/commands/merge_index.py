@@ -20,16 +20,22 @@ def command(
                                         help="Milvus token; never written to the index."),
     collection: Optional[str] = typer.Option(None, "--collection", help="Milvus collection name stem."),
     target_recall: float = typer.Option(0.99, "--target-recall", help="IVF/HNSW: the cheapest nprobe/efSearch reaching this recall@1; 0 keeps the size rule."),
+    tune_queries: Optional[Path] = typer.Option(None, "--tune-queries", help="Query photos (folder or list file) to measure "
+                                                "--target-recall on instead of leave-one-out gallery images; embedded with the shards' model."),
+    det: Optional[str] = typer.Option(None, "--det", help="With --tune-queries: the detector the shards were built with (--det), to crop the photos the same."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads for embedding --tune-queries."),
     removals: Optional[bool] = typer.Option(None, "--removals/--no-removals", help="Whether items will be removed later."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
     """Merge shard indexes (same model and settings, refused otherwise) into one searchable index."""
     from shitu_cli.commands.build_index import show_report
     from shitu_cli.index.shards import merge_index
+    from shitu_cli.models.registry import resolve_model_dir
 
     report = merge_index(shards, out, index_type=index_type, index_backend=index_backend, uri=uri, token=token,
                          collection=collection, target_recall=target_recall or None, removals_expected=removals,
-                         notify=render.info)
+                         notify=render.info, tune_queries=tune_queries,
+                         det=resolve_model_dir(det) if det is not None else None, threads=threads)
     for note in report.notes:
         render.info(note)
     if json_output:

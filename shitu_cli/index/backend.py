@@ -311,9 +311,11 @@ def set_threads(threads: int) -> None:
     faiss_module().omp_set_num_threads(_thread_budget)
 
 
-def tune_search(index, choice: IndexChoice, ids: np.ndarray, vectors: np.ndarray, target: float):
+def tune_search(index, choice: IndexChoice, ids: np.ndarray, vectors: np.ndarray, target: float,
+                queries: np.ndarray | None = None):
     """Set IVF nprobe / HNSW efSearch to the cheapest value whose measured recall@1 reaches `target`
-    (index.tuning says how), record it in choice.params, and return the Tuning; None for exact indexes."""
+    (index.tuning says how; on held-out `queries` when given), record it in choice.params, and return the
+    Tuning; None for exact indexes."""
     from shitu_cli.index import tuning
 
     if choice.type in IVF_TYPES:
@@ -330,6 +332,7 @@ def tune_search(index, choice: IndexChoice, ids: np.ndarray, vectors: np.ndarray
         apply_search_params(index, choice)
 
     result = tuning.tune(param, limit, set_value, lambda queries, k: search(index, queries, k)[1],
-                         np.asarray(ids, dtype=np.int64), np.asarray(vectors, dtype=np.float32), target)
+                         np.asarray(ids, dtype=np.int64), np.asarray(vectors, dtype=np.float32), target,
+                         queries=queries)
     choice.params.update(result.as_params())
     return result

@@ -79,6 +79,7 @@ def build_index(
     target_recall: float | None = 0.99,
     shard: str | None = None,
     notify: Callable[[str], None] | None = None,
+    tune_queries: Path | str | None = None,
 ) -> BuildReport:
     """Make INDEX_DIR `out` hold GALLERY's images as `rec` embeds them.
 
@@ -94,11 +95,14 @@ def build_index(
     `uri`); default: the index's own backend, else faiss. IVF and HNSW get the cheapest nprobe / efSearch whose
     measured recall@1 reaches `target_recall` (None: keep the size rule). `shard` "i/N" indexes only shard i of N
     of the gallery (index.shards), for `merge_index`. `notify` hears the memory estimate before the build.
+    `tune_queries` (a folder of query photos, or a list file) measures that recall on held-out photos instead of
+    leave-one-out gallery vectors; the search setting is then re-chosen even when the index is updated in place.
     """
     from shitu_cli.index.shards import parse_shard
 
     started = time.perf_counter()
     _check_arguments(gallery, remove, append)
+    check_tune_queries(tune_queries, target_recall, remove)
     shard_spec = parse_shard(shard) if shard is not None else None
     notes: list[str] = []
     out = _output_dir(out, gallery, notes)
@@ -114,7 +118,8 @@ def build_index(
                 shard_spec = shard_spec or (current.manifest.shard if current else None)
                 report, result = _update(current, Path(gallery), out, rec, index_type, append, removals_expected,
                                          batch_size, PredictorOptions(predictor_backend, threads, mkldnn), progress, det, det_thresh,
-                                         only if append else None, store, target_recall, shard_spec, notify)
+                                         only if append else None, store, target_recall, shard_spec, notify,
+                                         tune_queries)
             with writing_to(out):
                 report.files = commit_state(out, result, gallery, removals_expected, current)
         finally:
@@ -127,7 +132,8 @@ def build_index(
         report.recipe = write_build_recipe(report, _recipe_options(gallery, out, rec, index_type, append, remove,
                                                                  removals_expected, batch_size, threads, mkldnn)
                                     | {"det": None if det is None else Path(det).resolve().as_posix(), "det_thresh": det_thresh,
-                                       "predictor_backend": predictor_backend, "target_recall": target_recall, "shard": shard}
+                                       "predictor_backend": predictor_backend, "target_recall": target_recall, "shard": shard,
+                                       "tune_queries": None if tune_queries is None else Path(tune_queries).resolve().as_posix()}
                                     | store.recipe_options())
     return report
 
@@ -183,7 +189,8 @@ def _check_arguments(gallery, remove, append) -> None:
 
 def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_type, append, removals_expected,
             batch_size, options, progress, det, det_thresh, only=None, store: StoreSpec | None = None,
-            target_recall: float | None = None, shard: dict | None = None, notify=None) -> tuple[BuildReport, IndexState]:
+            target_recall: float | None = None, shard: dict | None = None, notify=None,
+            tune_queries: Path | None = None) -> tuple[BuildReport, IndexState]:
     from shitu_cli.index.shards import in_shard
     from shitu_cli.infer.embedder import Embedder
 
@@ -215,6 +222,7 @@ def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_ty
     embed_started = time.perf_counter()
     positions, vectors, failures, boxes = embedder.embed_files([e.path for e in plan.embed], progress, main_object=main_object)
     rate = len(plan.embed) / (time.perf_counter() - embed_started) if plan.embed else None
+    query_vectors, query_skipped = _tune_query_vectors(tune_queries, target_recall, embedder, main_object)
 
     next_id = current.manifest.next_id if current else 0
     new_ids = np.arange(next_id, next_id + len(positions), dtype=np.int64)
@@ -227,7 +235,7 @@ def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_ty
 
     wanted = wanted_choice(current, index_type, final_count, removals_expected, notes, store, embedder.dim)
     index, choice = apply_update(current if same_model and store.same_as(current) else None, wanted, drop, new_ids, vectors,
-                           final_count, notes, embedder.dim, store, target_recall)
+                           final_count, notes, embedder.dim, store, target_recall, query_vectors)
     kept = {i: item for i, item in items.items() if i not in set(drop)}
     for item_id, label in plan.relabel.items():
         kept[item_id].label = label
@@ -237,10 +245,31 @@ def _update(current: StoredIndex | None, gallery: Path, out: Path, rec, index_ty
         index_dir=out, action=_action(current, notes), count=final_count, added=len(new_items) - changed,
         changed=changed + len(plan.relabel), removed=len(drop) - len(plan.replaced),
         unchanged=plan.unchanged, duplicates=plan.duplicates,
-        skipped=skipped + unreadable + [Skipped(f.path, f.reason) for f in failures], notes=notes, images_per_s=rate,
+        skipped=skipped + unreadable + [Skipped(f.path, f.reason) for f in failures] + query_skipped, notes=notes,
+        images_per_s=rate,
         memory=memory,
     )
     return report, IndexState(index, {**kept, **new_items}, choice, int(next_id + len(positions)), model, shard)
+
+
+def check_tune_queries(source, target_recall, remove) -> None:
+    """Refuse a --tune-queries that cannot be used before any embedding starts."""
+    if source is None:
+        return
+    if target_recall is None or remove is not None:
+        what = "--target-recall 0 turns the tuning off" if target_recall is None else "--remove does not re-tune"
+        raise BadInput(f"--tune-queries measures a recall target, but {what}", hint="drop one of them", path=source)
+    from shitu_cli.index.tune_queries import query_paths
+
+    query_paths(Path(source))
+
+
+def _tune_query_vectors(source, target_recall, embedder, main_object) -> tuple[np.ndarray | None, list[Skipped]]:
+    if source is None:
+        return None, []
+    from shitu_cli.index.tune_queries import embed_queries
+
+    return embed_queries(Path(source), embedder, main_object)
 
 
 def _announce_estimate(current, index_type, removals_expected, count, dim, store: StoreSpec, notify) -> dict | None:

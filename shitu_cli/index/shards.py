@@ -83,8 +83,12 @@ def check_shards(shard_dirs: Sequence[Path]) -> tuple[list, list[str]]:
 def merge_index(shard_dirs: Sequence[Path | str], out: Path | str, index_type: str = "auto",
                 index_backend: str | None = None, uri: str | None = None, token: str | None = None,
                 collection: str | None = None, target_recall: float | None = 0.99, removals_expected: bool | None = None,
-                notify: Callable[[str], None] | None = None):
-    """Join shard indexes (from `build_index(..., shard="i/N")`) into one new index at `out`."""
+                notify: Callable[[str], None] | None = None, tune_queries: Path | str | None = None,
+                det: Path | str | None = None, threads: int = 1):
+    """Join shard indexes (from `build_index(..., shard="i/N")`) into one new index at `out`.
+
+    `tune_queries` measures the recall target on held-out query photos (as `build_index`'s), embedded with the
+    shards' model; `det` must then be the detector the shards cropped with, if any."""
     from shitu_cli.index.build import BuildReport, IndexState, _announce_estimate, commit_state
     from shitu_cli.index.update import apply_update, wanted_choice
     from shitu_cli.index.build import write_build_recipe
@@ -95,6 +99,7 @@ def merge_index(shard_dirs: Sequence[Path | str], out: Path | str, index_type: s
     shard_dirs = [Path(p) for p in shard_dirs]
     out = Path(out)
     manifests, notes = check_shards(shard_dirs)
+    _check_query_cropping(manifests[0], tune_queries, det, target_recall)
     if index_exists(out):
         raise BadInput("already holds an index; merge-index writes a new one", hint="pass a new -o folder", path=out)
     check_writable(out)
@@ -104,9 +109,11 @@ def merge_index(shard_dirs: Sequence[Path | str], out: Path | str, index_type: s
         ids, vectors, items = _gather(shard_dirs, load_index)
         dim = manifests[0].model.embedding_dim
         _announce_estimate(None, index_type, removals_expected, len(ids), dim, store, notify)
+        queries, skipped = _query_vectors(manifests[0], tune_queries, det, threads)
         try:
             wanted = wanted_choice(None, index_type, len(ids), removals_expected, notes, store, dim)
-            index, choice = apply_update(None, wanted, [], ids, vectors, len(ids), notes, dim, store, target_recall)
+            index, choice = apply_update(None, wanted, [], ids, vectors, len(ids), notes, dim, store, target_recall,
+                                         queries)
             model = manifests[0].model
             result = IndexState(index, items, choice, len(ids), model, None)
             with writing_to(out):
@@ -114,14 +121,47 @@ def merge_index(shard_dirs: Sequence[Path | str], out: Path | str, index_type: s
         finally:
             store.close_all(None, locals().get("result"))
     report = BuildReport(index_dir=out, action="merged", count=len(ids), added=len(ids), index=choice, notes=notes,
-                         files=files, store=store.record(index))
+                         files=files, store=store.record(index), skipped=skipped)
     report.seconds = time.perf_counter() - started
     options = {"shard_dirs": [p.resolve().as_posix() for p in shard_dirs], "out": out.resolve().as_posix(),
                "index_type": index_type, "target_recall": target_recall, "removals_expected": removals_expected,
+               "tune_queries": None if tune_queries is None else Path(tune_queries).resolve().as_posix(),
+               "det": None if det is None else Path(det).resolve().as_posix(),
                **store.recipe_options()}
     with writing_to(out):
         report.recipe = write_build_recipe(report, options, core=MERGE_CORE, command="merge-index")
     return report
+
+
+def _check_query_cropping(manifest, tune_queries, det, target_recall) -> None:
+    """Query photos must be cropped as the shards' gallery images were: same detector, or none."""
+    if tune_queries is None:
+        if det is not None:
+            raise BadInput("--det only crops --tune-queries photos; none were given", hint="drop --det")
+        return
+    from shitu_cli.index.build import check_tune_queries
+
+    check_tune_queries(tune_queries, target_recall, None)
+    used = manifest.shard.get("det")
+    if used is not None and (det is None or Path(det).name != used):
+        raise BadInput(f"the shards cropped their images with detector {used!r}; --tune-queries photos must be "
+                       "cropped the same", hint=f"pass --det {used} (its folder)", path=tune_queries)
+    if used is None and det is not None:
+        raise BadInput("the shards embedded whole images; --det would crop the query photos differently",
+                       hint="drop --det", path=tune_queries)
+
+
+def _query_vectors(manifest, tune_queries, det, threads: int):
+    if tune_queries is None:
+        return None, []
+    from shitu_cli.index.build import _main_object
+    from shitu_cli.index.tune_queries import embed_queries
+    from shitu_cli.infer.embedder import Embedder
+    from shitu_cli.infer.predictor import PredictorOptions
+
+    options = PredictorOptions("auto", threads)
+    main_object = _main_object(det, manifest.shard.get("det_thresh") or 0.3, options)
+    return embed_queries(Path(tune_queries), Embedder(Path(manifest.model.dir), options), main_object)
 
 
 def _gather(shard_dirs: Sequence[Path], load_index) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -6,6 +6,11 @@ of them. A perturbed copy of a gallery vector would be nearest to its original, 
 original's own list almost always: that measures nothing. recall@1 is the share of queries whose first
 non-self result scores (exactly, against the stored float32 vectors) as high as the exact nearest other vector;
 ties count as hits. The cheapest setting reaching the target is kept.
+
+Leave-one-out is strict for IVF (the nearest other photo often sits in another list) and a step optimistic for
+HNSW (a query that is itself a graph node is easy to reach). Given held-out query vectors instead (new photos of
+gallery products, embedded as predict embeds them: `build-index --tune-queries DIR`), the recall is measured on
+exactly what users will search: each query's first result against the exact best over the whole gallery.
 """
 
 from __future__ import annotations
@@ -34,14 +39,16 @@ class Tuning:
     queries: int
     reached: bool
     curve: dict[int, float] = field(default_factory=dict)
+    proxy: str = "leave-one-out"  # or "held-out": the queries were not gallery vectors
 
     def as_params(self) -> dict:
         return {self.param: self.value, "tuned": {"target_recall": self.target, "recall_at_1": round(self.recall, 4),
-                                                  "queries": self.queries, "reached": self.reached,
+                                                  "queries": self.queries, "proxy": self.proxy,
+                                                  "reached": self.reached,
                                                   "curve": {int(k): round(v, 4) for k, v in self.curve.items()}}}
 
     def as_text(self) -> str:
-        got = f"recall@1 {self.recall:.3f} on {self.queries} leave-one-out queries"
+        got = f"recall@1 {self.recall:.3f} on {self.queries} {self.proxy} queries"
         if self.reached:
             return f"{self.param} {self.value}: the cheapest reaching recall@1 >= {self.target} ({got})"
         return f"{self.param} {self.value}: target recall@1 {self.target} NOT reached; the best measured ({got})"
@@ -85,23 +92,41 @@ def recall_at_1(found_ids: np.ndarray, self_ids: np.ndarray, queries: np.ndarray
     return hits / len(self_ids)
 
 
+def exact_best(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """For each held-out query: the best inner product with any gallery vector."""
+    best = np.full(len(queries), -np.inf, dtype=np.float32)
+    for start in range(0, len(vectors), EXACT_CHUNK):
+        best = np.maximum(best, (queries @ vectors[start:start + EXACT_CHUNK].T).max(axis=1))
+    return best
+
+
 def tune(param: str, limit: int, set_value: Callable[[int], None], search: Callable[[np.ndarray, int], np.ndarray],
          ids: np.ndarray, vectors: np.ndarray, target: float = DEFAULT_TARGET_RECALL, sample: int = SAMPLE_QUERIES,
-         seed: int = 0) -> Tuning:
-    """Try `param` values from cheapest up; keep the first whose leave-one-out recall@1 reaches `target`.
+         seed: int = 0, queries: np.ndarray | None = None) -> Tuning:
+    """Try `param` values from cheapest up; keep the first whose recall@1 reaches `target`: on `queries` (held-out
+    vectors, not in the gallery) when given, else on `sample` leave-one-out gallery vectors.
 
     `search(queries, k)` returns result ids [n, k] with `set_value`'s setting; `ids[i]` is row i's id.
     """
-    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), min(sample, len(vectors)), replace=False))
-    best, _ = exact_neighbours(vectors, rows)
     position = {int(i): p for p, i in enumerate(ids)}
     vector_of = lambda found: vectors[[position[int(i)] for i in found]]  # noqa: E731
+    if queries is not None:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        best = exact_best(vectors, queries)
+        no_self = np.full(len(queries), -2, dtype=np.int64)  # ids are >= 0: no result is "the query itself"
+        measure = lambda: recall_at_1(search(queries, 1), no_self, queries, best, vector_of)  # noqa: E731
+        count, proxy = len(queries), "held-out"
+    else:
+        rows = np.sort(np.random.default_rng(seed).choice(len(vectors), min(sample, len(vectors)), replace=False))
+        best, _ = exact_neighbours(vectors, rows)
+        # k=3: with product quantisation the query itself is not always ranked first
+        measure = lambda: recall_at_1(search(vectors[rows], 3), ids[rows], vectors[rows], best, vector_of)  # noqa: E731
+        count, proxy = len(rows), "leave-one-out"
     curve: dict[int, float] = {}
     chosen = None
     for value in candidate_values(param, limit):
         set_value(value)
-        # k=3: with product quantisation the query itself is not always ranked first
-        curve[value] = recall_at_1(search(vectors[rows], 3), ids[rows], vectors[rows], best, vector_of)
+        curve[value] = measure()
         if curve[value] >= target:
             chosen = value
             break
@@ -109,4 +134,4 @@ def tune(param: str, limit: int, set_value: Callable[[int], None], search: Calla
     if chosen is None:
         chosen = max(curve, key=lambda v: (curve[v], -v))
     set_value(chosen)
-    return Tuning(param, chosen, curve[chosen], target, len(rows), reached, curve)
+    return Tuning(param, chosen, curve[chosen], target, count, reached, curve, proxy)

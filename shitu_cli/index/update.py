@@ -32,9 +32,10 @@ def wanted_choice(current: StoredIndex | None, index_type: str, count: int, remo
 
 
 def apply_update(current: StoredIndex | None, wanted: IndexChoice, drop, new_ids, vectors, final_count, notes, dim,
-           store: StoreSpec | None = None, target_recall: float | None = None):
+           store: StoreSpec | None = None, target_recall: float | None = None, tune_queries: np.ndarray | None = None):
     """Update the current index in place when it still fits, else rebuild from its stored vectors
-    (and then choose nprobe / efSearch for `target_recall`).
+    (and then choose nprobe / efSearch for `target_recall`). Given held-out `tune_queries`, the setting is measured
+    on them, and re-chosen after an in-place update too.
 
     `current` is None when there is no index, its vectors came from another model, or they live elsewhere.
     """
@@ -45,6 +46,8 @@ def apply_update(current: StoredIndex | None, wanted: IndexChoice, drop, new_ids
         if drop and choice.type == "hnsw":
             notes.append(f"HNSW cannot remove in place: rebuilt it from its {index.ntotal} stored vectors")
         backend.add(index, new_ids, vectors)
+        if tune_queries is not None and target_recall is not None:
+            _tune(index, choice, *backend.stored(index), target_recall, tune_queries, notes)
         return index, choice
     old_ids, old_vectors = kept_vectors(current, drop, dim)
     all_ids, all_vectors = np.concatenate([old_ids, new_ids]), np.concatenate([old_vectors, vectors])
@@ -55,10 +58,14 @@ def apply_update(current: StoredIndex | None, wanted: IndexChoice, drop, new_ids
     index = store.new_index(wanted, dim, all_vectors, current)
     backend.add(index, all_ids, all_vectors)
     if target_recall is not None:
-        tuned = backend.tune_search(index, wanted, all_ids, all_vectors, target_recall)
-        if tuned is not None:
-            notes.append(f"search setting {tuned.as_text()}")
+        _tune(index, wanted, all_ids, all_vectors, target_recall, tune_queries, notes)
     return index, wanted
+
+
+def _tune(index, choice: IndexChoice, ids, vectors, target_recall: float, queries, notes: list[str]) -> None:
+    tuned = backend.tune_search(index, choice, ids, vectors, target_recall, queries=queries)
+    if tuned is not None:
+        notes.append(f"search setting {tuned.as_text()}")
 
 
 def still_fits(current: StoredIndex, wanted: IndexChoice, count: int) -> bool:
