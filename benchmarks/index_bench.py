@@ -31,29 +31,47 @@ CATEGORIES = 0  # --categories: 0 = product centres independent at random; K = p
 TUNE_ON = "leave-one-out"  # --tune-on held-out: --target-recall measured on 500 other noisy queries (seed 2), as
 # `build-index --tune-queries` measures on a user's own query photos; never the queries that are timed
 TUNE_QUERIES = 500
+QUERY_MODEL = "perturbed"  # --query-model: how held-out queries are drawn (query_vectors says)
 
 
-def gallery_vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
-    """Clustered like a product gallery (several photos per product), not uniform noise:
-    n/10 product centres, each photo a noisy copy of its centre. Built in chunks (1M x 512 is 2 GiB).
-    With CATEGORIES, the product centres themselves cluster around that many category centres (as real
-    embeddings do: shoes near shoes); without, any two products are equally unrelated."""
+def product_centres(n: int, dim: int = DIM, seed: int = 0) -> tuple[np.ndarray, np.random.Generator]:
+    """The n/10 product centres of gallery_vectors(n), and its random generator where the photos' draws begin.
+    With CATEGORIES, the centres cluster around that many category centres (as real embeddings do: shoes near
+    shoes); without, any two products are equally unrelated."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(max(1, n // 10), dim)).astype(np.float32)
     if CATEGORIES:
         categories = rng.normal(size=(CATEGORIES, dim)).astype(np.float32)
         centres = categories[rng.integers(0, CATEGORIES, len(centres))] + 0.7 * centres
+    return centres, rng
+
+
+def photos_of(centres: np.ndarray, products: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One photo of each listed product: its centre plus photo noise, L2-normalised."""
+    chunk = centres[products] + 0.6 * rng.normal(size=(len(products), centres.shape[1])).astype(np.float32)
+    return chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+
+
+def gallery_vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    """Clustered like a product gallery (several photos per product), not uniform noise: n/10 product centres,
+    each photo a noisy copy of its centre. Built in chunks (1M x 512 is 2 GiB)."""
+    centres, rng = product_centres(n, dim, seed)
     out = np.empty((n, dim), np.float32)
     for start in range(0, n, 100_000):
         rows = min(100_000, n - start)
-        chunk = centres[rng.integers(0, len(centres), rows)] + 0.6 * rng.normal(size=(rows, dim)).astype(np.float32)
-        out[start:start + rows] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+        out[start:start + rows] = photos_of(centres, rng.integers(0, len(centres), rows), rng)
     return out
 
 
 def query_vectors(gallery: np.ndarray, count: int, seed: int = 1) -> np.ndarray:
-    """New photos of gallery products: a gallery vector plus noise about half its length; not in the gallery."""
+    """Held-out queries, not in the gallery. QUERY_MODEL "perturbed": a gallery vector plus noise about half
+    its length (a near-copy of one gallery photo, whose own IVF list usually holds the answer); "new-photo": a
+    fresh photo of a gallery product, drawn exactly as the gallery's photos were (its nearest gallery vectors
+    are the product's other photos, as in leave-one-out)."""
     rng = np.random.default_rng(seed)
+    if QUERY_MODEL == "new-photo":
+        centres, _ = product_centres(len(gallery), gallery.shape[1])
+        return photos_of(centres, rng.integers(0, len(centres), count), rng).astype(np.float32)
     picked = gallery[rng.integers(0, len(gallery), count)]
     queries = picked + 0.5 * rng.normal(size=picked.shape).astype(np.float32) / np.sqrt(gallery.shape[1])
     return (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
@@ -138,7 +156,8 @@ def measure_one(kind: str, n: int, target: float, build_threads: int, workdir: P
     sweep = sweep_settings(index, choice, tuned, queries, vectors, best) if tuned and not kind.startswith("milvus") else {}
     estimate = estimate_memory(choice.type, choice.params, n, vectors.shape[1]) if not kind.startswith("milvus") else None
     shown = {k: v for k, v in choice.params.items() if k not in ("tuned",)}
-    return {"n": n, "type": kind, "categories": CATEGORIES, "tune_on": TUNE_ON, "queries": len(queries), "params": shown, "build_s": build_s, "tune_s": tune_s,
+    return {"n": n, "type": kind, "categories": CATEGORIES, "tune_on": TUNE_ON, "queries": len(queries),
+            "query_model": QUERY_MODEL, "params": shown, "build_s": build_s, "tune_s": tune_s,
             "tuned": tuned.as_text() if tuned else None, "tune_recall": tuned.recall if tuned else None,
             "p50_ms": p50, "p99_ms": p99,
             "recall_at_1": recall, "peak_over_data_mib": peak - base_rss, "base_rss_mib": base_rss,
@@ -190,8 +209,9 @@ def save_built(index, choice, stem: Path, build_s: float, tune_s: float, tuned) 
                                                      "tune_recall": tuned.recall if tuned else None}), encoding="utf-8")
 
 
-def remeasure(kind: str, n: int, keep_dir: Path) -> dict:
-    """Search phase only, of an index save_built kept: same data, same queries, no rebuild."""
+def remeasure(kind: str, n: int, keep_dir: Path, target: float) -> dict:
+    """Search phase only, of an index save_built kept: same gallery, no rebuild; the search setting is chosen
+    again as this run's --tune-on says (held-out: on tuning queries of this run's --query-model)."""
     import faiss
 
     from shitu_cli.index import backend
@@ -204,18 +224,21 @@ def remeasure(kind: str, n: int, keep_dir: Path) -> dict:
     index = faiss.read_index(str(stem.with_suffix(".faiss")))
     choice = backend.IndexChoice(saved["type"], saved["params"])
     backend.apply_search_params(index, choice)
+    tuned, tune_s = None, saved["tune_s"]
+    if saved["tune_recall"] is not None:  # tuned again, as this run's --tune-on says
+        backend.set_threads(2)
+        started = time.perf_counter()
+        tune_queries = query_vectors(vectors, TUNE_QUERIES, seed=2) if TUNE_ON == "held-out" else None
+        tuned = backend.tune_search(index, choice, np.arange(n, dtype=np.int64), vectors, target, queries=tune_queries)
+        tune_s = time.perf_counter() - started
     load_start = os.getloadavg()[0]
     p50, p99, recall = time_queries(index, queries, vectors, best)
-    tuned = None
-    if saved["tune_recall"] is not None:
-        from shitu_cli.index.tuning import Tuning
-
-        param = "ef_search" if saved["type"] == "hnsw" else "nprobe"
-        tuned = Tuning(param, int(saved["params"][param]), saved["tune_recall"], 0.0, 0, True)
     sweep = sweep_settings(index, choice, tuned, queries, vectors, best) if tuned else {}
-    shown = {k: v for k, v in saved["params"].items() if k != "tuned"}
-    return {"n": n, "type": kind, "params": shown, "build_s": saved["build_s"], "tune_s": saved["tune_s"],
-            "tuned": saved["tuned"], "tune_recall": saved["tune_recall"], "p50_ms": p50, "p99_ms": p99,
+    shown = {k: v for k, v in choice.params.items() if k != "tuned"}
+    return {"n": n, "type": kind, "categories": CATEGORIES, "tune_on": TUNE_ON, "queries": len(queries),
+            "query_model": QUERY_MODEL, "params": shown, "build_s": saved["build_s"], "tune_s": tune_s,
+            "tuned": tuned.as_text() if tuned else saved["tuned"],
+            "tune_recall": tuned.recall if tuned else None, "p50_ms": p50, "p99_ms": p99,
             "recall_at_1": recall, "peak_over_data_mib": float("nan"), "base_rss_mib": float("nan"),
             "estimate_mib": None, "load_start": load_start, "load_end": os.getloadavg()[0], "sweep": sweep,
             "remeasured": True}
@@ -283,13 +306,15 @@ def main() -> None:
                         help="what --target-recall is measured on: gallery vectors (as build-index without "
                              "--tune-queries) or 500 other noisy queries (as with --tune-queries)")
     parser.add_argument("--queries", type=int, default=300, help="timed held-out queries")
+    parser.add_argument("--query-model", choices=("perturbed", "new-photo"), default="perturbed",
+                        help="held-out queries: a gallery vector plus noise, or a new photo of a gallery product")
     args = parser.parse_args()
-    global CATEGORIES, TUNE_ON, QUERIES
-    CATEGORIES, TUNE_ON, QUERIES = args.categories, args.tune_on, args.queries
+    global CATEGORIES, TUNE_ON, QUERIES, QUERY_MODEL
+    CATEGORIES, TUNE_ON, QUERIES, QUERY_MODEL = args.categories, args.tune_on, args.queries, args.query_model
     if args.one:
         args.workdir.mkdir(parents=True, exist_ok=True)
         if args.remeasure:
-            row = remeasure(args.one[0], int(args.one[1]), args.keep_dir)
+            row = remeasure(args.one[0], int(args.one[1]), args.keep_dir, args.target_recall)
         else:
             row = measure_one(args.one[0], int(args.one[1]), args.target_recall, args.build_threads, args.workdir,
                               args.keep_dir)
@@ -308,7 +333,8 @@ def main() -> None:
                    "--build-threads", str(args.build_threads), "--workdir", str(workdir)]
             cmd += ["--keep-dir", str(args.keep_dir)] if args.keep_dir else []
             cmd += ["--remeasure"] if args.remeasure else []
-            cmd += ["--categories", str(args.categories), "--tune-on", args.tune_on, "--queries", str(args.queries)]
+            cmd += ["--categories", str(args.categories), "--tune-on", args.tune_on, "--queries", str(args.queries),
+                    "--query-model", args.query_model]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout_s)
             except subprocess.TimeoutExpired:

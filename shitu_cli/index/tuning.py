@@ -7,10 +7,11 @@ original's own list almost always: that measures nothing. recall@1 is the share 
 non-self result scores (exactly, against the stored float32 vectors) as high as the exact nearest other vector;
 ties count as hits. The cheapest setting reaching the target is kept.
 
-Leave-one-out is strict for IVF (the nearest other photo often sits in another list) and a step optimistic for
-HNSW (a query that is itself a graph node is easy to reach). Given held-out query vectors instead (new photos of
-gallery products, embedded as predict embeds them: `build-index --tune-queries DIR`), the recall is measured on
-exactly what users will search: each query's first result against the exact best over the whole gallery.
+Leave-one-out assumes a query is as close to its product's gallery photos as they are to each other: stricter
+than needed when real queries are near-copies of gallery photos, optimistic when they are farther, and a step
+easy for HNSW (a query that is itself a graph node is easy to reach). Given held-out query vectors instead (new
+photos of gallery products, embedded as the gallery is: `build-index --tune-queries DIR`), the recall is measured
+on what users will search: each query's first result against the exact best over the whole gallery.
 """
 
 from __future__ import annotations
