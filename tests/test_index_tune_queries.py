@@ -59,6 +59,8 @@ def test_build_index_tunes_on_query_photos_and_names_bad_ones(cli, gallery, rec,
     assert (tuned["proxy"], tuned["queries"]) == ("held-out", 24)
     assert "held-out queries" in result.stderr
     assert "tune_queries: " + queries.resolve().as_posix() in (out / "recipe.yaml").read_text(encoding="utf-8")
+    replay = cli("reproduce", out, "-o", tmp_path / "replay", "--json")
+    assert replay.exit_code == 0 and json.loads(replay.stdout)["identical"], replay.stderr + replay.stdout
 
     # an index built without them, re-run with them and nothing changed: re-tuned in place on the photos
     plain = tmp_path / "plain"
