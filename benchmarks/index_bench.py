@@ -258,13 +258,19 @@ def render(rows: list[dict], started_load: str, target: float) -> str:
              f"Machine: {machine()}. Load average when the run started: {started_load}; `load` = the 1-minute load "
              "average when each row's search timing started and ended. On a shared machine absolute times are inflated "
              "and noisy, the p99 column most of all; ratios within one size are fairer.", "",
-             f"Data: synthetic {DIM}-d L2-normalised vectors in clusters of ~10 (a product with several photos); "
-             f"{QUERIES} queries are gallery vectors plus noise (new photos of indexed products, not in the gallery). "
-             "recall@1 = share of queries whose first result scores as high as the exact best (ties count). Build uses "
-             "the thread budget below (IVF time includes k-means on a sample of 64 points a list); `tune s` is the "
-             f"--target-recall {target} search for nprobe/efSearch on 500 leave-one-out gallery queries. Search: one query at a "
-             "time, 1 thread, k=1. Peak = the child process's peak RSS above its RSS with the data loaded; estimate = "
-             "shitu's pre-build memory estimate of the index.", "",
+             f"Data: synthetic {DIM}-d L2-normalised vectors in clusters of ~10 (a product with several photos)"
+             + (f", the products drawn around {CATEGORIES} category centres" if CATEGORIES else ", products unrelated")
+             + f"; {QUERIES} timed queries, not in the gallery: "
+             + ("new photos of gallery products, drawn as the gallery's photos are. " if QUERY_MODEL == "new-photo"
+                else "gallery vectors plus noise (near-copies of gallery photos). ")
+             + "recall@1 = share of queries whose first result scores as high as the exact best (ties count). Build "
+             "uses the thread budget below (IVF time includes k-means on a sample of 64 points a list); `tune s` is "
+             f"the --target-recall {target} search for nprobe/efSearch on "
+             + (f"{TUNE_QUERIES} other held-out queries (as `build-index --tune-queries`)" if TUNE_ON == "held-out"
+                else "500 leave-one-out gallery vectors (as `build-index` without --tune-queries)")
+             + ", and `tuned` the recall it measured there. Search: one query at a time, 1 thread, k=1. Peak = the "
+             "child process's peak RSS above its RSS with the data loaded; estimate = shitu's pre-build memory "
+             "estimate of the index.", "",
              "| vectors | type | params | build s | tune s | tuned | p50 ms | p99 ms | recall@1 | peak MiB | estimate MiB | load |",
              "|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for row in rows:
