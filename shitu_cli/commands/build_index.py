@@ -32,7 +32,7 @@ def command(  # noqa: C901 (options only)
     collection: Optional[str] = typer.Option(None, "--collection", help="Milvus collection name stem (default: shitu_ + the index folder's name)."),
     target_recall: float = typer.Option(0.99, "--target-recall", help="IVF/HNSW: the cheapest nprobe/efSearch whose measured "
                                         "recall@1 (vs exact search; on --tune-queries, else leave-one-out gallery images) reaches this; 0 keeps the size rule."),
-    tune_queries: Optional[Path] = typer.Option(None, "--tune-queries", help="Query photos (a folder, or a list file such as split-dataset's val.txt) to "
+    tune_queries: Optional[Path] = typer.Option(None, "--tune-queries", help="Query photos (a folder, or a list file such as split-dataset's val_list.txt) to "
                                                 "measure --target-recall on: new photos of gallery products, not gallery images. "
                                                 "Closer to real searches than leave-one-out; re-tunes an index updated in place too."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/N: index only shard i (from 0) of N of the gallery, by path "
