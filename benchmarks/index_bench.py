@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shitu_cli.index.tuning import exact_best  # the best score over the gallery, per query
+
 DIM = 512
 QUERIES = 300
 TYPES = ("flat", "ivf", "ivfpq", "opq-ivfpq", "hnsw", "milvus-ivf", "milvus-hnsw")
@@ -75,13 +77,6 @@ def query_vectors(gallery: np.ndarray, count: int, seed: int = 1) -> np.ndarray:
     picked = gallery[rng.integers(0, len(gallery), count)]
     queries = picked + 0.5 * rng.normal(size=picked.shape).astype(np.float32) / np.sqrt(gallery.shape[1])
     return (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
-
-
-def exact_best(gallery: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    best = np.full(len(queries), -np.inf, np.float32)
-    for start in range(0, len(gallery), 65_536):
-        best = np.maximum(best, (queries @ gallery[start:start + 65_536].T).max(axis=1))
-    return best
 
 
 def rss_mib(field: str = "VmRSS") -> float:
