@@ -25,7 +25,10 @@ FLAT_BELOW = 30_000
 # faiss's k-means wants at least ~39 training points per centroid.
 MIN_POINTS_PER_CENTROID = 39
 HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 40  # faiss default. index_bench at 100k: 80 built ~3x slower, recall@1 0.987 -> 1.000
+# faiss's default 40 builds a graph whose greedy walk gets stuck in the wrong cluster of a clustered 1M gallery:
+# recall@1 levelled off at 0.92 (efSearch 1024). At 128 the same data reaches 1.000 at efSearch 128, p99 0.87 ms,
+# for a build ~3.5x longer (benchmarks/index_bench.md, hnsw_ef_construction.py).
+HNSW_EF_CONSTRUCTION = 128
 HNSW_EF_SEARCH = 64
 # Past this many bytes of float32 vectors, auto compresses them with IVF-PQ (64 B a 512-d vector, not 2 KiB):
 # 2M x 512-d. Below it IVF-Flat's exact distances cost little memory and keep recall@1 near 1.
