@@ -26,8 +26,8 @@ FLAT_BELOW = 30_000
 MIN_POINTS_PER_CENTROID = 39
 HNSW_M = 32
 # faiss's default 40 builds a graph whose greedy walk gets stuck in the wrong cluster of a clustered 1M gallery:
-# recall@1 levelled off at 0.92 (efSearch 1024). At 128 the same data reaches 1.000 at efSearch 128, p99 0.87 ms,
-# for a build ~3.5x longer (benchmarks/index_bench.md, hnsw_ef_construction.py).
+# recall@1 levelled off at 0.92 (efSearch 1024). At 128 the tuning picks efSearch 96: recall@1 0.995, p99 1.2 ms,
+# for a build 1.7x longer (benchmarks/index_bench.md).
 HNSW_EF_CONSTRUCTION = 128
 HNSW_EF_SEARCH = 64
 # Past this many bytes of float32 vectors, auto compresses them with IVF-PQ (64 B a 512-d vector, not 2 KiB):
