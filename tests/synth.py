@@ -84,3 +84,11 @@ def write_digits(root: Path, size: int = 32) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(path), gray)
     return Path(root)
+
+
+def clustered_vectors(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
+    """n L2-normalised vectors in clusters of ~10, as a product gallery's photos: for the index tuning tests."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n // 10, dim)).astype(np.float32)
+    vectors = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)

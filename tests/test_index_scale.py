@@ -13,7 +13,7 @@ from shitu_cli.index import backend, tuning
 from shitu_cli.index.shards import in_shard, parse_shard
 from shitu_cli.index.sizing import estimate_memory
 from shitu_cli.index.store import load_index, read_index_manifest
-from synth import make_class_tree
+from synth import clustered_vectors, make_class_tree
 from tiny_rec import export_tiny_rec
 
 
@@ -22,13 +22,6 @@ def gallery(tmp_path):
     root = tmp_path / "gallery"
     make_class_tree(root, n_classes=4, per_class=4, size=64, seed=2)
     return root
-
-
-def _clustered(n, dim=32, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(n // 10, dim)).astype(np.float32)
-    vectors = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 # ----------------------------------------------------------------------------- shards
@@ -116,7 +109,7 @@ def test_estimates_scale_with_vectors_and_pq_is_much_smaller_than_flat():
 
 
 def test_leave_one_out_never_answers_a_query_with_itself():
-    vectors = _clustered(300)
+    vectors = clustered_vectors(300)
     vectors[7] = vectors[3]  # an exact duplicate: the other copy is its exact best, at score 1
     rows = np.array([3, 7, 50])
     best, where = tuning.exact_neighbours(vectors, rows)
@@ -126,7 +119,7 @@ def test_leave_one_out_never_answers_a_query_with_itself():
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_tuning_takes_the_cheapest_setting_reaching_the_target_and_search_uses_it(kind):
-    vectors = _clustered(3000)
+    vectors = clustered_vectors(3000)
     ids = np.arange(100, 3100, dtype=np.int64)
     choice = backend.choose_index(kind, len(vectors), dim=32)
     index = backend.new_index(choice, 32, training=vectors if kind == "ivf" else None)
@@ -145,7 +138,7 @@ def test_tuning_takes_the_cheapest_setting_reaching_the_target_and_search_uses_i
 
 
 def test_an_unreachable_target_keeps_the_best_setting_and_says_so():
-    vectors = _clustered(2000)
+    vectors = clustered_vectors(2000)
     ids = np.arange(len(vectors), dtype=np.int64)
     choice = backend.choose_index("ivfpq", len(vectors), dim=32)
     choice.params["k_factor"] = 1  # no re-ranking: PQ codes alone cannot rank exactly

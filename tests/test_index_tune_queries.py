@@ -8,14 +8,7 @@ import numpy as np
 
 from shitu_cli.index import backend
 from shitu_cli.index.store import read_index_manifest
-from synth import make_class_tree
-
-
-def _clustered(n, dim=32, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(n // 10, dim)).astype(np.float32)
-    vectors = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+from synth import clustered_vectors, make_class_tree
 
 
 def _new_photos(vectors, count, seed=1):
@@ -26,7 +19,7 @@ def _new_photos(vectors, count, seed=1):
 
 
 def test_held_out_tuning_reaches_the_target_on_the_queries_as_exact_search_scores_them():
-    vectors = _clustered(4000)
+    vectors = clustered_vectors(4000)
     ids = np.arange(10, 4010, dtype=np.int64)
     choice = backend.choose_index("ivf", len(vectors), dim=32)
     index = backend.new_index(choice, 32, training=vectors)
